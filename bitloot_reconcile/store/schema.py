@@ -9,10 +9,33 @@ Timestamps: BitLoot uses TIMESTAMP WITHOUT TIME ZONE holding UTC; the project's 
 
 from __future__ import annotations
 
+import datetime as dt
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
+
+
+class UtcDateTime(sa.TypeDecorator):
+    """timestamptz that always hands back aware UTC datetimes, on PostgreSQL and on SQLite alike."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("UtcDateTime needs an aware datetime")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
 
 JSONB = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 UUID = sa.Uuid(as_uuid=False)
@@ -121,18 +144,18 @@ reconcile_state = sa.Table(
     metadata,
     sa.Column("order_id", UUID, primary_key=True),
     sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
-    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("next_attempt_at", UtcDateTime(), nullable=True),
     sa.Column("lease_owner", sa.String(64), nullable=True),
-    sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("lease_expires_at", UtcDateTime(), nullable=True),
     # Set just before POST /v2/order; a later run seeing it searches Kinguin before placing again.
-    sa.Column("placement_intent_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("placement_intent_at", UtcDateTime(), nullable=True),
+    sa.Column("waiting_since", UtcDateTime(), nullable=True),
     sa.Column("last_outcome", sa.String(32), nullable=True),
     sa.Column("last_reason", sa.Text(), nullable=True),
     sa.Column("last_run_id", sa.String(64), nullable=True),
     sa.Column("alerted_outcome", sa.String(32), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("created_at", UtcDateTime(), nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", UtcDateTime(), nullable=False, server_default=sa.func.now()),
 )
 
 reconcile_audit = sa.Table(
@@ -147,10 +170,21 @@ reconcile_audit = sa.Table(
     sa.Column("run_id", sa.String(64), nullable=True),
     sa.Column("outcome", sa.String(32), nullable=True),
     sa.Column("detail", sa.Text(), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("created_at", UtcDateTime(), nullable=False, server_default=sa.func.now()),
 )
 
-PROJECT_TABLES = (reconcile_state, reconcile_audit)
+# Which delivered Kinguin key went to which order item; written before the key is uploaded so that a re-run
+# after a crash stores the same key at the same path (never two contents at one path, never one key twice).
+reconcile_key_assignment = sa.Table(
+    "reconcile_key_assignment",
+    metadata,
+    sa.Column("order_item_id", UUID, primary_key=True),
+    sa.Column("order_id", UUID, nullable=False, index=True),
+    sa.Column("kinguin_key_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False, server_default=sa.func.now()),
+)
+
+PROJECT_TABLES = (reconcile_state, reconcile_audit, reconcile_key_assignment)
 
 # Indexes the project adds to BitLoot's tables (the sweep reads them; BitLoot has neither).
 STUCK_STATUSES = ("paid", "failed", "waiting", "confirming")

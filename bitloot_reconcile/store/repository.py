@@ -1,0 +1,347 @@
+"""Every read and write the project makes to the store database, as SQLAlchemy Core statements.
+
+Each method runs in its own short transaction, so a step's result is committed before the next step starts
+(a crash between steps loses nothing that was already done). Writes to BitLoot's tables are guarded by
+their WHERE clauses: a status is only moved from the states it may come from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from bitloot_reconcile.store.schema import keys as keys_table
+from bitloot_reconcile.store.schema import (
+    order_items,
+    orders,
+    payments,
+    products,
+    reconcile_audit,
+    reconcile_key_assignment,
+    reconcile_state,
+)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def naive_utc(moment: dt.datetime) -> dt.datetime:
+    """BitLoot's columns are TIMESTAMP WITHOUT TIME ZONE holding UTC."""
+    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    product_id: str
+    quantity: int
+    unit_price: Decimal
+    source_type: str
+    signed_url: str | None
+    product_title: str | None
+    product_source_type: str | None
+    kinguin_product_id: str | None
+    kinguin_offer_id: str | None
+    product_cost: Decimal | None
+    is_preorder: bool
+    key_refs: tuple[str, ...] = ()
+
+    @property
+    def delivered(self) -> bool:
+        """BitLoot treats an item as delivered when it has a signed URL; we also need its keys row."""
+        return bool(self.signed_url) and bool(self.key_refs)
+
+
+@dataclass(frozen=True)
+class Payment:
+    external_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Order:
+    id: str
+    email: str
+    status: str
+    source_type: str
+    total: Decimal
+    kinguin_reservation_id: str | None
+    completion_email_sent: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    items: tuple[Item, ...] = ()
+    payments: tuple[Payment, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReconcileState:
+    order_id: str
+    attempts: int = 0
+    next_attempt_at: dt.datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+    placement_intent_at: dt.datetime | None = None
+    waiting_since: dt.datetime | None = None
+    last_outcome: str | None = None
+    last_reason: str | None = None
+    last_run_id: str | None = None
+    alerted_outcome: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _insert_ignore(engine: sa.Engine, table: sa.Table, values: dict, index: list[str]) -> sa.Insert:
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=index)
+
+
+class Store:
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def load_order(self, order_id: str) -> Order | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(orders).where(orders.c.id == order_id)).mappings().first()
+            if row is None:
+                return None
+            item_rows = conn.execute(
+                sa.select(
+                    order_items,
+                    products.c.title,
+                    products.c.sourceType.label("product_source"),
+                    products.c.kinguinProductId,
+                    products.c.kinguinOfferId,
+                    products.c.cost,
+                    products.c.isPreorder,
+                )
+                .select_from(
+                    order_items.outerjoin(products, sa.cast(products.c.id, sa.String) == order_items.c.productId)
+                )
+                .where(order_items.c.orderId == order_id)
+                .order_by(order_items.c.id)
+            ).mappings()
+            refs: dict[str, list[str]] = {}
+            for key_row in conn.execute(
+                sa.select(keys_table.c.orderItemId, keys_table.c.storageRef)
+                .join(order_items, order_items.c.id == keys_table.c.orderItemId)
+                .where(order_items.c.orderId == order_id)
+            ):
+                refs.setdefault(key_row.orderItemId, []).append(key_row.storageRef or "")
+            items = tuple(
+                Item(
+                    id=r["id"],
+                    product_id=r["productId"],
+                    quantity=r["quantity"],
+                    unit_price=r["unitPrice"],
+                    source_type=r["productSourceType"],
+                    signed_url=r["signedUrl"],
+                    product_title=r["title"],
+                    product_source_type=r["product_source"],
+                    kinguin_product_id=r["kinguinProductId"],
+                    kinguin_offer_id=r["kinguinOfferId"],
+                    product_cost=r["cost"],
+                    is_preorder=bool(r["isPreorder"]),
+                    key_refs=tuple(refs.get(r["id"], ())),
+                )
+                for r in item_rows
+            )
+            pays = tuple(
+                Payment(external_id=p.externalId, status=p.status)
+                for p in conn.execute(
+                    sa.select(payments.c.externalId, payments.c.status)
+                    .where(payments.c.orderId == order_id)
+                    .order_by(payments.c.createdAt)
+                )
+            )
+        return Order(
+            id=row["id"],
+            email=row["email"],
+            status=row["status"],
+            source_type=row["sourceType"],
+            total=row["totalCrypto"],
+            kinguin_reservation_id=row["kinguinReservationId"],
+            completion_email_sent=bool(row["completionEmailSent"]),
+            created_at=row["createdAt"],
+            updated_at=row["updatedAt"],
+            items=items,
+            payments=pays,
+        )
+
+    def get_state(self, order_id: str) -> ReconcileState:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(reconcile_state).where(reconcile_state.c.order_id == order_id)
+            ).mappings().first()
+        if row is None:
+            return ReconcileState(order_id=order_id)
+        fields = {k: row[k] for k in ReconcileState.__dataclass_fields__ if k in row and k != "extra"}
+        return ReconcileState(**fields)
+
+    def audit_trail(self, order_id: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(reconcile_audit)
+                .where(reconcile_audit.c.order_id == order_id)
+                .order_by(reconcile_audit.c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def key_assignments(self, order_id: str) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(reconcile_key_assignment.c.order_item_id, reconcile_key_assignment.c.kinguin_key_id)
+                .where(reconcile_key_assignment.c.order_id == order_id)
+            )
+            return {r.order_item_id: r.kinguin_key_id for r in rows}
+
+    # -- the per-order lease -------------------------------------------------------------------------
+    def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
+        """Take the order's lease if it is free, expired or already ours; one conditional UPDATE decides."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
+            won = conn.execute(
+                sa.update(reconcile_state)
+                .where(
+                    reconcile_state.c.order_id == order_id,
+                    sa.or_(
+                        reconcile_state.c.lease_owner.is_(None),
+                        reconcile_state.c.lease_expires_at < now,
+                        reconcile_state.c.lease_owner == owner,
+                    ),
+                )
+                .values(
+                    lease_owner=owner,
+                    lease_expires_at=now + ttl,
+                    attempts=reconcile_state.c.attempts + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+        return won == 1
+
+    def release(self, order_id: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+            )
+
+    # -- writes to BitLoot's tables --------------------------------------------------------------------
+    def mark_paid(self, order_id: str) -> bool:
+        """waiting/confirming/failed -> paid, only after the payment was confirmed."""
+        return self._set_order_status(order_id, "paid", ("waiting", "confirming", "failed"))
+
+    def mark_fulfilled(self, order_id: str) -> bool:
+        """paid -> fulfilled; never touches an order an admin moved to refunded or cancelled meanwhile."""
+        return self._set_order_status(order_id, "fulfilled", ("paid",))
+
+    def _set_order_status(self, order_id: str, status: str, allowed_from: tuple[str, ...]) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(orders)
+                .where(orders.c.id == order_id, orders.c.status.in_(allowed_from))
+                .values(status=status, updatedAt=naive_utc(utcnow()))
+            ).rowcount == 1
+
+    def save_reservation_id(self, order_id: str, kinguin_order_id: str) -> None:
+        """Saved at once, in its own transaction, and never overwritten once set."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(orders)
+                .where(orders.c.id == order_id, orders.c.kinguinReservationId.is_(None))
+                .values(kinguinReservationId=kinguin_order_id, updatedAt=naive_utc(utcnow()))
+            )
+
+    def record_stored_key(self, order_item_id: str, storage_ref: str, content_type: str, signed_url: str) -> None:
+        """One `keys` row per item (inserted only if the item has none) and the item's signed URL."""
+        now = naive_utc(utcnow())
+        with self.engine.begin() as conn:
+            has_row = conn.execute(
+                sa.select(keys_table.c.id).where(keys_table.c.orderItemId == order_item_id).limit(1)
+            ).first()
+            if has_row is None:
+                conn.execute(
+                    sa.insert(keys_table).values(
+                        id=str(uuid.uuid4()),
+                        orderItemId=order_item_id,
+                        storageRef=storage_ref,
+                        contentType=content_type,
+                        encryptionKey=f"raw:{content_type}",
+                        createdAt=now,
+                        updatedAt=now,
+                    )
+                )
+            conn.execute(
+                sa.update(order_items)
+                .where(order_items.c.id == order_item_id)
+                .values(signedUrl=signed_url, updatedAt=now)
+            )
+
+    def mark_email_sent(self, order_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(orders)
+                .where(orders.c.id == order_id, orders.c.completionEmailSent.is_(False))
+                .values(completionEmailSent=True, updatedAt=naive_utc(utcnow()))
+            )
+
+    # -- the project's own tables ----------------------------------------------------------------------
+    def record_placement_intent(self, order_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
+            conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.placement_intent_at.is_(None))
+                .values(placement_intent_at=utcnow(), updated_at=utcnow())
+            )
+
+    def assign_key(self, order_id: str, order_item_id: str, kinguin_key_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(reconcile_key_assignment).values(
+                    order_id=order_id, order_item_id=order_item_id, kinguin_key_id=kinguin_key_id
+                )
+            )
+
+    def update_state(self, order_id: str, **values) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
+            conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id)
+                .values(**values, updated_at=utcnow())
+            )
+
+    def append_audit(
+        self,
+        *,
+        order_id: str,
+        action: str,
+        trigger: str,
+        actor: str | None,
+        reason: str | None,
+        run_id: str | None,
+        outcome: str | None,
+        detail: str | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(reconcile_audit).values(
+                    order_id=order_id,
+                    action=action,
+                    trigger=trigger,
+                    actor=actor,
+                    reason=reason,
+                    run_id=run_id,
+                    outcome=outcome,
+                    detail=detail,
+                    created_at=utcnow(),
+                )
+            )
