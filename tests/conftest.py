@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures.kinguin",
     "tests.fixtures.payments_mail",
     "tests.fixtures.s3",
+    "tests.fixtures.world",
 ]

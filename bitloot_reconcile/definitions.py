@@ -1,0 +1,45 @@
+"""The code location: assembles jobs, sensors, assets and resources. Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.resources.kinguin import KinguinResource
+from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.r2 import R2Resource
+from bitloot_reconcile.resources.resend import ResendResource
+from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.settings import DEFAULTS
+
+
+def _setting(name: str) -> str:
+    """Non-secret settings are read at load time; secrets stay EnvVar so the UI shows only their names."""
+    return os.environ.get(name) or DEFAULTS.get(name, "")
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "store": StoreResource(database_url=dg.EnvVar("DATABASE_URL")),
+        "kinguin": KinguinResource(base_url=_setting("KINGUIN_BASE_URL"), api_key=dg.EnvVar("KINGUIN_API_KEY")),
+        "nowpayments": NowPaymentsResource(
+            base_url=_setting("NOWPAYMENTS_BASE"), api_key=dg.EnvVar("NOWPAYMENTS_API_KEY")
+        ),
+        "r2": R2Resource(
+            account_id=_setting("R2_ACCOUNT_ID"),
+            endpoint=_setting("R2_ENDPOINT"),
+            access_key_id=dg.EnvVar("R2_ACCESS_KEY_ID"),
+            secret_access_key=dg.EnvVar("R2_SECRET_ACCESS_KEY"),
+            bucket=_setting("R2_BUCKET"),
+        ),
+        "mailer": ResendResource(
+            base_url=_setting("RESEND_BASE_URL"), api_key=dg.EnvVar("RESEND_API_KEY"), sender=_setting("EMAIL_FROM")
+        ),
+        "policy": ReconcilePolicy(frontend_url=_setting("FRONTEND_URL")),
+    }
+
+
+defs = dg.Definitions(jobs=[fulfill_order], resources=build_resources())

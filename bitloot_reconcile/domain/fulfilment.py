@@ -1,0 +1,277 @@
+"""The per-order recovery, one plain function per step (DESIGN section 4). No Dagster here.
+
+Every step reloads the order from the store, so it is safe to run again from any point: a step whose work is
+already done (reservation saved, key stored, order fulfilled, email flag set) passes straight through.
+Steps return a `Progress`; once it carries an outcome, the remaining steps do nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import Counter, defaultdict
+
+from bitloot_reconcile.adapters.errors import (
+    DuplicateExternalIdError,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+)
+from bitloot_reconcile.adapters.kinguin import KinguinClient, KinguinOrder, OrderLine
+from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient, PaymentVerdict, classify_payment_status
+from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault, attachment_filename, key_object_path
+from bitloot_reconcile.adapters.resend import ResendClient, completion_idempotency_key
+from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
+from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
+from bitloot_reconcile.store.repository import Order, Store
+
+RECOVERABLE_STATUSES = ("paid", "waiting", "confirming", "failed")
+UNPAID_STATUSES = ("waiting", "confirming", "failed")
+PAID_PAYMENT_ROWS = ("finished", "confirmed")
+MAX_UNITS_PER_LINE = 9
+MAX_LINES = 10
+# Kinguin permanent errors, in words an operator reads in the needs-attention alert.
+KINGUIN_REFUSALS = {
+    "InsufficientBalance": "insufficient Kinguin balance",
+    "ProductUnavailable": "product unavailable at Kinguin (out of stock or price above cost)",
+    "OrderFailed": "Kinguin could not place the order (OrderFailed)",
+    "Preorder": "Kinguin refused the pre-order rules",
+}
+
+
+def parse_order_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw.strip()))
+    except (ValueError, AttributeError):
+        raise InvalidRequest(f"order_id {raw!r} is not a valid order uuid") from None
+
+
+def validate_admin_request(reason: str, requested_by: str) -> None:
+    if not reason.strip():
+        raise InvalidRequest("reason must not be empty: say why this order is being retried")
+    if not requested_by.strip():
+        raise InvalidRequest("requested_by must not be empty: say who asks for this retry")
+
+
+def _load(store: Store, order_id: str) -> Order:
+    order = store.load_order(order_id)
+    if order is None:
+        raise InvalidRequest(f"Order {order_id} not found")
+    return order
+
+
+def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.timedelta, admin: bool) -> Progress:
+    """Refuse what cannot be recovered, then take the per-order lease (or end as `busy`)."""
+    order = _load(store, order_id)
+    progress = Progress(order_id=order.id, lease_owner=owner)
+    if not order.items:
+        raise InvalidRequest(f"Order {order.id} has no items")
+    if order.status == "fulfilled" and order.completion_email_sent:
+        if admin:
+            raise InvalidRequest("Order is already fulfilled")
+        return progress.stop(Outcome.ALREADY_FULFILLED, "fulfilled and emailed before this run")
+    if order.status not in (*RECOVERABLE_STATUSES, "fulfilled"):
+        raise InvalidRequest(
+            f"Order {order.id} is {order.status!r}; only paid, waiting, confirming or failed orders are recovered"
+        )
+    if not store.claim(order.id, owner, lease_ttl):
+        return progress.stop(Outcome.BUSY, "another run holds this order's lease")
+    return progress
+
+
+def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progress) -> Progress:
+    """`paid` passes; waiting/confirming/failed pass only on a confirmed payment, then move to `paid`."""
+    if progress.finished:
+        return progress
+    order = _load(store, progress.order_id)
+    if order.status not in UNPAID_STATUSES:
+        return progress
+    if not order.payments:
+        return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, "no payment recorded for this order")
+    verdict, seen = _payment_verdict(order, nowpayments)
+    if verdict is not PaymentVerdict.PAID:
+        return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
+    if not store.mark_paid(order.id):
+        current = _load(store, order.id).status
+        if current != "paid":
+            return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
+    return progress
+
+
+def _payment_verdict(order: Order, nowpayments: NowPaymentsClient) -> tuple[PaymentVerdict, str]:
+    if any(p.status in PAID_PAYMENT_ROWS for p in order.payments):
+        return PaymentVerdict.PAID, "payment row confirmed"
+    seen = []
+    for payment in order.payments:
+        try:
+            status = nowpayments.get_payment(payment.external_id).payment_status
+        except NotFoundError:
+            seen.append(f"NOWPayments does not know payment {payment.external_id}")
+            continue
+        if classify_payment_status(status) is PaymentVerdict.PAID:
+            return PaymentVerdict.PAID, f"NOWPayments says {status}"
+        seen.append(f"NOWPayments says {status}")
+    return PaymentVerdict.PENDING, "; ".join(seen)
+
+
+def kinguin_lines(order: Order) -> list[OrderLine] | str:
+    """The v2 order lines for the order's items, or the reason they cannot be bought automatically."""
+    units: Counter[tuple[str, str | None, float]] = Counter()
+    for item in order.items:
+        if item.product_source_type != "kinguin" or not item.kinguin_product_id:
+            return "custom-inventory items are not handled here"
+        if not item.product_cost or item.product_cost <= 0:
+            return f"product {item.product_id} has no cost to send to Kinguin"
+        units[(item.kinguin_product_id, item.kinguin_offer_id, float(item.product_cost))] += item.quantity
+    if len(units) > MAX_LINES or any(qty > MAX_UNITS_PER_LINE for qty in units.values()):
+        return f"order exceeds Kinguin's limits ({MAX_LINES} lines, {MAX_UNITS_PER_LINE} units per product)"
+    return [
+        OrderLine(product_id=product, qty=qty, price=price, offer_id=offer)
+        for (product, offer, price), qty in sorted(units.items(), key=lambda kv: kv[0][0])
+    ]
+
+
+def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
+    """Exactly one Kinguin order per BitLoot order: reuse, adopt after an earlier attempt, or place once."""
+    if progress.finished:
+        return progress
+    order = _load(store, progress.order_id)
+    if order.status == "fulfilled":
+        return progress
+    if order.kinguin_reservation_id:
+        return progress.with_supplier_order(order.kinguin_reservation_id)
+    lines = kinguin_lines(order)
+    if isinstance(lines, str):
+        return progress.stop(Outcome.NEEDS_ATTENTION, lines)
+    if store.get_state(order.id).placement_intent_at is not None:
+        # An earlier attempt may have placed the order and died before saving its id.
+        existing = kinguin.search_orders(order_external_id=order.id)
+        if existing:
+            return _adopt(store, progress, existing)
+    store.record_placement_intent(order.id)
+    try:
+        placed = kinguin.place_order(order.id, lines)
+    except DuplicateExternalIdError:
+        existing = kinguin.search_orders(order_external_id=order.id)
+        if not existing:
+            raise TransientError("kinguin", "orderExternalId reported as used but no order found yet") from None
+        return _adopt(store, progress, existing)
+    except PermanentError as exc:
+        return progress.stop(Outcome.NEEDS_ATTENTION, KINGUIN_REFUSALS.get(exc.kind or "", f"Kinguin refused: {exc}"))
+    store.save_reservation_id(order.id, placed.order_id)
+    return progress.with_supplier_order(placed.order_id)
+
+
+def _adopt(store: Store, progress: Progress, found: list[KinguinOrder]) -> Progress:
+    """Prefer a live order over a canceled one, then the oldest; the report flags duplicates."""
+    rank = {"completed": 0, "processing": 1}
+    chosen = min(found, key=lambda o: (rank.get(o.status, 2), str(o.created_at or "")))
+    store.save_reservation_id(progress.order_id, chosen.order_id)
+    return progress.with_supplier_order(chosen.order_id)
+
+
+def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
+    """completed -> go on; processing -> waiting for supplier (after storing any keys delivered so far);
+    canceled/refunded -> needs a human, never re-placed automatically."""
+    if progress.finished or progress.kinguin_order_id is None:
+        return progress
+    order = _load(store, progress.order_id)
+    if order.status == "fulfilled":
+        return progress
+    supplier_order = kinguin.get_order(progress.kinguin_order_id)
+    status = supplier_order.status
+    if status == "completed":
+        return progress
+    if status in ("canceled", "refunded"):
+        return progress.stop(Outcome.NEEDS_ATTENTION, f"supplier {status} Kinguin order {progress.kinguin_order_id}")
+    if supplier_order.delivered_count() > sum(1 for item in order.items if item.delivered):
+        return progress  # partly delivered: store what has arrived; the keys step then ends the run as waiting
+    return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"Kinguin order {progress.kinguin_order_id} is {status}")
+
+
+def store_keys(
+    store: Store, kinguin: KinguinClient, vault: KeyVault, progress: Progress, *, presign_seconds: int
+) -> Progress:
+    """Page all keys, match them to items by Kinguin productId, store one object and one `keys` row per item."""
+    if progress.finished or progress.kinguin_order_id is None:
+        return progress
+    order = _load(store, progress.order_id)
+    pending = [item for item in order.items if not item.delivered]
+    if order.status == "fulfilled" or not pending:
+        return progress
+    keys = kinguin.get_keys(progress.kinguin_order_id, expected=len(order.items))
+    by_id = {key.id: key for key in keys}
+    assigned = store.key_assignments(order.id)
+    taken = set(assigned.values())
+    free: dict[str, list] = defaultdict(list)
+    for key in sorted(keys, key=lambda k: k.id):
+        if key.id not in taken:
+            free[key.product_id].append(key)
+    missing = 0
+    for item in pending:
+        key = by_id.get(assigned.get(item.id, ""))
+        if key is None:
+            if not free[item.kinguin_product_id]:
+                missing += 1
+                continue
+            key = free[item.kinguin_product_id].pop(0)
+            store.assign_key(order.id, item.id, key.id)
+        path = key_object_path(order.id, item.id, key.type)
+        try:
+            vault.put_key(path, key.content(), key.type, metadata={"order-id": order.id, "order-item-id": item.id})
+        except KeyConflictError:
+            return progress.stop(Outcome.NEEDS_ATTENTION, f"a different key is already stored at {path}")
+        url = vault.presign_get(
+            path,
+            expires_in=presign_seconds,
+            filename=attachment_filename(order.id, item.id, key.type),
+            content_type=key.type,
+        )
+        store.record_stored_key(item.id, path, key.type, url)
+    if missing:
+        delivered = len(order.items) - missing
+        return progress.stop(
+            Outcome.WAITING_FOR_SUPPLIER, f"{delivered} of {len(order.items)} keys delivered by Kinguin so far"
+        )
+    return progress
+
+
+def mark_fulfilled(store: Store, progress: Progress) -> Progress:
+    """Only when every item has its key stored and recorded; never over refunded/cancelled."""
+    if progress.finished:
+        return progress
+    order = _load(store, progress.order_id)
+    if order.status == "fulfilled":
+        return progress
+    undelivered = [item.id for item in order.items if not item.delivered]
+    if undelivered:
+        return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"{len(undelivered)} item(s) still without a key")
+    if not store.mark_fulfilled(order.id):
+        current = _load(store, order.id).status
+        if current != "fulfilled":
+            return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
+    return progress
+
+
+def send_completion_email(
+    store: Store, mailer: ResendClient, progress: Progress, *, sender: str, frontend_url: str
+) -> Progress:
+    """At most one completion email: only while the flag is false, with a per-order idempotency key."""
+    if progress.finished:
+        return progress
+    order = _load(store, progress.order_id)
+    if order.status != "fulfilled" or order.completion_email_sent:
+        return progress
+    mailer.send_email(
+        sender=sender,
+        to=[order.email],
+        subject=completion_subject(order),
+        html=completion_html(order, frontend_url),
+        idempotency_key=completion_idempotency_key(order.id),
+    )
+    store.mark_email_sent(order.id)
+    return progress
+
+
+def final_outcome(progress: Progress) -> Progress:
+    return progress if progress.finished else progress.stop(Outcome.FULFILLED, "keys stored and email sent")

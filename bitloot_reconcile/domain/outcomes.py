@@ -1,0 +1,46 @@
+"""What a run concluded for one order, and the small record passed between the job's steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    FULFILLED = "fulfilled"
+    ALREADY_FULFILLED = "already_fulfilled"
+    WAITING_FOR_SUPPLIER = "waiting_for_supplier"
+    PAYMENT_NOT_CONFIRMED = "payment_not_confirmed"
+    NEEDS_ATTENTION = "needs_attention"
+    BUSY = "busy"
+    # A run that failed on an outside system's outage after its retries; the sweep comes back with backoff.
+    RETRY_LATER = "retry_later"
+
+
+# Outcomes after which the sweep leaves the order alone until a person acts (an admin run still works).
+TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION})
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be acted on (unknown order, bad id, empty reason...). Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Passed from step to step: ids and verdicts only, never key serials or URLs (outputs are pickled)."""
+
+    order_id: str
+    lease_owner: str
+    kinguin_order_id: str | None = None
+    outcome: Outcome | None = None
+    reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    def stop(self, outcome: Outcome, reason: str | None = None) -> Progress:
+        return replace(self, outcome=outcome, reason=reason)
+
+    def with_supplier_order(self, kinguin_order_id: str) -> Progress:
+        return replace(self, kinguin_order_id=kinguin_order_id)

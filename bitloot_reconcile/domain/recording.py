@@ -1,0 +1,61 @@
+"""The end of every run: the order's reconcile state, one audit row, and the lease handed back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+from bitloot_reconcile.domain.outcomes import Outcome, Progress
+from bitloot_reconcile.domain.schedule import RetrySchedule, plan_next_step
+from bitloot_reconcile.store.repository import Store, utcnow
+
+
+def record_outcome(
+    store: Store,
+    progress: Progress,
+    *,
+    run_id: str,
+    trigger: str,
+    actor: str | None,
+    reason: str | None,
+    schedule: RetrySchedule,
+    now: dt.datetime | None = None,
+    rng: random.Random | None = None,
+) -> Progress:
+    """Persist the outcome (quarantining when attempts run out) and release the lease this run holds."""
+    assert progress.outcome is not None, "record_outcome needs a finished progress"
+    now = now or utcnow()
+    state = store.get_state(progress.order_id)
+    order = store.load_order(progress.order_id)
+    preorder = bool(order and any(item.is_preorder for item in order.items))
+    step = plan_next_step(
+        schedule,
+        outcome=progress.outcome,
+        reason=progress.reason,
+        attempts=state.attempts,
+        waiting_since=state.waiting_since,
+        preorder=preorder,
+        now=now,
+        rng=rng,
+    )
+    if progress.outcome is not Outcome.BUSY:
+        store.update_state(
+            progress.order_id,
+            last_outcome=step.outcome.value,
+            last_reason=step.reason,
+            last_run_id=run_id,
+            next_attempt_at=step.next_attempt_at,
+            waiting_since=step.waiting_since,
+        )
+        store.release(progress.order_id, progress.lease_owner)
+    store.append_audit(
+        order_id=progress.order_id,
+        action="fulfill_order",
+        trigger=trigger,
+        actor=actor,
+        reason=reason,
+        run_id=run_id,
+        outcome=step.outcome.value,
+        detail=step.reason,
+    )
+    return progress.stop(step.outcome, step.reason)

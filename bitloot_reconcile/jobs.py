@@ -1,0 +1,43 @@
+"""Job definitions."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from bitloot_reconcile.ops.fulfill_order import (
+    FulfillOrderRequest,
+    ensure_supplier_order,
+    load_and_claim,
+    mark_fulfilled,
+    poll_supplier,
+    record_failed_run,
+    record_outcome,
+    send_completion_email,
+    store_keys,
+    verify_payment,
+)
+
+
+@dg.config_mapping
+def flat_request(request: FulfillOrderRequest) -> dg.RunConfig:
+    """The launchpad asks for three fields: order_id, reason, requested_by."""
+    return dg.RunConfig(ops={"load_and_claim": request})
+
+
+@dg.job(
+    config=flat_request,
+    executor_def=dg.in_process_executor,
+    hooks={record_failed_run},
+    tags={"dagster/max_runtime": "1800"},
+    description="Recover one stuck BitLoot order: verify payment, buy or adopt the Kinguin order, store the keys, "
+    "mark it fulfilled and send the completion email once.",
+)
+def fulfill_order() -> None:
+    progress = load_and_claim()
+    progress = verify_payment(progress)
+    progress = ensure_supplier_order(progress)
+    progress = poll_supplier(progress)
+    progress = store_keys(progress)
+    progress = mark_fulfilled(progress)
+    progress = send_completion_email(progress)
+    record_outcome(progress)

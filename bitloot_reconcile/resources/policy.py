@@ -1,0 +1,34 @@
+"""Behaviour settings of the recovery and the sweep, in one resource so operators tune them in one place."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+
+from bitloot_reconcile.domain.schedule import RetrySchedule
+
+
+class ReconcilePolicy(dg.ConfigurableResource):
+    frontend_url: str = "https://bitloot.io"
+    lease_seconds: int = 900
+    supplier_poll_attempts: int = 2
+    supplier_poll_seconds: float = 10.0
+    grace_minutes: float = 10.0
+    max_runs_per_tick: int = 25
+    max_attempts: int = 8
+    backoff_base_seconds: float = 60.0
+    backoff_cap_seconds: float = 3600.0
+    supplier_deadline_hours: float = 72.0
+
+    @property
+    def lease_ttl(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.lease_seconds)
+
+    def retry_schedule(self) -> RetrySchedule:
+        return RetrySchedule(
+            backoff_base_seconds=self.backoff_base_seconds,
+            backoff_cap_seconds=self.backoff_cap_seconds,
+            max_attempts=self.max_attempts,
+            supplier_deadline_hours=self.supplier_deadline_hours,
+        )
