@@ -4,7 +4,6 @@ Ops pass a `Progress` (ids and verdicts only) from one to the next. Transient ou
 Dagster's RetryPolicy (exponential backoff with jitter); bad input fails the run at once without retries.
 """
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
