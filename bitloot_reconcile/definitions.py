@@ -13,6 +13,7 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.sensors import stuck_orders_sensor
 from bitloot_reconcile.settings import DEFAULTS
 
 
@@ -42,4 +43,4 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
     }
 
 
-defs = dg.Definitions(jobs=[fulfill_order], resources=build_resources())
+defs = dg.Definitions(jobs=[fulfill_order], sensors=[stuck_orders_sensor], resources=build_resources())

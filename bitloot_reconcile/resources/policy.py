@@ -15,6 +15,7 @@ class ReconcilePolicy(dg.ConfigurableResource):
     supplier_poll_attempts: int = 2
     supplier_poll_seconds: float = 10.0
     grace_minutes: float = 10.0
+    max_age_days: float = 30.0
     max_runs_per_tick: int = 25
     max_attempts: int = 8
     backoff_base_seconds: float = 60.0

@@ -15,8 +15,8 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bitloot_reconcile.store.schema import keys as keys_table
 from bitloot_reconcile.store.schema import (
+    STUCK_STATUSES,
     order_items,
     orders,
     payments,
@@ -25,6 +25,7 @@ from bitloot_reconcile.store.schema import (
     reconcile_key_assignment,
     reconcile_state,
 )
+from bitloot_reconcile.store.schema import keys as keys_table
 
 
 def utcnow() -> dt.datetime:
@@ -80,6 +81,15 @@ class Order:
 
 
 @dataclass(frozen=True)
+class StuckOrder:
+    id: str
+    status: str
+    updated_at: dt.datetime
+    completion_email_sent: bool
+    attempts: int
+
+
+@dataclass(frozen=True)
 class ReconcileState:
     order_id: str
     attempts: int = 0
@@ -120,9 +130,7 @@ class Store:
                     products.c.cost,
                     products.c.isPreorder,
                 )
-                .select_from(
-                    order_items.outerjoin(products, sa.cast(products.c.id, sa.String) == order_items.c.productId)
-                )
+                .select_from(order_items.outerjoin(products, self._item_product_match()))
                 .where(order_items.c.orderId == order_id)
                 .order_by(order_items.c.id)
             ).mappings()
@@ -173,6 +181,13 @@ class Store:
             payments=pays,
         )
 
+    def _item_product_match(self) -> sa.ColumnElement[bool]:
+        """order_items.productId holds products.id as dashed uuid text (no FK)."""
+        if self.engine.dialect.name == "sqlite":
+            # sa.Uuid stores uuids on SQLite as 32 hex digits without dashes.
+            return products.c.id == sa.func.replace(sa.func.lower(order_items.c.productId), "-", "")
+        return sa.cast(products.c.id, sa.String) == order_items.c.productId
+
     def get_state(self, order_id: str) -> ReconcileState:
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -199,6 +214,45 @@ class Store:
                 .where(reconcile_key_assignment.c.order_id == order_id)
             )
             return {r.order_item_id: r.kinguin_key_id for r in rows}
+
+    def find_stuck_orders(
+        self, *, now: dt.datetime, grace: dt.timedelta, max_age: dt.timedelta, limit: int
+    ) -> list[StuckOrder]:
+        """Oldest first: paid-but-undelivered orders past the grace period, and fulfilled orders whose email
+        never went out, minus those leased, backing off or waiting for a person.
+
+        Both branches are served by the project's indexes on `orders` (status, "updatedAt") and the partial
+        email-pending index, so the cost follows the number of stuck orders, not the size of the table.
+        """
+        cutoff, oldest = naive_utc(now - grace), naive_utc(now - max_age)
+        state = reconcile_state
+        recent = orders.c.updatedAt.between(oldest, cutoff)
+        query = (
+            sa.select(
+                orders.c.id,
+                orders.c.status,
+                orders.c.updatedAt,
+                orders.c.completionEmailSent,
+                sa.func.coalesce(state.c.attempts, 0).label("attempts"),
+            )
+            .select_from(orders.outerjoin(state, state.c.order_id == orders.c.id))
+            .where(
+                sa.or_(
+                    sa.and_(orders.c.status.in_(STUCK_STATUSES), recent),
+                    sa.and_(orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(False), recent),
+                ),
+                sa.or_(state.c.lease_owner.is_(None), state.c.lease_expires_at < now),
+                sa.or_(state.c.next_attempt_at.is_(None), state.c.next_attempt_at <= now),
+                sa.or_(state.c.last_outcome.is_(None), state.c.last_outcome != "needs_attention"),
+            )
+            .order_by(orders.c.updatedAt)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts)
+                for r in conn.execute(query)
+            ]
 
     # -- the per-order lease -------------------------------------------------------------------------
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
