@@ -1,7 +1,5 @@
 """Job definitions."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from bitloot_reconcile.ops.fulfill_order import (

@@ -1,0 +1,125 @@
+"""`stuck_orders_sensor` on a real PostgreSQL store, evaluated with `build_sensor_context`."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+import pytest
+
+from bitloot_reconcile.domain.sweep import RUN_KEY_BUCKET
+from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
+from bitloot_reconcile.sensors import stuck_orders_sensor
+from bitloot_reconcile.store.repository import Store, utcnow
+
+
+@pytest.fixture
+def sweep(store_engine, store_url, dagster_instance):
+    product = insert_product(store_engine, SeedProduct("5c9b68662539a4e8f17ae2fe", "Game"))
+
+    class Sweep:
+        store = Store(store_engine)
+
+        @staticmethod
+        def order(**kwargs) -> str:
+            return insert_order(store_engine, [product], **kwargs)
+
+        @staticmethod
+        def tick(**policy) -> list[dg.RunRequest]:
+            context = dg.build_sensor_context(
+                instance=dagster_instance,
+                resources={
+                    "store": StoreResource(database_url=store_url),
+                    "policy": ReconcilePolicy(**policy),
+                },
+            )
+            result = stuck_orders_sensor(context)
+            return [] if isinstance(result, dg.SkipReason) else result.run_requests
+
+    return Sweep
+
+
+def ids(requests: list[dg.RunRequest]) -> list[str]:
+    return [r.tags["bitloot/order_id"] for r in requests]
+
+
+def test_selects_each_stuck_status_after_the_grace_period(sweep):
+    stuck = [sweep.order(status=s, age=dt.timedelta(minutes=20)) for s in ("paid", "failed", "waiting", "confirming")]
+    sweep.order(status="paid", age=dt.timedelta(minutes=5))  # inside the grace period
+    for status in ("created", "expired", "underpaid", "refunded", "cancelled"):
+        sweep.order(status=status, age=dt.timedelta(hours=2))
+    sweep.order(status="fulfilled", completion_email_sent=True, age=dt.timedelta(hours=2))
+    assert sorted(ids(sweep.tick())) == sorted(stuck)
+    assert sorted(ids(sweep.tick(grace_minutes=1))) != sorted(stuck)  # grace is configurable
+
+
+def test_fulfilled_without_email_is_stuck(sweep):
+    order_id = sweep.order(status="fulfilled", completion_email_sent=False, age=dt.timedelta(minutes=30))
+    (request,) = sweep.tick()
+    assert request.tags["bitloot/order_id"] == order_id
+    assert "email was never sent" in request.run_config["reason"]
+
+
+def test_oldest_first_and_bounded_per_tick(sweep):
+    orders = [sweep.order(age=dt.timedelta(minutes=20 + n)) for n in range(6)]
+    assert ids(sweep.tick(max_runs_per_tick=3)) == list(reversed(orders))[:3]
+
+
+def test_orders_older_than_the_age_window_are_left_alone(sweep):
+    sweep.order(age=dt.timedelta(days=40))
+    assert sweep.tick() == []
+
+
+def test_leased_backing_off_and_quarantined_orders_are_excluded(sweep):
+    leased, backing_off, quarantined, expired_lease, due = (sweep.order() for _ in range(5))
+    now = utcnow()
+    sweep.store.claim(leased, "run-a", dt.timedelta(minutes=10))
+    sweep.store.update_state(backing_off, next_attempt_at=now + dt.timedelta(minutes=5))
+    sweep.store.update_state(quarantined, last_outcome="needs_attention")
+    sweep.store.update_state(expired_lease, lease_owner="dead-run", lease_expires_at=now - dt.timedelta(seconds=1))
+    sweep.store.update_state(due, next_attempt_at=now - dt.timedelta(seconds=1), last_outcome="retry_later")
+    assert sorted(ids(sweep.tick())) == sorted([expired_lease, due])
+
+
+def test_run_request_carries_tags_config_and_an_attempt_numbered_key(sweep):
+    order_id = sweep.order()
+    (first,) = sweep.tick()
+    bucket = int(utcnow().timestamp() // RUN_KEY_BUCKET.total_seconds())
+    assert first.run_key == f"{order_id}:1:{bucket}"
+    assert first.tags == {
+        "bitloot/order_id": order_id,
+        "bitloot/trigger": "sensor",
+        "bitloot/reason": first.run_config["reason"],
+        "bitloot/requested_by": "stuck_orders_sensor",
+        "bitloot/attempt": "1",
+    }
+    assert dg.validate_run_config(fulfill_order, first.run_config)
+    # After a run claimed the order (attempt 1 done) the next request is attempt 2, with a new key.
+    sweep.store.claim(order_id, "run-1", dt.timedelta(minutes=1))
+    sweep.store.release(order_id, "run-1")
+    (second,) = sweep.tick()
+    assert second.run_key == f"{order_id}:2:{bucket}" and second.tags["bitloot/attempt"] == "2"
+
+
+def test_orders_with_a_run_in_flight_are_skipped(sweep, dagster_instance):
+    order_id = sweep.order()
+    run = dagster_instance.create_run_for_job(
+        fulfill_order, run_config={"order_id": order_id, "reason": "x", "requested_by": "y"},
+        tags={"bitloot/order_id": order_id},
+    )
+    assert dagster_instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.NOT_STARTED
+    assert sweep.tick() == []
+    dagster_instance.delete_run(run.run_id)
+    assert ids(sweep.tick()) == [order_id]
+
+
+def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, store_url):
+    context = dg.build_sensor_context(
+        instance=dagster_instance,
+        resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy()},
+    )
+    result = stuck_orders_sensor(context)
+    assert isinstance(result, dg.SkipReason) and "no stuck orders" in result.skip_message
