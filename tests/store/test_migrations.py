@@ -1,0 +1,177 @@
+"""The project's migrations: an empty database gets everything; a BitLoot database only gets the project's objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from bitloot_reconcile.store import schema
+from bitloot_reconcile.store.engine import create_store_engine
+from bitloot_reconcile.store.migrate import downgrade, upgrade
+from tests.store import bitloot_ddl as ddl
+
+
+def _migrate(url: str, action: str = "upgrade", revision: str = "head") -> None:
+    engine = create_store_engine(url)
+    try:
+        if action == "upgrade":
+            upgrade(engine, revision)
+        else:
+            downgrade(engine, revision)
+    finally:
+        engine.dispose()
+
+
+def _versions(url: str) -> list[str]:
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}"))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def bitloot_pg_url(empty_pg_url: str) -> Iterator[str]:
+    """A PostgreSQL database shaped and filled like a real BitLoot database, before the project ever ran."""
+    ddl.populate_bitloot_database(empty_pg_url)
+    yield empty_pg_url
+
+
+# --- (a) an empty PostgreSQL database ----------------------------------------------------------------------
+def test_upgrade_on_empty_postgres_creates_every_table_and_index(empty_pg_url):
+    _migrate(empty_pg_url)
+    snap = ddl.full_snapshot(empty_pg_url)
+
+    expected_tables = {t.name for t in (*schema.BITLOOT_TABLES, *schema.PROJECT_TABLES)} | {ddl.VERSION_TABLE}
+    assert snap["tables"] == expected_tables
+    order_indexes = {name for (table, name) in snap["all_indexes"] if table == "orders"}
+    assert set(ddl.PROJECT_ORDER_INDEXES) <= order_indexes
+    assert snap["enums"] == {
+        "payments_status_enum": ["created", "waiting", "confirmed", "finished", "underpaid", "failed"],
+        "product_source_type_enum": ["custom", "kinguin"],
+    }
+    # payments.externalId is unique, as in BitLoot
+    assert any(
+        table == "payments" and definition == 'UNIQUE ("externalId")' for table, _, definition in snap["constraints"]
+    )
+    assert _versions(empty_pg_url) == ["0001"]
+
+    _migrate(empty_pg_url)  # a second run is a no-op
+    again = ddl.full_snapshot(empty_pg_url)
+    assert again == snap
+    assert _versions(empty_pg_url) == ["0001"]
+
+
+def test_project_index_definitions(empty_pg_url):
+    _migrate(empty_pg_url)
+    indexes = ddl.full_snapshot(empty_pg_url)["all_indexes"]
+    assert indexes[("orders", "ix_reconcile_orders_status_updated")].endswith('(status, "updatedAt")')
+    assert indexes[("orders", "ix_reconcile_orders_kinguin_reservation")].endswith('("kinguinReservationId")')
+    pending = indexes[("orders", "ix_reconcile_orders_email_pending")]
+    assert '("updatedAt")' in pending
+    assert "WHERE" in pending and "'fulfilled'" in pending and '"completionEmailSent" IS FALSE' in pending
+
+
+def test_tables_created_on_empty_database_have_bitloots_column_types():
+    """On an empty database the project creates BitLoot's tables; every column it models has BitLoot's type."""
+
+    def shape(url: str) -> dict[tuple[str, str], tuple]:
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                rows = ddl.column_snapshot(conn, ddl.MODELED_TABLES)
+        finally:
+            engine.dispose()
+        # table, column -> data_type, udt_name, length, precision, scale, datetime precision, nullable
+        return {(r[0], r[1]): (r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows}
+
+    with ddl.fresh_pg_database() as ours_url, ddl.fresh_pg_database() as bitloot_url:
+        _migrate(ours_url)
+        ddl.populate_bitloot_database(bitloot_url)
+        ours, theirs = shape(ours_url), shape(bitloot_url)
+
+    assert ours, "no columns found"
+    for (table, column), column_shape in ours.items():
+        assert (table, column) in theirs, f"{table}.{column} does not exist in BitLoot"
+        assert column_shape == theirs[(table, column)], f"{table}.{column}"
+    unmodeled = {k for k in theirs if k not in ours}
+    assert {("products", c) for c in ddl.UNMODELED_COLUMNS["products"]} <= unmodeled
+
+
+# --- (b) a database BitLoot's own migrations created ---------------------------------------------------------
+def test_upgrade_on_bitloot_database_adds_only_the_projects_objects(bitloot_pg_url):
+    before = ddl.full_snapshot(bitloot_pg_url)
+    assert before["rows"]["orders"] and before["rows"]["products"]
+
+    _migrate(bitloot_pg_url)
+    after = ddl.full_snapshot(bitloot_pg_url)
+
+    assert after["columns"] == before["columns"]
+    assert after["constraints"] == before["constraints"]
+    assert after["enums"] == before["enums"]
+    assert after["rows"] == before["rows"]
+    assert after["tables"] - before["tables"] == {*ddl.PROJECT_TABLES, ddl.VERSION_TABLE}
+    assert before["tables"] <= after["tables"]
+    added = {k: v for k, v in after["indexes"].items() if k not in before["indexes"]}
+    assert set(added) == {("orders", name) for name in ddl.PROJECT_ORDER_INDEXES}
+    assert {k: v for k, v in after["indexes"].items() if k in before["indexes"]} == before["indexes"]
+    assert _versions(bitloot_pg_url) == ["0001"]
+
+    _migrate(bitloot_pg_url)  # twice: nothing more
+    assert ddl.full_snapshot(bitloot_pg_url) == after
+
+
+def test_downgrade_to_base_removes_only_the_projects_objects(bitloot_pg_url):
+    before = ddl.full_snapshot(bitloot_pg_url)
+    _migrate(bitloot_pg_url)
+    _migrate(bitloot_pg_url, "downgrade", "base")
+    after = ddl.full_snapshot(bitloot_pg_url)
+
+    for part in ("columns", "constraints", "enums", "rows", "indexes"):
+        assert after[part] == before[part], part
+    # Alembic keeps its (now empty) version table after a downgrade to base; nothing else of ours remains.
+    assert after["tables"] - before["tables"] <= {ddl.VERSION_TABLE}
+    assert before["tables"] <= after["tables"]
+    assert not {name for (_, name) in after["all_indexes"]} & set(ddl.PROJECT_ORDER_INDEXES)
+    assert _versions(bitloot_pg_url) == []
+
+    _migrate(bitloot_pg_url)  # and it can be upgraded again
+    reupgraded = ddl.full_snapshot(bitloot_pg_url)
+    assert reupgraded["tables"] - before["tables"] == {*ddl.PROJECT_TABLES, ddl.VERSION_TABLE}
+    assert reupgraded["rows"] == before["rows"]
+    assert reupgraded["columns"] == before["columns"]
+
+
+# --- (c) SQLite -------------------------------------------------------------------------------------------
+def test_upgrade_on_sqlite_file_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    _migrate(url)
+    _migrate(url)
+
+    engine = create_store_engine(url)
+    try:
+        inspector = sa.inspect(engine)
+        expected = {t.name for t in (*schema.BITLOOT_TABLES, *schema.PROJECT_TABLES)} | {ddl.VERSION_TABLE}
+        assert set(inspector.get_table_names()) == expected
+        assert set(ddl.PROJECT_ORDER_INDEXES) <= {ix["name"] for ix in inspector.get_indexes("orders")}
+        with engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0001"]
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+
+    _migrate(url, "downgrade", "base")
+    engine = create_store_engine(url)
+    try:
+        inspector = sa.inspect(engine)
+        names = set(inspector.get_table_names())
+        assert {t.name for t in schema.BITLOOT_TABLES} <= names
+        assert not names & {t.name for t in schema.PROJECT_TABLES}
+        assert not {ix["name"] for ix in inspector.get_indexes("orders")} & set(ddl.PROJECT_ORDER_INDEXES)
+    finally:
+        engine.dispose()
+    _migrate(url)
+    assert _versions(url) == ["0001"]
