@@ -1,10 +1,19 @@
-"""The `bitloot-reconcile` command line."""
+"""The `bitloot-reconcile` command line. The work is in `operator.py`; this module parses, prints and turns bad
+input or missing settings into a usage error (never a traceback).
+
+Heavy imports (pandas, Dagster, the HTTP clients) happen inside the commands, so `--help` and `db upgrade`
+start quickly.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
 
-from bitloot_reconcile.settings import env
+DATES = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"])
 
 
 @click.group()
@@ -12,6 +21,28 @@ def main() -> None:
     """Find BitLoot orders stuck after payment and drive each one to fulfilled or to a recorded state."""
 
 
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    from bitloot_reconcile.domain.outcomes import InvalidRequest
+    from bitloot_reconcile.operator import MissingSetting
+
+    try:
+        yield
+    except (InvalidRequest, MissingSetting) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _when(moment: dt.datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if moment else ""
+
+
+# ------------------------------------------------------------------------------------------------- db
 @main.group()
 def db() -> None:
     """The store database."""
@@ -24,6 +55,177 @@ def db_upgrade(database_url: str | None) -> None:
     from bitloot_reconcile.store.engine import create_store_engine
     from bitloot_reconcile.store.migrate import upgrade
 
-    engine = create_store_engine(database_url or env("DATABASE_URL"))
+    if not database_url:
+        raise click.UsageError("environment variable DATABASE_URL is not set (or pass --database-url)")
+    engine = create_store_engine(database_url)
     upgrade(engine)
     click.echo(f"store database at {engine.url.render_as_string(hide_password=True)} is up to date")
+
+
+# ------------------------------------------------------------------------------------------------- plan
+@main.command("plan")
+@click.argument("order_ids", nargs=-1)
+@click.option("--limit", default=100, show_default=True, help="At most this many stuck orders.")
+def plan_cmd(order_ids: tuple[str, ...], limit: int) -> None:
+    """Dry run: what the next run would do for each stuck order, or for ORDER_IDS as `retry` would run them.
+
+    Only reads (GET/HEAD to Kinguin, NOWPayments and R2, SELECT on the store); nothing is written anywhere.
+    """
+    from rich.table import Table
+
+    from bitloot_reconcile import operator as op
+
+    with usage_errors(), op.open_readers() as readers:
+        plans = op.plan(readers, order_ids=order_ids, limit=limit)
+    if not plans:
+        click.echo("no stuck orders")
+        return
+    table = Table("order", "status", "next run would", "ends as", "why", title="next run per order (dry run)")
+    for plan in plans:
+        table.add_row(plan.order_id, plan.status, " → ".join(plan.steps) or "nothing", str(plan.outcome), plan.why)
+    _console().print(table)
+
+
+# ------------------------------------------------------------------------------------------------- history
+@main.command("history")
+@click.argument("order_id")
+def history_cmd(order_id: str) -> None:
+    """Every reconcile action on ORDER_ID (from the audit table) and its reconcile state now."""
+    from rich.table import Table
+
+    from bitloot_reconcile import operator as op
+
+    with usage_errors(), op.open_store() as store:
+        found = op.history(store, order_id)
+    console = _console()
+    timeline = Table("time (UTC)", "action", "trigger", "actor", "reason", "run id", "outcome", "detail",
+                     title=f"order {found.state.order_id}")
+    for row in found.audit:
+        timeline.add_row(_when(row["created_at"]), row["action"], row["trigger"], row["actor"] or "",
+                         row["reason"] or "", row["run_id"] or "", row["outcome"] or "", row["detail"] or "")
+    console.print(timeline)
+    state = found.state
+    now = Table("", "", title="now", show_header=False)
+    for label, value in (
+        ("store status", found.order.status if found.order else "(order no longer in the store)"),
+        ("completion email sent", str(found.order.completion_email_sent) if found.order else ""),
+        ("Kinguin order", (found.order.kinguin_reservation_id or "") if found.order else ""),
+        ("attempts", str(state.attempts)),
+        ("last outcome", state.last_outcome or ""),
+        ("last reason", state.last_reason or ""),
+        ("last run id", state.last_run_id or ""),
+        ("next attempt at", _when(state.next_attempt_at)),
+        ("waiting for supplier since", _when(state.waiting_since)),
+        ("placement intent at", _when(state.placement_intent_at)),
+        ("lease", f"{state.lease_owner} until {_when(state.lease_expires_at)}" if state.lease_owner else "free"),
+    ):
+        now.add_row(label, value)
+    console.print(now)
+
+
+# ------------------------------------------------------------------------------------------------- retry
+@main.command("retry")
+@click.argument("order_id")
+@click.option("--reason", required=True, help="Why this order is being retried (recorded in the audit table).")
+@click.option("--by", "requested_by", required=True, help="Who asks, e.g. admin@bitloot.io.")
+@click.option("--dagster-url", envvar="DAGSTER_WEBSERVER_URL",
+              help="Submit to this Dagster webserver (default: $DAGSTER_WEBSERVER_URL); unset: run here.")
+def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | None) -> None:
+    """Run `fulfill_order` for ORDER_ID as an admin retry, after the launchpad's checks."""
+    from bitloot_reconcile import operator as op
+
+    with usage_errors(), op.open_store() as store:
+        order_id = op.validate_retry(store, order_id, reason, requested_by)
+        if dagster_url:
+            from dagster_graphql import DagsterGraphQLClientError
+
+            try:
+                run_id = op.submit_retry(dagster_url, order_id, reason, requested_by)
+            except DagsterGraphQLClientError as exc:
+                raise click.ClickException(f"Dagster at {dagster_url} did not take the run: {exc}") from None
+            click.echo(f"submitted fulfill_order run {run_id} for order {order_id}")
+            return
+        result = op.run_retry(store, order_id, reason, requested_by)
+    click.echo(f"run {result.run_id}: {result.outcome or 'no outcome recorded'}"
+               + (f" ({result.reason})" if result.reason else ""))
+    if not result.success:
+        raise click.ClickException("the run failed: " + ("; ".join(result.errors) or "see the run's logs"))
+
+
+# ------------------------------------------------------------------------------------------------- report
+@main.command("report")
+@click.option("--since", type=DATES, help="Start of the window (UTC; default: the day before --until).")
+@click.option("--until", type=DATES, help="End of the window, exclusive (UTC; default: today 00:00, or a day "
+              "after --since).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write every row to this CSV file.")
+def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: str | None) -> None:
+    """Reconcile the orders created in a window: store vs NOWPayments vs Kinguin, class counts.
+
+    The same report as the daily `reconciliation_report` asset; only reads.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from bitloot_reconcile import operator as op
+    from bitloot_reconcile.domain import reconciliation
+
+    since, until = (moment.replace(tzinfo=dt.UTC) if moment else None for moment in (since, until))
+    midnight = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    until = until or (since + dt.timedelta(days=1) if since else midnight)
+    since = since or until - dt.timedelta(days=1)
+    if since >= until:
+        raise click.UsageError("--since must be before --until")
+    with usage_errors(), op.open_readers() as readers, Progress(console=Console(stderr=True)) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        frame = op.report(readers, since, until, progress=progress)
+    counts = reconciliation.class_counts(frame)
+    table = Table("class", "severity", "orders", title=f"orders created {since:%Y-%m-%d %H:%M} to "
+                  f"{until:%Y-%m-%d %H:%M} UTC: {len(frame)} rows")
+    for name, count in counts.items():
+        table.add_row(name, reconciliation.severity(reconciliation.Mismatch(name)), str(count))
+    _console().print(table)
+    if csv_path:
+        frame.to_csv(csv_path, index=False)
+        click.echo(f"all rows written to {csv_path}")
+
+
+@main.command()
+@click.option("--ui", is_flag=True, help="Also start the Dagster UI (dagster dev) on the same state and keep it up.")
+@click.option("--port", default=3000, show_default=True, help="Port of the UI with --ui.")
+@click.option("--dir", "base_dir", default=".demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo keeps its SQLite store, Dagster home and S3 data (wiped at start).")
+@click.option("--database-url", envvar="DATABASE_URL", default=None,
+              help="A scratch store database to seed instead of the embedded SQLite one.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for every order to settle.")
+def demo(ui: bool, port: int, base_dir: str, database_url: str | None, timeout: float) -> None:
+    """Seed stuck orders of every kind and let the real sensor and jobs recover them."""
+    from pathlib import Path
+
+    from bitloot_reconcile.demo import run_demo
+
+    raise SystemExit(run_demo(base_dir=Path(base_dir), database_url=database_url, ui=ui, port=port, timeout=timeout))
+
+
+@main.command()
+def sandbox() -> None:
+    """Start every stand-in (Kinguin, NOWPayments, Resend, S3) on 127.0.0.1 and print how to reach them."""
+    import time
+
+    from bitloot_reconcile.sandbox.standins import StandIns
+
+    with StandIns() as standins:
+        for name, value in standins.env().items():
+            click.echo(f"{name}={value}")
+        click.echo("# stand-ins running; Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass

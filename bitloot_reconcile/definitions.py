@@ -6,7 +6,10 @@ import os
 
 import dagster as dg
 
+from bitloot_reconcile.alerts import needs_attention_alert_sensor, run_failure_alert_sensor
+from bitloot_reconcile.assets import ASSETS, SCHEDULES
 from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.resources.alerts import DEFAULT_WEBSERVER_URL, AlertsResource
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -39,8 +42,19 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "mailer": ResendResource(
             base_url=_setting("RESEND_BASE_URL"), api_key=dg.EnvVar("RESEND_API_KEY"), sender=_setting("EMAIL_FROM")
         ),
-        "policy": ReconcilePolicy(frontend_url=_setting("FRONTEND_URL")),
+        "policy": ReconcilePolicy(frontend_url=_setting("FRONTEND_URL"), **ReconcilePolicy.overrides_from_env()),
+        # Optional: without a webhook the alert sensors only log. EnvVar keeps the URL (a credential) out of the UI.
+        "alerts": AlertsResource(
+            webhook_url=dg.EnvVar("ALERT_WEBHOOK_URL") if os.environ.get("ALERT_WEBHOOK_URL") else None,
+            dagster_base_url=_setting("DAGSTER_WEBSERVER_URL") or DEFAULT_WEBSERVER_URL,
+        ),
     }
 
 
-defs = dg.Definitions(jobs=[fulfill_order], sensors=[stuck_orders_sensor], resources=build_resources())
+defs = dg.Definitions(
+    assets=ASSETS,
+    jobs=[fulfill_order],
+    schedules=SCHEDULES,
+    sensors=[stuck_orders_sensor, run_failure_alert_sensor, needs_attention_alert_sensor],
+    resources=build_resources(),
+)

@@ -184,7 +184,7 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
         return progress
     if status in ("canceled", "refunded"):
         return progress.stop(Outcome.NEEDS_ATTENTION, f"supplier {status} Kinguin order {progress.kinguin_order_id}")
-    if supplier_order.delivered_count() > sum(1 for item in order.items if item.delivered):
+    if supplier_order.delivered_count > sum(1 for item in order.items if item.delivered):
         return progress  # partly delivered: store what has arrived; the keys step then ends the run as waiting
     return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"Kinguin order {progress.kinguin_order_id} is {status}")
 

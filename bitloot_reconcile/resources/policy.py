@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+from collections.abc import Mapping
 
 import dagster as dg
 
@@ -21,6 +23,13 @@ class ReconcilePolicy(dg.ConfigurableResource):
     backoff_base_seconds: float = 60.0
     backoff_cap_seconds: float = 3600.0
     supplier_deadline_hours: float = 72.0
+
+    @classmethod
+    def overrides_from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Tunables from `RECONCILE_<FIELD>` variables (e.g. RECONCILE_GRACE_MINUTES), for the demo and ops."""
+        environ = os.environ if environ is None else environ
+        names = (name for name in cls.model_fields if name != "frontend_url")
+        return {name: environ[f"RECONCILE_{name.upper()}"] for name in names if f"RECONCILE_{name.upper()}" in environ}
 
     @property
     def lease_ttl(self) -> dt.timedelta:

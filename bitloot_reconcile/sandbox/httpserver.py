@@ -47,6 +47,7 @@ class Fault:
     retry_after: float | None = None   # Retry-After header on the canned answer
     latency: float = 0.0               # seconds to sleep before answering (applied even without status)
     lose_response: bool = False        # run the handler, then drop the connection without answering
+    match: Callable[[Any], bool] | None = None  # only requests whose parsed body satisfies this
 
 
 class JsonServer:
@@ -70,7 +71,9 @@ class JsonServer:
         return f"http://{host}:{port}"
 
     def start(self) -> JsonServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"{self.name}-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name=f"{self.name}-http", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -101,15 +104,15 @@ class JsonServer:
         with self._lock:
             return [r for r in self.requests if r.route == route]
 
-    def _next_fault(self, route: str) -> Fault | None:
+    def _next_fault(self, route: str, body: Any) -> Fault | None:
         with self._lock:
-            queue = self._faults.get(route)
-            if not queue:
+            queue = self._faults.get(route) or []
+            fault = next((f for f in queue if f.match is None or f.match(body)), None)
+            if fault is None:
                 return None
-            fault = queue[0]
             fault.times -= 1
             if fault.times <= 0:
-                queue.pop(0)
+                queue.remove(fault)
             return fault
 
     # -- hooks for subclasses ----------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class JsonServer:
             denied = self.authorize(headers)
             if denied is not None:
                 return denied, False
-            fault = self._next_fault(name)
+            fault = self._next_fault(name, body)
             if fault and fault.latency:
                 time.sleep(fault.latency)
             if fault and fault.status is not None:

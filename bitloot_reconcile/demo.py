@@ -1,0 +1,267 @@
+"""`bitloot-reconcile demo`: stuck orders of every kind, recovered by the real sensor and jobs.
+
+Runs on embedded defaults: a SQLite store and a Dagster home under `.demo/`, the stand-ins in this process,
+and a real `dagster-daemon` (or `dagster dev` with `--ui`) evaluating `stuck_orders_sensor` and launching
+`fulfill_order` runs. It prints each order before and after, and exits non-zero if any order did not end
+where it should.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
+from bitloot_reconcile.sandbox.standins import StandIns
+from bitloot_reconcile.store.engine import create_store_engine
+from bitloot_reconcile.store.migrate import upgrade
+from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.store.schema import reconcile_audit
+
+# Short clocks so that the whole story plays out in a couple of minutes.
+DEMO_TUNING = {
+    "RECONCILE_SWEEP_INTERVAL_SECONDS": "5",
+    "RECONCILE_GRACE_MINUTES": "0.05",
+    "RECONCILE_BACKOFF_BASE_SECONDS": "3",
+    "RECONCILE_BACKOFF_CAP_SECONDS": "10",
+    "RECONCILE_SUPPLIER_POLL_ATTEMPTS": "2",
+    "RECONCILE_SUPPLIER_POLL_SECONDS": "2",
+    "RECONCILE_LEASE_SECONDS": "120",
+    "FRONTEND_URL": "https://bitloot.example",
+    "EMAIL_FROM": "orders@bitloot.example",
+}
+SEEDED_AGE = dt.timedelta(minutes=20)  # past the grace period: every order is stuck from the first tick
+DAGSTER_YAML = """\
+telemetry: {enabled: false}
+run_queue: {dequeue_interval_seconds: 1}
+concurrency:
+  runs:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - {key: bitloot/order_id, value: {applyLimitPerUniqueValue: true}, limit: 1}
+"""
+
+
+@dataclass
+class Scenario:
+    name: str
+    story: str
+    expect: str  # fulfilled | needs_attention | payment_not_confirmed | waiting_for_supplier | untouched
+    seed: Callable[[DemoWorld], str]
+
+
+@dataclass
+class DemoWorld:
+    engine: sa.Engine
+    standins: StandIns
+
+    def product(self, title: str, price: float, *, key_type: str = "text/plain", stock: int = 100,
+                delivery_mode: str | None = None, cost: float | None = None,
+                source_type: str = "kinguin") -> SeedProduct:
+        kinguin_id = f"{abs(hash(title)) % 16**24:024x}" if source_type == "kinguin" else None
+        if kinguin_id:
+            self.standins.kinguin.add_product(kinguin_id, price=price, stock=stock, key_type=key_type,
+                                              name=title, delivery_mode=delivery_mode)
+        return insert_product(self.engine, SeedProduct(kinguin_id, title, cost=Decimal(str(cost or price)),
+                                                       source_type=source_type))
+
+    def order(self, products: list[SeedProduct], **kwargs) -> str:
+        return insert_order(self.engine, products, age=kwargs.pop("age", SEEDED_AGE), **kwargs)
+
+
+def _lost_response(w: DemoWorld) -> str:
+    order_id = w.order([w.product("Hollow Knight", 9.5)])
+    w.standins.kinguin.inject(
+        "place_order_v2", Fault(lose_response=True, match=lambda b: (b or {}).get("orderExternalId") == order_id)
+    )
+    return order_id
+
+
+def _supplier_canceled(w: DemoWorld) -> str:
+    game = w.product("Cyberpunk 2077", 19.0)
+    order_id = str(uuid.uuid4())
+    planted = w.standins.kinguin.plant_order(order_id, [(game.kinguin_product_id, 1)], status="canceled")
+    return w.order([game], order_id=order_id, kinguin_reservation_id=planted.order_id)
+
+
+def _partial_keys(w: DemoWorld) -> str:
+    game = w.product("Elden Ring", 29.0, delivery_mode="manual")
+    order_id = str(uuid.uuid4())
+    planted = w.standins.kinguin.plant_order(order_id, [(game.kinguin_product_id, 2)], status="processing")
+    w.standins.kinguin.deliver(planted.order_id, 1)
+    return w.order([game, game], order_id=order_id, kinguin_reservation_id=planted.order_id)
+
+
+def _unpaid(w: DemoWorld) -> str:
+    order_id = w.order([w.product("Stardew Valley", 6.0)], status="waiting", payment_status="waiting",
+                       payment_id="4800000001")
+    w.standins.nowpayments.set_payment("4800000001", "waiting", order_id=order_id)
+    return order_id
+
+
+def _ipn_missed(w: DemoWorld) -> str:
+    order_id = w.order([w.product("Hades", 12.0)], status="waiting", payment_status="waiting",
+                       payment_id="4800000002")
+    w.standins.nowpayments.set_payment("4800000002", "finished", order_id=order_id)
+    return order_id
+
+
+def _r2_outage(w: DemoWorld) -> str:
+    order_id = w.order([w.product("Celeste", 4.0)])
+    w.standins.r2_proxy.fail(f"orders/{order_id}/", times=12)
+    return order_id
+
+
+def _email_outage(w: DemoWorld) -> str:
+    order_id = w.order([w.product("Portal 2", 3.0)], email="email-outage@example.com")
+    w.standins.resend.inject(
+        "send_email",
+        Fault(status=503, times=4, match=lambda b: "email-outage@example.com" in (b or {}).get("to", [])),
+    )
+    return order_id
+
+
+SCENARIOS = [
+    Scenario("webhook missed", "paid, Kinguin webhook never arrived", "fulfilled",
+             lambda w: w.order([w.product("Minecraft", 19.9)])),
+    Scenario("response lost", "Kinguin created the order, answer lost", "fulfilled", _lost_response),
+    Scenario("Kinguin slow", "keys arrive after a few polls", "fulfilled",
+             lambda w: w.order([w.product("Terraria", 5.0, delivery_mode="after_polls=2")])),
+    Scenario("multi-item, image keys", "3 products, 6 units, PNG/JPEG keys", "fulfilled",
+             lambda w: w.order([*[w.product("Doom", 7.0)] * 2, *[w.product("Myst", 5.0, key_type="image/png")] * 2,
+                                *[w.product("Limbo", 4.0, key_type="image/jpeg")] * 2])),
+    Scenario("IPN missed", "waiting, but NOWPayments says finished", "fulfilled", _ipn_missed),
+    Scenario("R2 outage", "key storage down for a while", "fulfilled", _r2_outage),
+    Scenario("email outage", "Resend down when the order completed", "fulfilled", _email_outage),
+    Scenario("supplier canceled", "Kinguin canceled the order", "needs_attention", _supplier_canceled),
+    Scenario("out of stock", "no Kinguin offer at our cost", "needs_attention",
+             lambda w: w.order([w.product("Outer Wilds", 15.0, stock=0)])),
+    Scenario("custom product", "inventory item, not a Kinguin key", "needs_attention",
+             lambda w: w.order([w.product("Gift card", 10.0, source_type="custom")])),
+    Scenario("partial keys", "Kinguin delivered 1 of 2 keys", "waiting_for_supplier", _partial_keys),
+    Scenario("unpaid", "waiting, crypto not received", "payment_not_confirmed", _unpaid),
+    Scenario("already fulfilled", "delivered and emailed before", "untouched",
+             lambda w: w.order([w.product("Tetris", 1.0)], status="fulfilled", completion_email_sent=True)),
+]
+
+
+def _settled(store: Store, order_id: str, expect: str) -> bool:
+    order, state = store.load_order(order_id), store.get_state(order_id)
+    if expect == "fulfilled":
+        return order.status == "fulfilled" and order.completion_email_sent and all(i.delivered for i in order.items)
+    if expect == "untouched":
+        return state.last_outcome is None and order.status == "fulfilled"
+    return state.last_outcome == expect
+
+
+def _runs(engine: sa.Engine, order_id: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.count()).select_from(reconcile_audit).where(
+                reconcile_audit.c.order_id == order_id, reconcile_audit.c.action == "fulfill_order")
+        ).scalar_one()
+
+
+def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, timeout: float) -> int:
+    console = Console()
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    dagster_home = base_dir / "dagster_home"
+    dagster_home.mkdir(parents=True)
+    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
+    database_url = database_url or f"sqlite:///{(base_dir / 'store.db').resolve()}"
+    engine = create_store_engine(database_url)
+    upgrade(engine)
+    store = Store(engine)
+
+    with StandIns(data_dir=base_dir / "s3") as standins, (base_dir / "dagster.log").open("wb") as log:
+        world = DemoWorld(engine, standins)
+        seeded = [(scenario, scenario.seed(world)) for scenario in SCENARIOS]
+        before = {order_id: store.load_order(order_id).status for _, order_id in seeded}
+        env = {**os.environ, **standins.env(), **DEMO_TUNING, "DATABASE_URL": database_url,
+               "DAGSTER_HOME": str(dagster_home.resolve())}
+        _init_instance(env)
+        command = (["dagster", "dev", "-m", "bitloot_reconcile.definitions", "-p", str(port)] if ui
+                   else ["dagster-daemon", "run", "-m", "bitloot_reconcile.definitions"])
+        dagster = subprocess.Popen([_bin(command[0]), *command[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        console.print(f"[bold]{len(seeded)} stuck orders seeded[/]; {command[0]} running "
+                      f"(log: {base_dir / 'dagster.log'})" + (f", UI at http://127.0.0.1:{port}" if ui else ""))
+        try:
+            deadline = time.monotonic() + timeout
+            with console.status("waiting for the sweep to settle every order...") as status:
+                while time.monotonic() < deadline:
+                    done = sum(_settled(store, oid, s.expect) for s, oid in seeded)
+                    status.update(f"{done}/{len(seeded)} orders settled")
+                    if done == len(seeded):
+                        break
+                    time.sleep(2)
+            ok = _print_table(console, store, engine, seeded, before)
+            if ui:
+                console.print(f"Browse the runs at http://127.0.0.1:{port} (filter by tag bitloot/order_id). "
+                              "Ctrl-C to stop.")
+                dagster.wait()
+        except KeyboardInterrupt:
+            ok = True
+        finally:
+            _stop(dagster)
+    return 0 if ok else 1
+
+
+def _bin(name: str) -> str:
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
+
+
+def _init_instance(env: dict[str, str]) -> None:
+    # Initialise the fresh SQLite Dagster home once, before the daemon and the webserver race to do it.
+    subprocess.run([sys.executable, "-c", "import dagster; dagster.DagsterInstance.get()"], env=env, check=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _print_table(console: Console, store: Store, engine: sa.Engine, seeded, before) -> bool:
+    table = Table(title="bitloot-reconcile demo: before and after")
+    for column in ("scenario", "before", "after", "outcome", "reason", "runs", "as expected"):
+        table.add_column(column)
+    all_ok = True
+    for scenario, order_id in seeded:
+        order, state = store.load_order(order_id), store.get_state(order_id)
+        ok = _settled(store, order_id, scenario.expect)
+        all_ok &= ok
+        after = order.status + (" + email" if order.completion_email_sent and order.status == "fulfilled" else "")
+        table.add_row(
+            f"{scenario.name}\n[dim]{order_id[:8]} · {scenario.story}[/]",
+            before[order_id],
+            after,
+            state.last_outcome or "-",
+            state.last_reason or "",
+            str(_runs(engine, order_id)),
+            "[green]yes[/]" if ok else f"[red]no (expected {scenario.expect})[/]",
+        )
+    console.print(table)
+    console.print("[green]every order settled as expected[/]" if all_ok else "[red]some orders did not settle[/]")
+    return all_ok

@@ -1,0 +1,70 @@
+"""All stand-ins at once (Kinguin, NOWPayments, Resend, S3 behind an outage proxy), for the demo and
+`bitloot-reconcile sandbox`. The keys are sandbox values, not secrets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bitloot_reconcile.adapters.r2 import KeyVault
+from bitloot_reconcile.sandbox.kinguin import KinguinSimulator
+from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
+from bitloot_reconcile.sandbox.resend import ResendSimulator
+from bitloot_reconcile.sandbox.s3 import SeaweedS3
+from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
+
+KINGUIN_KEY = "sandbox-kinguin-key"
+NOWPAYMENTS_KEY = "sandbox-nowpayments-key"
+RESEND_KEY = "re_sandbox_key"
+BUCKET = "bitloot-keys"
+
+
+@dataclass
+class StandIns:
+    data_dir: Path | None = None
+    kinguin: KinguinSimulator = field(init=False)
+    nowpayments: NowPaymentsSimulator = field(init=False)
+    resend: ResendSimulator = field(init=False)
+    s3: SeaweedS3 = field(init=False)
+    r2_proxy: FaultyS3Proxy = field(init=False)
+
+    def start(self) -> StandIns:
+        self.s3 = SeaweedS3(data_dir=self.data_dir).start()
+        self.r2_proxy = FaultyS3Proxy(self.s3.endpoint_url).start()
+        self.kinguin = KinguinSimulator(api_key=KINGUIN_KEY, balance=5000.0)
+        self.kinguin.start()
+        self.nowpayments = NowPaymentsSimulator(api_key=NOWPAYMENTS_KEY)
+        self.nowpayments.start()
+        self.resend = ResendSimulator(api_key=RESEND_KEY)
+        self.resend.start()
+        self.vault().ensure_bucket()
+        return self
+
+    def stop(self) -> None:
+        for server in (self.kinguin, self.nowpayments, self.resend, self.r2_proxy):
+            server.stop()
+        self.s3.stop()
+
+    def __enter__(self) -> StandIns:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def vault(self) -> KeyVault:
+        return KeyVault(self.r2_proxy.url, self.s3.access_key_id, self.s3.secret_access_key, BUCKET)
+
+    def env(self) -> dict[str, str]:
+        """The environment under BitLoot's names that points the code location at these stand-ins."""
+        return {
+            "KINGUIN_BASE_URL": self.kinguin.base_url,
+            "KINGUIN_API_KEY": KINGUIN_KEY,
+            "NOWPAYMENTS_BASE": self.nowpayments.url,
+            "NOWPAYMENTS_API_KEY": NOWPAYMENTS_KEY,
+            "RESEND_BASE_URL": self.resend.url,
+            "RESEND_API_KEY": RESEND_KEY,
+            "R2_ENDPOINT": self.r2_proxy.url,
+            "R2_ACCESS_KEY_ID": self.s3.access_key_id,
+            "R2_SECRET_ACCESS_KEY": self.s3.secret_access_key,
+            "R2_BUCKET": BUCKET,
+        }
