@@ -22,6 +22,7 @@ a presigned URL or an object's bytes.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -35,6 +36,10 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from bitloot_reconcile.adapters.errors import NotFoundError, PermanentError, TransientError
+
+# botocore's DEBUG records print request signatures and string-to-sign (and so presigned-URL signatures);
+# keep them out of every log, whatever level the host process runs at.
+logging.getLogger("botocore").setLevel(logging.INFO)
 
 SERVICE = "r2"
 DEFAULT_BUCKET = "bitloot-keys"
@@ -350,6 +355,18 @@ class KeyVault:
             return self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=seconds)
         except (ClientError, BotoCoreError) as exc:
             raise _map_error(exc, "presign", path) from exc
+
+    # ------------------------------------------------------------------------------------------ reports
+    def put_object(self, path: str, data: bytes, content_type: str) -> None:
+        """Store `data` at `path`, replacing whatever is there: for reports only. Keys never go through
+        here (they are written once, by `put_key`), so paths under `orders/` are refused."""
+        _check_path(path)
+        if path.startswith("orders/"):
+            raise ValueError("put_object overwrites, so it never writes under orders/ (keys use put_key)")
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=path, Body=bytes(data), ContentType=content_type)
+        except (ClientError, BotoCoreError) as exc:
+            raise _map_error(exc, "put", path) from exc
 
 
 # ---------------------------------------------------------------------------------------------- errors
