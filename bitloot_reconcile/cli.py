@@ -216,14 +216,27 @@ def demo(ui: bool, port: int, base_dir: str, database_url: str | None, timeout: 
 @main.command()
 def sandbox() -> None:
     """Start every stand-in (Kinguin, NOWPayments, Resend, S3) on 127.0.0.1 and print how to reach them."""
+    import signal
+    import sys
     import time
 
-    from bitloot_reconcile.sandbox.standins import StandIns
+    from bitloot_reconcile.sandbox.standins import KINGUIN_KEY, StandIns
 
     with StandIns() as standins:
+        products = standins.add_sample_products()
         for name, value in standins.env().items():
             click.echo(f"{name}={value}")
+        for product_id, title in products.items():
+            click.echo(f"# Kinguin product {product_id}: {title}")
+        first = next(iter(products))
+        click.echo(
+            f"# try: curl -s -X POST {standins.kinguin.base_url}/v2/order -H 'X-Api-Key: {KINGUIN_KEY}' "
+            f"-H 'Content-Type: application/json' "
+            f"-d '{{\"products\":[{{\"productId\":\"{first}\",\"qty\":1,\"price\":25}}],"
+            f"\"orderExternalId\":\"demo-1\"}}'"
+        )
         click.echo("# stand-ins running; Ctrl-C to stop")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop SeaweedFS on a plain kill too
         try:
             while True:
                 time.sleep(3600)

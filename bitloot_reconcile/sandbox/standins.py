@@ -51,6 +51,16 @@ class StandIns:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def add_sample_products(self) -> dict[str, str]:
+        """A small catalogue at the Kinguin simulator, for trying the API by hand: productId -> name."""
+        catalogue = {
+            "5c9b68662539a4e8f17ae2fe": ("Minecraft Java Edition", 19.90, "text/plain"),
+            "5f7efd272f3a650001f42722": ("Hollow Knight", 9.50, "image/png"),
+        }
+        for product_id, (name, price, key_type) in catalogue.items():
+            self.kinguin.add_product(product_id, price=price, name=name, key_type=key_type)
+        return {product_id: name for product_id, (name, _, _) in catalogue.items()}
+
     def vault(self) -> KeyVault:
         return KeyVault(self.r2_proxy.url, self.s3.access_key_id, self.s3.secret_access_key, BUCKET)
 
