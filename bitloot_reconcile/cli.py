@@ -242,3 +242,7 @@ def sandbox() -> None:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+if __name__ == "__main__":
+    main()

@@ -19,13 +19,10 @@ and elapsed time only.
 from __future__ import annotations
 
 import base64
-import functools
 import logging
 import math
-import ssl
 import time
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -41,6 +38,7 @@ from bitloot_reconcile.adapters.errors import (
     PermanentError,
     TransientError,
 )
+from bitloot_reconcile.adapters.http import build_client, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +130,6 @@ def _fmt_time(value: datetime | str | None) -> str | None:
     return value.isoformat(timespec="seconds")
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
-
-
 class KinguinClient:
     """Synchronous Kinguin client. Use as a context manager or call `close()`."""
 
@@ -152,13 +137,8 @@ class KinguinClient:
                  transport: httpx.BaseTransport | None = None):
         if not api_key:
             raise ValueError("Kinguin API key is empty")
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/") + "/",
-            headers={"X-Api-Key": api_key, "Accept": "application/json"},
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            verify=_ssl_context(),
-        )
+        self._http = build_client(base_url.rstrip("/") + "/", {"X-Api-Key": api_key}, timeout=timeout,
+                                  transport=transport)
 
     def __repr__(self) -> str:
         return f"KinguinClient(base_url={str(self._http.base_url)!r})"
@@ -288,12 +268,6 @@ def _parse(model: type[_M], raw: Any) -> _M:
                              kind="BadResponse") from None
 
 
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """One shared TLS context: building one per client costs tens of ms, and ops make a client per call."""
-    return httpx.create_ssl_context()
-
-
 def _ms(started: float) -> float:
     return (time.monotonic() - started) * 1000
 
@@ -338,7 +312,7 @@ def _error(method: str, path: str, response: httpx.Response) -> ExternalServiceE
         return DuplicateExternalIdError(SERVICE, message, status=status, kind=kind)
     if status >= 500 or status in (408, 429) or kind == "ResourceLock":
         return TransientError(SERVICE, message, status=status, kind=kind,
-                              retry_after=_retry_after(response.headers.get("Retry-After")))
+                              retry_after=parse_retry_after(response.headers.get("Retry-After")))
     if status == 404 or kind == "OrderNotFound":
         return NotFoundError(SERVICE, message, status=status, kind=kind)
     return PermanentError(SERVICE, message, status=status, kind=kind)

@@ -16,15 +16,10 @@ of the key in case the remote side ever echoes it.
 
 from __future__ import annotations
 
-import email.utils
 import enum
-import functools
 import json
 import logging
-import math
-import ssl
 import time
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +28,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitloot_reconcile.adapters.errors import NotFoundError, PermanentError, TransientError
+from bitloot_reconcile.adapters.http import build_client, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +107,6 @@ class PaymentInfo(BaseModel):
         return classify_payment_status(self.payment_status)
 
 
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """httpx's default TLS context, built once: loading the CA bundle costs tens of ms per client."""
-    return httpx.create_ssl_context()
-
-
 class NowPaymentsClient:
     """Synchronous NOWPayments API client. `base_url` is the API root; the client appends `/v1/...`.
 
@@ -128,22 +118,13 @@ class NowPaymentsClient:
                  transport: httpx.BaseTransport | None = None):
         if not api_key:
             raise ValueError("NowPaymentsClient needs an api_key (NOWPAYMENTS_API_KEY)")
-        if not timeout or timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
         root = (base_url or DEFAULT_BASE_URL).rstrip("/")
         if root.endswith("/v1"):
             root = root[: -len("/v1")]
         self.base_url = root
         self.timeout = timeout
         self._api_key = api_key
-        self._http = httpx.Client(
-            base_url=root,
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            verify=_ssl_context(),
-            headers={"x-api-key": api_key, "Accept": "application/json", "User-Agent": "bitloot-reconcile"},
-            follow_redirects=False,
-        )
+        self._http = build_client(root, {"x-api-key": api_key}, timeout=timeout, transport=transport)
 
     def __repr__(self) -> str:  # never show the key
         return f"NowPaymentsClient(base_url={self.base_url!r}, timeout={self.timeout})"
@@ -245,23 +226,3 @@ def _error_fields(response: httpx.Response) -> tuple[str | None, str | None]:
     code = body.get("code") or body.get("name")
     detail = body.get("message") or body.get("error_message") or body.get("error")
     return (str(code) if code else None), (str(detail)[:300] if detail else None)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date. None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)

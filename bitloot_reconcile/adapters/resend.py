@@ -15,18 +15,14 @@ The API key travels only in the `Authorization` header; it is never logged and n
 
 from __future__ import annotations
 
-import email.utils
-import functools
 import logging
-import math
-import ssl
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
+from bitloot_reconcile.adapters.http import build_client, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +44,6 @@ def completion_idempotency_key(order_id: str) -> str:
     return key
 
 
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """httpx's default TLS context, built once: loading the CA bundle costs tens of ms per client."""
-    return httpx.create_ssl_context()
-
-
 class ResendClient:
     """Synchronous Resend API client (only what fulfilment needs: sending one email)."""
 
@@ -61,20 +51,11 @@ class ResendClient:
                  transport: httpx.BaseTransport | None = None):
         if not api_key:
             raise ValueError("ResendClient needs an api_key (RESEND_API_KEY)")
-        if not timeout or timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.timeout = timeout
         self._api_key = api_key
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            verify=_ssl_context(),
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json",
-                     "User-Agent": "bitloot-reconcile"},
-            follow_redirects=False,
-        )
+        self._http = build_client(self.base_url, {"Authorization": f"Bearer {api_key}"}, timeout=timeout,
+                                  transport=transport)
 
     def __repr__(self) -> str:  # never show the key
         return f"ResendClient(base_url={self.base_url!r}, timeout={self.timeout})"
@@ -171,23 +152,3 @@ def _error_fields(response: httpx.Response) -> tuple[str | None, str | None]:
     name = body.get("name") or body.get("code")
     detail = body.get("message") or body.get("error")
     return (str(name) if name else None), (str(detail)[:300] if detail else None)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date. None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,15 @@ class Fault:
     match: Callable[[Any], bool] | None = None  # only requests whose parsed body satisfies this
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that gave up (timeout, injected latency) closes its socket before we answer: expected here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class JsonServer:
     """Base for the simulators. Subclasses call `route()` in `__init__` and implement handlers."""
 
@@ -60,8 +70,7 @@ class JsonServer:
         self._faults: dict[str, list[Fault]] = {}
         self._lock = threading.RLock()
         self.requests: list[RecordedRequest] = []
-        self._httpd = ThreadingHTTPServer((host, port), self._make_handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer((host, port), self._make_handler())
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------

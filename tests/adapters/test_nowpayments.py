@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from email.utils import format_datetime
 
 import pytest
 
@@ -22,7 +20,6 @@ from bitloot_reconcile.adapters.nowpayments import (
     PaymentInfo,
     PaymentVerdict,
     classify_payment_status,
-    parse_retry_after,
 )
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.sandbox.httpserver import Fault
@@ -78,17 +75,6 @@ def test_classify_unknown_status_raises(status):
 def test_classify_non_string_raises_value_error():
     with pytest.raises(ValueError):
         classify_payment_status(None)  # type: ignore[arg-type]
-
-
-def test_parse_retry_after_forms():
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after("1.5") == 1.5
-    assert parse_retry_after("-3") == 0.0
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("inf") is None
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 25 <= parse_retry_after(later) <= 31
 
 
 # -- happy path ----------------------------------------------------------------------------------------------
