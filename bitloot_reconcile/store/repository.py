@@ -399,3 +399,23 @@ class Store:
                     created_at=utcnow(),
                 )
             )
+
+    # -- the reconciliation report (reads only) ------------------------------------------------------------
+    def order_ids_created_between(self, start: dt.datetime, end: dt.datetime) -> list[str]:
+        """Orders created in [start, end), oldest first. BitLoot indexes "createdAt" only behind status, so
+        this scans; it runs once a day per window, never on the sweep's path."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(orders.c.id)
+                    .where(orders.c.createdAt >= naive_utc(start), orders.c.createdAt < naive_utc(end))
+                    .order_by(orders.c.createdAt, orders.c.id)
+                ).scalars()
+            )
+
+    def existing_order_ids(self, order_ids: set[str]) -> set[str]:
+        """Which of these order uuids are orders of the store (any day)."""
+        if not order_ids:
+            return set()
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(orders.c.id).where(orders.c.id.in_(sorted(order_ids)))).scalars())
