@@ -1,0 +1,74 @@
+"""`reconciliation_report`: one daily partition of orders, lined up across the store, NOWPayments and Kinguin.
+
+A thin shell over `domain.reconciliation`: it reads (never writes) the three systems, stores the full table as
+CSV in the R2 bucket under `reports/reconciliation/{day}.csv`, and reports one asset check per mismatch class
+(ERROR for money spent for nothing or twice and for fulfilled orders missing keys, WARN for the rest).
+"""
+
+import dagster as dg
+
+from bitloot_reconcile.domain import reconciliation as rec
+from bitloot_reconcile.resources.kinguin import KinguinResource
+from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
+from bitloot_reconcile.resources.r2 import R2Resource
+from bitloot_reconcile.resources.store import StoreResource
+
+DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
+CHECKED = [cls for cls in rec.Mismatch if cls is not rec.Mismatch.OK]
+SAMPLE_IDS = 10
+
+
+def report_path(partition_key: str) -> str:
+    return f"reports/reconciliation/{partition_key}.csv"
+
+
+@dg.asset(
+    partitions_def=DAILY,
+    check_specs=[
+        dg.AssetCheckSpec(cls.value, asset="reconciliation_report", description=f"no {cls.value} orders")
+        for cls in CHECKED
+    ],
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=60, backoff=dg.Backoff.EXPONENTIAL),
+    group_name="reconciliation",
+    kinds={"pandas", "s3"},
+    description="Orders created on the partition's day (UTC): store vs NOWPayments vs Kinguin, one class each.",
+)
+def reconciliation_report(
+    context: dg.AssetExecutionContext,
+    store: StoreResource,
+    kinguin: KinguinResource,
+    nowpayments: NowPaymentsResource,
+    r2: R2Resource,
+):
+    start, end = context.partition_time_window
+    vault = r2.get_vault()
+    with kinguin.get_client() as kinguin_client, nowpayments.get_client() as payments_client:
+        report = rec.build_report(store.get_store(), kinguin_client, payments_client, vault, start, end)
+    path = report_path(context.partition_key)
+    vault.put_object(path, report.to_csv(index=False).encode(), "text/csv")
+    counts = rec.class_counts(report)
+    yield dg.Output(
+        report,
+        metadata={
+            "counts": dg.MetadataValue.json(counts),
+            "worst_rows": dg.MetadataValue.md(rec.worst_rows_markdown(report)),
+            "chart": dg.MetadataValue.md(rec.bar_chart(counts)),
+            "dagster/row_count": dg.MetadataValue.int(len(report)),
+            "report_path": dg.MetadataValue.path(f"{vault.bucket}/{path}"),
+        },
+    )
+    for cls in CHECKED:
+        ids = report.loc[report["class"] == cls.value, "order_id"].tolist() if counts[cls] else []
+        yield dg.AssetCheckResult(
+            check_name=cls.value,
+            passed=not ids,
+            severity=dg.AssetCheckSeverity.ERROR if cls in rec.ERROR_CLASSES else dg.AssetCheckSeverity.WARN,
+            metadata={"count": len(ids), "orders": dg.MetadataValue.json(ids[:SAMPLE_IDS])},
+        )
+
+
+reconciliation_report_job = dg.define_asset_job("reconciliation_report_job", selection=[reconciliation_report])
+# An hour after the UTC day closes, so Kinguin orders placed around midnight are in; it reports the day just ended.
+reconciliation_report_schedule = dg.build_schedule_from_partitioned_job(
+    reconciliation_report_job, hour_of_day=1, default_status=dg.DefaultScheduleStatus.RUNNING
+)

@@ -1,0 +1,144 @@
+"""Pure classification of the reconciliation report: one class per order, the most serious first."""
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from bitloot_reconcile.adapters.kinguin import KinguinOrder
+from bitloot_reconcile.domain import reconciliation as rec
+from bitloot_reconcile.domain.reconciliation import Evidence, Mismatch
+from bitloot_reconcile.store.repository import Item, Order, Payment
+
+CREATED = dt.datetime(2026, 3, 10, 12, 0)
+
+
+def order(status: str = "paid", *, items: int = 1, keys: int | None = None, cost: str = "5.00",
+          reservation: str | None = None, emailed: bool = False, payments: tuple[str, ...] = ("finished",)) -> Order:
+    oid = str(uuid.uuid4())
+    keyed = items if keys is None else keys
+    return Order(
+        id=oid, email="c@example.com", status=status, source_type="kinguin", total=Decimal("9.99"),
+        kinguin_reservation_id=reservation, completion_email_sent=emailed, created_at=CREATED, updated_at=CREATED,
+        items=tuple(
+            Item(id=str(uuid.uuid4()), product_id="p", quantity=1, unit_price=Decimal("9.99"), source_type="kinguin",
+                 signed_url="u" if n < keyed else None, product_title="Game", product_source_type="kinguin",
+                 kinguin_product_id="kp", kinguin_offer_id=None, product_cost=Decimal(cost), is_preorder=False,
+                 key_refs=(f"orders/{oid}/key-{n}.txt",) if n < keyed else ())
+            for n in range(items)
+        ),
+        payments=tuple(Payment(external_id=f"pay-{n}", status=s) for n, s in enumerate(payments)),
+    )
+
+
+def supplier(external_id: str | None, status: str = "completed", *, price: float = 5.0, kid: str | None = None,
+             created: str = "2026-03-10T12:05:00+00:00") -> KinguinOrder:
+    return KinguinOrder.model_validate({
+        "orderId": kid or uuid.uuid4().hex[:12].upper(), "orderExternalId": external_id, "status": status,
+        "paymentPrice": price, "createdAt": created,
+        "products": [{"productId": "kp", "qty": 1, "price": price}],
+    })
+
+
+def classes(frame) -> dict[str, str]:
+    return dict(zip(frame["order_id"], frame["class"], strict=True))
+
+
+def test_every_class_and_worst_first():
+    ok = order("fulfilled", emailed=True)
+    unpaid_ok = order("waiting", payments=("waiting",))
+    missing_keys = order("fulfilled", items=2, keys=1, emailed=True)
+    missing_object = order("fulfilled", emailed=True)
+    canceled = order("paid", reservation="KCANCEL")
+    unpaid_paid = order("confirming", payments=("waiting",))
+    completed = order("paid", reservation="KDONE")
+    processing = order("paid")  # found by orderExternalId after a placement intent
+    not_placed = order("paid")
+    overcharged = order("fulfilled", emailed=True, cost="4.00", reservation="KOVER")
+    no_email = order("fulfilled")
+    duplicated = order("paid", reservation="KDUP1")
+    orphan_id = str(uuid.uuid4())
+    evidence = Evidence(
+        orders=[ok, unpaid_ok, missing_keys, missing_object, canceled, unpaid_paid, completed, processing, not_placed,
+                overcharged, no_email, duplicated],
+        placement_intents={processing.id},
+        supplier_orders=[
+            supplier(canceled.id, "canceled", kid="KCANCEL"), supplier(completed.id, kid="KDONE"),
+            supplier(processing.id, "processing"), supplier(overcharged.id, price=4.5, kid="KOVER"),
+            supplier(duplicated.id, kid="KDUP1"), supplier(duplicated.id, "processing"),
+            supplier(orphan_id), supplier(orphan_id), supplier(None, kid="KNOEXT"),
+        ],
+        payments_seen={unpaid_ok.id: (False, "NOWPayments says waiting"),
+                       unpaid_paid.id: (True, "NOWPayments says finished")},
+        missing_objects={missing_object.id: 1},
+    )
+
+    report = rec.classify(evidence)
+
+    assert classes(report) == {
+        orphan_id: "orphan_supplier_order", "(none: KNOEXT)": "orphan_supplier_order",
+        duplicated.id: "duplicate_supplier_orders",
+        missing_keys.id: "fulfilled_missing_keys", missing_object.id: "fulfilled_missing_keys",
+        canceled.id: "supplier_canceled_or_refunded",
+        unpaid_paid.id: "store_unpaid_but_payment_finished",
+        completed.id: "supplier_completed_store_not_fulfilled",
+        processing.id: "placed_not_delivered",
+        not_placed.id: "paid_not_placed",
+        overcharged.id: "price_mismatch",
+        no_email.id: "fulfilled_missing_email",
+        ok.id: "ok", unpaid_ok.id: "ok",
+    }
+    assert list(report["class"]) == sorted(report["class"], key=lambda c: rec.RANK[Mismatch(c)])
+    rows = report.set_index("order_id")
+    # Every finding is kept, the class is only the most serious one.
+    assert rows.loc[orphan_id, "flags"] == "orphan_supplier_order,duplicate_supplier_orders"
+    assert rows.loc[duplicated.id, "flags"] == "duplicate_supplier_orders,supplier_completed_store_not_fulfilled"
+    assert rows.loc[canceled.id, "detail"] == "Kinguin canceled KCANCEL; store says paid"
+    assert rows.loc[overcharged.id, "detail"] == "kp charged 4.50 > cost 4.00"
+    assert rows.loc[orphan_id, "charged_eur"] == 10.0
+    assert rows.loc[missing_keys.id, "severity"] == "error"
+    assert rows.loc[no_email.id, "severity"] == "warn"
+
+    counts = rec.class_counts(report)
+    assert list(counts) == [cls.value for cls in Mismatch]
+    assert counts == {"orphan_supplier_order": 2, "duplicate_supplier_orders": 1, "fulfilled_missing_keys": 2,
+                      "supplier_canceled_or_refunded": 1, "store_unpaid_but_payment_finished": 1,
+                      "supplier_completed_store_not_fulfilled": 1, "placed_not_delivered": 1, "paid_not_placed": 1,
+                      "price_mismatch": 1, "fulfilled_missing_email": 1, "ok": 2}
+
+
+@pytest.mark.parametrize(("charged", "mismatch"), [(5.0, False), (4.2, False), (5.004, False), (5.01, True)])
+def test_price_mismatch_only_when_kinguin_charged_above_cost(charged, mismatch):
+    done = order("fulfilled", emailed=True, reservation="K1")
+    report = rec.classify(Evidence(orders=[done], supplier_orders=[supplier(done.id, price=charged, kid="K1")]))
+    assert (report["class"][0] == "price_mismatch") is mismatch
+
+
+def test_reservation_unknown_to_kinguin_is_paid_not_placed_and_a_supplier_order_found_by_id_counts():
+    lost = order("paid", reservation="KLOST")
+    placed_without_external_id = order("paid", reservation="KBYID")
+    report = rec.classify(Evidence(orders=[lost, placed_without_external_id], unknown_reservations={"KLOST"},
+                                   supplier_orders=[supplier(None, "processing", kid="KBYID")]))
+    rows = report.set_index("order_id")
+    assert rows.loc[lost.id, "detail"] == "kinguinReservationId KLOST unknown to Kinguin"
+    assert rows.loc[placed_without_external_id.id, "class"] == "placed_not_delivered"
+    assert len(report) == 2  # KBYID belongs to its store order: no orphan row
+
+
+def test_empty_window_and_presentation():
+    empty = rec.classify(Evidence(orders=[]))
+    assert empty.empty and list(empty.columns) == rec.COLUMNS
+    assert set(rec.class_counts(empty).values()) == {0}
+    assert rec.worst_rows_markdown(empty) == "No mismatches: every order is ok."
+
+    stuck = order("paid")
+    report = rec.classify(Evidence(orders=[stuck, order("fulfilled", emailed=True)]))
+    table = rec.worst_rows_markdown(report)
+    assert table.splitlines()[0] == "| class | order | store status | Kinguin orders | detail |"
+    assert f"| paid_not_placed | {stuck.id} | paid |  | paid; no Kinguin order |" in table
+    assert len(table.splitlines()) == 3  # header, rule, the one non-ok row
+
+    chart = rec.bar_chart({"ok": 4, "paid_not_placed": 1, "price_mismatch": 0}, width=8)
+    assert chart.splitlines() == ["```", "ok              ████████ 4", "paid_not_placed ██ 1",
+                                  "price_mismatch   0", "```"]
