@@ -82,7 +82,7 @@ def plan_cmd(order_ids: tuple[str, ...], limit: int) -> None:
         return
     table = Table("order", "status", "next run would", "ends as", "why", title="next run per order (dry run)")
     for plan in plans:
-        table.add_row(plan.order_id, plan.status, " → ".join(plan.steps) or "nothing", str(plan.outcome), plan.why)
+        table.add_row(plan.order_id, plan.status, " → ".join(plan.steps) or "leave it", str(plan.outcome), plan.why)
     _console().print(table)
 
 
@@ -186,8 +186,9 @@ def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: s
 
         frame = op.report(readers, since, until, progress=progress)
     counts = reconciliation.class_counts(frame)
-    table = Table("class", "severity", "orders", title=f"orders created {since:%Y-%m-%d %H:%M} to "
-                  f"{until:%Y-%m-%d %H:%M} UTC: {len(frame)} rows")
+    click.echo(f"{len(frame)} rows: orders created from {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC "
+               "and Kinguin orders without a store order")
+    table = Table("class", "severity", "orders")
     for name, count in counts.items():
         table.add_row(name, reconciliation.severity(reconciliation.Mismatch(name)), str(count))
     _console().print(table)

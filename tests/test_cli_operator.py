@@ -1,0 +1,333 @@
+"""The operator's commands (`plan`, `history`, `retry`, `report`) against PostgreSQL, SeaweedFS and the simulators.
+
+Commands run in process through click's CliRunner, with the environment a real shell would give them; the
+GraphQL retry goes to a real `dagster-webserver` process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+
+from bitloot_reconcile import operator as op
+from bitloot_reconcile.adapters.r2 import key_object_path
+from bitloot_reconcile.cli import main
+from bitloot_reconcile.store import schema
+from bitloot_reconcile.store.schema import orders
+from tests.assets.test_reconciliation_report import NOON, plant
+from tests.fixtures.kinguin import KINGUIN_TEST_KEY
+from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
+from tests.fixtures.world import FRONTEND, World
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(world: World) -> dict[str, str | None]:
+    return {
+        "DATABASE_URL": world.store_url,
+        "KINGUIN_BASE_URL": world.kinguin.base_url,
+        "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
+        "NOWPAYMENTS_BASE": world.nowpayments.url,
+        "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY,
+        "R2_ENDPOINT": world.r2.endpoint,
+        "R2_ACCESS_KEY_ID": world.r2.access_key_id,
+        "R2_SECRET_ACCESS_KEY": world.r2.secret_access_key,
+        "R2_BUCKET": world.r2.bucket,
+        "RESEND_BASE_URL": world.resend.url,
+        "RESEND_API_KEY": RESEND_TEST_KEY,
+        "FRONTEND_URL": FRONTEND,
+        "DAGSTER_HOME": None,
+        "DAGSTER_WEBSERVER_URL": None,
+        "COLUMNS": "250",
+    }
+
+
+def invoke(world: World | None, *args: str, **env: str | None) -> Result:
+    return CliRunner().invoke(main, list(args), env={**(cli_env(world) if world else {}), **env})
+
+
+def tables(world: World) -> dict[str, list[tuple]]:
+    """Every row of every table the project and BitLoot share, in a stable order."""
+    with world.engine.connect() as conn:
+        return {
+            table.name: [tuple(row) for row in conn.execute(sa.select(table).order_by(*table.primary_key.columns))]
+            for table in schema.metadata.sorted_tables
+        }
+
+
+def bucket(world: World) -> list[tuple]:
+    s3 = boto3.client("s3", endpoint_url=world.r2.endpoint, aws_access_key_id=world.r2.access_key_id,
+                      aws_secret_access_key=world.r2.secret_access_key, region_name="us-east-1")
+    listing = s3.list_objects_v2(Bucket=world.r2.bucket).get("Contents", [])
+    return sorted((o["Key"], o["ETag"], o["LastModified"]) for o in listing)
+
+
+def requests_seen(world: World) -> dict[str, int]:
+    return {"kinguin": len(world.kinguin.requests), "nowpayments": len(world.nowpayments.requests),
+            "resend": len(world.resend.requests)}
+
+
+def age_orders(world: World) -> None:
+    """Past the sweep's grace period (placing a reservation id touched "updatedAt")."""
+    with world.engine.begin() as conn:
+        conn.execute(sa.update(orders).values(updatedAt=sa.func.now() - sa.text("interval '30 minutes'")))
+
+
+# ------------------------------------------------------------------------------------------------- plan
+def test_plan_says_what_each_stuck_order_needs_and_changes_nothing(world: World):
+    game = world.product()
+    ids = {"place": world.order([game]), "custom": world.order([world.product(source_type="custom")]),
+           "email": world.order([game], status="fulfilled")}
+    ids["verify"] = world.order([game], status="waiting", payment_status="waiting", payment_id="7001")
+    world.nowpayments.set_payment("7001", "finished", order_id=ids["verify"])
+    ids["unpaid"] = world.order([game], status="confirming", payment_status="waiting", payment_id="7002")
+    world.nowpayments.set_payment("7002", "waiting", order_id=ids["unpaid"])
+    ids["adopt"] = world.order([game])
+    world.store.record_placement_intent(ids["adopt"])
+    adopted = plant(world, ids["adopt"], game, reserve=False)
+    ids["canceled"] = world.order([game])
+    canceled = plant(world, ids["canceled"], game, "canceled")
+    ids["partial"] = world.order([game, game])
+    partial = world.kinguin.plant_order(ids["partial"], [(game.kinguin_product_id, 2)], status="processing")
+    world.kinguin.deliver(partial.order_id, 1)
+    world.store.save_reservation_id(ids["partial"], partial.order_id)
+    # A crash after uploading one key of two: the key is assigned and its object is in R2, nothing recorded.
+    ids["resume"] = world.order([game, game])
+    resumed = world.kinguin.plant_order(ids["resume"], [(game.kinguin_product_id, 2)])
+    world.store.save_reservation_id(ids["resume"], resumed.order_id)
+    resumed_item = world.store.load_order(ids["resume"]).items[0]
+    world.store.assign_key(ids["resume"], resumed_item.id, resumed.keys[0].id)
+    world.vault.put_key(key_object_path(ids["resume"], resumed_item.id, "text/plain"), b"KEY", "text/plain")
+    age_orders(world)
+    before, objects, seen = tables(world), bucket(world), requests_seen(world)
+
+    result = invoke(world, "plan")
+    resources = world.resources()
+    with resources["kinguin"].get_client() as kinguin, resources["nowpayments"].get_client() as payments:
+        plans = {p.order_id: p for p in op.plan(op.Readers(world.store, kinguin, payments, world.vault))}
+
+    assert result.exit_code == 0, result.output
+    assert tables(world) == before
+    assert bucket(world) == objects
+    assert {r.method for r in world.kinguin.requests[seen["kinguin"]:]} == {"GET"}
+    assert {r.route for r in world.kinguin.requests[seen["kinguin"]:]} == {"get_order", "search_orders", "get_keys"}
+    assert {r.method for r in world.nowpayments.requests[seen["nowpayments"]:]} == {"GET"}
+    assert len(world.resend.requests) == seen["resend"]
+    for order_id in ids.values():
+        assert order_id in result.output
+
+    ends = {name: (plans[order_id].outcome, plans[order_id].why) for name, order_id in ids.items()}
+    assert ends == {
+        "place": ("fulfilled", "if Kinguin delivers at once; else waiting for supplier"),
+        "custom": ("needs_attention", "custom-inventory items are not handled here"),
+        "email": ("fulfilled", "keys stored and email sent"),
+        "verify": ("fulfilled", "if Kinguin delivers at once; else waiting for supplier"),
+        "unpaid": ("payment_not_confirmed", "payment not confirmed (NOWPayments says waiting)"),
+        "adopt": ("fulfilled", "keys stored and email sent"),
+        "canceled": ("needs_attention", f"supplier canceled Kinguin order {canceled}"),
+        "partial": ("waiting_for_supplier", "1 of 2 keys delivered by Kinguin so far"),
+        "resume": ("fulfilled", "keys stored and email sent"),
+    }
+    steps = {name: plans[order_id].steps for name, order_id in ids.items()}
+    assert steps["place"][0] == f"place Kinguin order (1 x {game.kinguin_product_id} at <= 5.00)"
+    assert steps["verify"][0] == "verify payment (NOWPayments says finished) and mark paid"
+    assert steps["email"] == ("send completion email",)
+    assert steps["adopt"][0] == f"adopt Kinguin order {adopted} (found by orderExternalId after an earlier attempt)"
+    assert "store 2 key(s) in R2, 1 already in R2 from an earlier attempt" in steps["resume"]
+
+
+# ------------------------------------------------------------------------------------------------- history
+def test_history_lists_every_run_and_the_state_now(world: World):
+    slow = world.product(delivery_mode="manual")
+    order_id = world.order([slow])
+    first = world.run(order_id, reason="ticket 1")
+    (supplier,) = world.kinguin.orders_for_external_id(order_id)
+    world.kinguin.deliver(supplier.order_id)
+    second = world.run(order_id, reason="ticket 2", requested_by="ops@bitloot.io")
+
+    result = invoke(world, "history", order_id.upper())
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = [line for line in lines if re.match(r"│ \d{4}-\d\d-\d\d ", line)]
+    assert len(rows) == 4  # a `requested` and a `fulfill_order` row per run
+    assert re.search(rf"requested .*admin .*admin@bitloot.io .*ticket 1 .*{first.run_id}", rows[0])
+    assert re.search(rf"fulfill_order .*{first.run_id} .*waiting_for_supplier .*is processing", rows[1])
+    assert re.search(rf"requested .*ops@bitloot.io .*ticket 2 .*{second.run_id}", rows[2])
+    assert re.search(rf"fulfill_order .*{second.run_id} .*fulfilled .*keys stored and email sent", rows[3])
+    assert re.search(r"store status\s+│ fulfilled", result.output)
+    assert re.search(r"attempts\s+│ 2", result.output)
+    assert re.search(rf"last run id\s+│ {second.run_id}", result.output)
+    assert re.search(rf"Kinguin order\s+│ {supplier.order_id}", result.output)
+
+    unknown = invoke(world, "history", str(uuid.uuid4()))
+    assert unknown.exit_code == 2 and "not found and never reconciled" in unknown.output
+
+
+# ------------------------------------------------------------------------------------------------- retry
+def test_retry_runs_in_process_with_the_code_locations_resources(world: World):
+    order_id = world.order([world.product()])
+
+    result = invoke(world, "retry", order_id, "--reason", "customer ticket 9", "--by", "ops@bitloot.io")
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"run [0-9a-f-]{36}: fulfilled \(keys stored and email sent\)", result.output)
+    assert world.store.load_order(order_id).status == "fulfilled"
+    audit = world.store.audit_trail(order_id)
+    assert [(a["action"], a["trigger"], a["actor"], a["reason"]) for a in audit] == [
+        ("requested", "admin", "ops@bitloot.io", "customer ticket 9"),
+        ("fulfill_order", "admin", "ops@bitloot.io", "customer ticket 9"),
+    ]
+    assert len(world.resend.sent) == 1
+
+
+def test_retry_refuses_bad_requests_before_anything_is_submitted(world: World):
+    game = world.product()
+    paid = world.order([game])
+    done = world.order([game], status="fulfilled", completion_email_sent=True)
+    expired = world.order([game], status="expired")
+    before, seen = tables(world), requests_seen(world)
+    nowhere = "http://127.0.0.1:9"  # nothing listens: a submission would fail differently
+    cases = [
+        (("not-an-order", "--reason", "r", "--by", "me"), "'not-an-order' is not a valid order uuid"),
+        ((str(uuid.uuid4()), "--reason", "r", "--by", "me"), "not found"),
+        ((done, "--reason", "r", "--by", "me"), "Order is already fulfilled"),
+        ((expired, "--reason", "r", "--by", "me"), "is 'expired'; only paid, waiting, confirming or failed"),
+        ((paid, "--reason", "  ", "--by", "me"), "reason must not be empty"),
+        ((paid, "--reason", "r", "--by", ""), "requested_by must not be empty"),
+    ]
+    for args, message in cases:
+        result = invoke(world, "retry", *args, "--dagster-url", nowhere)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output
+        assert "Traceback" not in result.output
+    assert tables(world) == before
+    assert requests_seen(world) == seen
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def webserver(world: World, tmp_path: Path) -> Iterator[str]:
+    """`dagster-webserver` on a free port, its own DAGSTER_HOME, runs launched at once (no daemon needed)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    port = _free_port()
+    env = {k: v for k, v in {**os.environ, **cli_env(world), "DAGSTER_HOME": str(home)}.items() if v is not None}
+    with open(tmp_path / "webserver.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-webserver"), "-m", "bitloot_reconcile.definitions",
+             "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_location(url, proc, tmp_path / "webserver.log")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def _wait_for_location(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            body = httpx.post(f"{url}/graphql", json={"query": query}, timeout=5).json()
+            entries = body["data"]["workspaceOrError"]["locationEntries"]
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                return
+        except (httpx.HTTPError, KeyError, TypeError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("dagster-webserver did not load the code location:\n" + log.read_text()[-3000:])
+
+
+def test_retry_through_graphql_is_run_by_the_webserver(world: World, webserver: str):
+    from dagster_graphql import DagsterGraphQLClient
+
+    order_id = world.order([world.product()])
+
+    result = invoke(world, "retry", order_id, "--reason", "ticket 12", "--by", "ops@bitloot.io",
+                    DAGSTER_WEBSERVER_URL=webserver)
+
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"submitted fulfill_order run ([0-9a-f-]{36})", result.output).group(1)
+    client = DagsterGraphQLClient("127.0.0.1", port_number=int(webserver.rsplit(":", 1)[1]), timeout=10)
+    deadline = time.monotonic() + 120
+    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status == "SUCCESS"
+    assert world.store.load_order(order_id).status == "fulfilled"
+    assert [(a["action"], a["run_id"], a["trigger"], a["actor"]) for a in world.store.audit_trail(order_id)] == [
+        ("requested", run_id, "admin", "ops@bitloot.io"), ("fulfill_order", run_id, "admin", "ops@bitloot.io")]
+    tags = httpx.post(f"{webserver}/graphql", timeout=10, json={
+        "query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { tags { key value } } } }",
+        "variables": {"id": run_id}}).json()["data"]["runOrError"]["tags"]
+    assert {t["key"]: t["value"] for t in tags if t["key"].startswith("bitloot/")} == {
+        "bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/reason": "ticket 12",
+        "bitloot/requested_by": "ops@bitloot.io", "bitloot/attempt": "1"}
+
+
+# ------------------------------------------------------------------------------------------------- report
+def test_report_prints_class_counts_and_writes_every_row(world: World, tmp_path: Path):
+    game = world.product()
+    not_placed = world.order([game])
+    with world.engine.begin() as conn:
+        conn.execute(sa.update(orders).values(createdAt=NOON.replace(tzinfo=None)))
+    orphan = str(uuid.uuid4())
+    plant(world, orphan, game, created_at=NOON + dt.timedelta(hours=1), reserve=False)
+    seen = requests_seen(world)
+
+    result = invoke(world, "report", "--since", "2026-03-10", "--csv", str(tmp_path / "report.csv"))
+
+    assert result.exit_code == 0, result.output
+    assert "2 rows: orders created from 2026-03-10 00:00 to 2026-03-11 00:00 UTC" in result.output
+    assert re.search(r"orphan_supplier_order\s+│ error\s+│\s+1", result.output)
+    assert re.search(r"paid_not_placed\s+│ warn\s+│\s+1", result.output)
+    assert re.search(r"price_mismatch\s+│ warn\s+│\s+0", result.output)
+    rows = pd.read_csv(tmp_path / "report.csv")
+    assert dict(zip(rows["order_id"], rows["class"], strict=True)) == {
+        orphan: "orphan_supplier_order", not_placed: "paid_not_placed"}
+    assert {r.method for r in world.kinguin.requests[seen["kinguin"]:]} == {"GET"}
+
+
+# ------------------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("command", [("plan",), ("history", "x"), ("retry", "x", "--reason", "r", "--by", "b"),
+                                     ("report",), ("db", "upgrade")])
+def test_a_missing_database_url_is_a_usage_error(command):
+    result = invoke(None, *command, DATABASE_URL=None)
+    assert result.exit_code == 2
+    assert "DATABASE_URL is not set" in result.output
+    assert "Traceback" not in result.output
