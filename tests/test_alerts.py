@@ -1,0 +1,198 @@
+"""Alerting sensors against a real webhook receiver on 127.0.0.1 and a PostgreSQL store."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import uuid
+from collections.abc import Iterator
+
+import dagster as dg
+import pytest
+
+from bitloot_reconcile import alerts as alerts_module
+from bitloot_reconcile.adapters.errors import PermanentError, TransientError
+from bitloot_reconcile.adapters.webhook import WebhookClient
+from bitloot_reconcile.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
+from bitloot_reconcile.resources.alerts import AlertsResource
+from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.sandbox.httpserver import Fault, JsonServer, Response
+from bitloot_reconcile.store.repository import Store
+from tests.fixtures.world import World
+
+DAGSTER_URL = "http://dagster.test"
+HOOK_PATH = "/services/T000/B000/hook-secret-token"
+
+
+class Receiver(JsonServer):
+    """A Slack-style incoming webhook: answers 200 "ok" and keeps what it was sent."""
+
+    name = "webhook"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.route("POST", HOOK_PATH, "hook", lambda **_: Response(200, "ok"))
+        self._httpd.handle_error = lambda *_: None  # a client that timed out is expected, not worth a traceback
+
+    @property
+    def hook_url(self) -> str:
+        return self.url + HOOK_PATH
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.body["text"] for r in self.requests_to("hook") if r.status == 200]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as server:
+        yield server
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback URL nobody listens on: the receiver is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{HOOK_PATH}"
+
+
+def alerts_to(url: str | None) -> AlertsResource:
+    return AlertsResource(webhook_url=url, dagster_base_url=DAGSTER_URL, timeout_seconds=2)
+
+
+@pytest.fixture
+def attention(store_engine, store_url, dagster_instance):
+    """The needs-attention sensor's tick, and a way to record an order's outcome as a run would."""
+
+    class Attention:
+        store = Store(store_engine)
+
+        @staticmethod
+        def record(order_id: str, outcome: str, reason: str = "supplier canceled Kinguin order PHS84") -> str:
+            run_id = str(uuid.uuid4())
+            Attention.store.update_state(order_id, last_outcome=outcome, last_reason=reason, last_run_id=run_id)
+            return run_id
+
+        @staticmethod
+        def tick(url: str | None) -> dg.SkipReason:
+            context = dg.build_sensor_context(
+                instance=dagster_instance,
+                resources={"store": StoreResource(database_url=store_url), "alerts": alerts_to(url)},
+            )
+            return needs_attention_alert_sensor(context)
+
+    return Attention
+
+
+def test_each_order_is_alerted_once_per_state_change(attention, receiver: Receiver):
+    stuck, fine, backing_off = (str(uuid.uuid4()) for _ in range(3))
+    run_id = attention.record(stuck, "needs_attention")
+    attention.record(fine, "fulfilled")
+    attention.record(backing_off, "retry_later", "kinguin: 503")
+
+    attention.tick(receiver.hook_url)
+    (text,) = receiver.texts
+    assert stuck in text and "needs_attention" in text and "supplier canceled Kinguin order PHS84" in text
+    assert f"{DAGSTER_URL}/runs/{run_id}" in text
+    assert attention.store.get_state(stuck).alerted_outcome == "needs_attention"
+
+    attention.tick(receiver.hook_url)
+    attention.record(stuck, "needs_attention")  # a later run ends the same way: same state, no new alert
+    attention.tick(receiver.hook_url)
+    assert len(receiver.texts) == 1
+
+    attention.record(stuck, "retry_later")  # an admin retry moved it on...
+    attention.tick(receiver.hook_url)
+    assert len(receiver.texts) == 1
+    attention.record(stuck, "needs_attention", "attempts exhausted after 8 attempts")  # ...and back
+    attention.tick(receiver.hook_url)
+    assert len(receiver.texts) == 2 and "attempts exhausted" in receiver.texts[1]
+
+
+def test_webhook_down_posts_nothing_marks_nothing_and_the_next_tick_retries(attention, receiver, dead_url):
+    orders = [str(uuid.uuid4()) for _ in range(2)]
+    for order_id in orders:
+        attention.record(order_id, "needs_attention")
+
+    assert "0 of 2" in attention.tick(dead_url).skip_message
+    receiver.inject("hook", Fault(status=503))
+    assert "0 of 2" in attention.tick(receiver.hook_url).skip_message
+    assert receiver.texts == []
+    assert all(attention.store.get_state(o).alerted_outcome is None for o in orders)
+
+    assert "2 of 2" in attention.tick(receiver.hook_url).skip_message
+    attention.tick(receiver.hook_url)
+    assert sorted(o for o in orders for t in receiver.texts if o in t) == sorted(orders)  # once each
+
+
+def test_without_a_webhook_alerts_are_logged_only(attention):
+    order_id = str(uuid.uuid4())
+    attention.record(order_id, "needs_attention")
+    assert "1 of 1" in attention.tick(None).skip_message
+    assert attention.store.get_state(order_id).alerted_outcome == "needs_attention"
+
+
+def test_failed_run_is_alerted_and_a_lost_alert_is_resent(world: World, receiver, dead_url, monkeypatch):
+    monkeypatch.setattr(alerts_module, "RETRY_PENDING_AFTER", alerts_module.RETRY_PENDING_AFTER * 0)
+    with dg.instance_for_test() as instance:  # its own run history: pending alerts of other tests stay out
+        world = dataclasses.replace(world, instance=instance)
+
+        def failed_run(url: str | None) -> dg.DagsterRun:
+            result = world.run("5c91f65c-not-a-uuid", reason="ticket 7")
+            assert not result.success
+            context = dg.build_run_status_sensor_context(
+                sensor_name=run_failure_alert_sensor.name,
+                dagster_instance=instance,
+                dagster_run=result.dagster_run,
+                dagster_event=result.get_run_failure_event(),
+                resources={"alerts": alerts_to(url)},
+            ).for_run_failure()
+            run_failure_alert_sensor(context)
+            return result.dagster_run
+
+        def tick() -> None:
+            context = dg.build_sensor_context(
+                instance=instance,
+                resources={
+                    "store": StoreResource(database_url=world.store_url),
+                    "alerts": alerts_to(receiver.hook_url),
+                },
+            )
+            needs_attention_alert_sensor(context)
+
+        run = failed_run(receiver.hook_url)
+        (text,) = receiver.texts
+        assert "5c91f65c-not-a-uuid" in text and "run failed" in text
+        assert "load_and_claim" in text and "is not a valid order uuid" in text
+        assert f"{DAGSTER_URL}/runs/{run.run_id}" in text
+        assert instance.get_run_by_id(run.run_id).tags[TAG_ALERT] == "sent"
+
+        lost = failed_run(dead_url)  # the receiver is down when the run fails
+        assert len(receiver.texts) == 1
+        assert instance.get_run_by_id(lost.run_id).tags[TAG_ALERT] == "pending"
+        tick()
+        tick()
+        assert len(receiver.texts) == 2 and lost.run_id in receiver.texts[1]
+        assert instance.get_run_by_id(lost.run_id).tags[TAG_ALERT] == "sent"
+
+
+# -- the webhook adapter ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        (Fault(status=500), TransientError),
+        (Fault(status=429, retry_after=7), TransientError),
+        (Fault(latency=1.0), TransientError),  # past the client's timeout
+        (Fault(status=404, body="no_service"), PermanentError),
+        (Fault(status=400, body="invalid_payload"), PermanentError),
+    ],
+)
+def test_webhook_errors_are_classified_and_never_show_the_url(receiver: Receiver, fault: Fault, error: type):
+    receiver.inject("hook", fault)
+    with WebhookClient(receiver.hook_url, timeout=0.3) as client, pytest.raises(error) as raised:
+        client.post({"text": "hello"})
+    assert "hook-secret-token" not in str(raised.value) and "hook-secret-token" not in repr(client)
+    if fault.retry_after:
+        assert raised.value.retry_after == 7
