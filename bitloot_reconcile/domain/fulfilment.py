@@ -88,7 +88,7 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
         return progress
     if not order.payments:
         return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, "no payment recorded for this order")
-    verdict, seen = _payment_verdict(order, nowpayments)
+    verdict, seen = payment_verdict(order, nowpayments)
     if verdict is not PaymentVerdict.PAID:
         return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
     if not store.mark_paid(order.id):
@@ -98,7 +98,7 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
     return progress
 
 
-def _payment_verdict(order: Order, nowpayments: NowPaymentsClient) -> tuple[PaymentVerdict, str]:
+def payment_verdict(order: Order, nowpayments: NowPaymentsClient) -> tuple[PaymentVerdict, str]:
     if any(p.status in PAID_PAYMENT_ROWS for p in order.payments):
         return PaymentVerdict.PAID, "payment row confirmed"
     seen = []
@@ -162,10 +162,14 @@ def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progre
     return progress.with_supplier_order(placed.order_id)
 
 
-def _adopt(store: Store, progress: Progress, found: list[KinguinOrder]) -> Progress:
-    """Prefer a live order over a canceled one, then the oldest; the report flags duplicates."""
+def choose_supplier_order(found: list[KinguinOrder]) -> KinguinOrder:
+    """The order to adopt: a live one before a canceled one, then the oldest; the report flags duplicates."""
     rank = {"completed": 0, "processing": 1}
-    chosen = min(found, key=lambda o: (rank.get(o.status, 2), str(o.created_at or "")))
+    return min(found, key=lambda o: (rank.get(o.status, 2), str(o.created_at or "")))
+
+
+def _adopt(store: Store, progress: Progress, found: list[KinguinOrder]) -> Progress:
+    chosen = choose_supplier_order(found)
     store.save_reservation_id(progress.order_id, chosen.order_id)
     return progress.with_supplier_order(chosen.order_id)
 

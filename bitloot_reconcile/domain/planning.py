@@ -18,7 +18,7 @@ from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentInfo, PaymentVerdict
 from bitloot_reconcile.adapters.r2 import key_object_path
 from bitloot_reconcile.domain import fulfilment
-from bitloot_reconcile.domain.outcomes import Outcome, Progress
+from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.store.repository import Order, ReconcileState
 
 LEFT_ALONE = "left_alone"  # no run would start (or it would refuse the order at once)
@@ -87,7 +87,7 @@ def _walk(order, state, assignments, steps, end, *, kinguin, payments, vault) ->
     if order.status in fulfilment.UNPAID_STATUSES:
         if not order.payments:
             return end(Outcome.PAYMENT_NOT_CONFIRMED, "no payment recorded for this order")
-        verdict, seen = fulfilment._payment_verdict(order, payments)
+        verdict, seen = fulfilment.payment_verdict(order, payments)
         if verdict is not PaymentVerdict.PAID:
             return end(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
         steps.append(f"verify payment ({seen}) and mark paid")
@@ -104,7 +104,7 @@ def _walk(order, state, assignments, steps, end, *, kinguin, payments, vault) ->
                 steps += [f"place Kinguin order ({wanted})", "poll it", "collect and store keys", "mark fulfilled",
                           "send completion email"]
                 return end(Outcome.FULFILLED, "if Kinguin delivers at once; else waiting for supplier")
-            kinguin_id = _adoption_choice(order.id, found)
+            kinguin_id = fulfilment.choose_supplier_order(found).order_id
             steps.append(f"adopt Kinguin order {kinguin_id} (found by orderExternalId after an earlier attempt)")
         # poll
         supplier = kinguin.get_order(kinguin_id)
@@ -131,18 +131,6 @@ def _walk(order, state, assignments, steps, end, *, kinguin, payments, vault) ->
     if not order.completion_email_sent:
         steps.append("send completion email")
     return end(Outcome.FULFILLED, "keys stored and email sent")
-
-
-class _DiscardChoice:
-    """`fulfilment._adopt` saves the order it picks; a plan only wants to know which one it would be."""
-
-    def save_reservation_id(self, order_id: str, kinguin_order_id: str) -> None:
-        pass
-
-
-def _adoption_choice(order_id: str, found: list[KinguinOrder]) -> str:
-    chosen = fulfilment._adopt(_DiscardChoice(), Progress(order_id=order_id, lease_owner="plan"), found)
-    return chosen.kinguin_order_id or ""
 
 
 def _storable(order: Order, pending, keys: list[KinguinKey], assignments: dict[str, str],

@@ -34,7 +34,7 @@ import pandas as pd
 from bitloot_reconcile.adapters.errors import NotFoundError
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentVerdict
-from bitloot_reconcile.domain.fulfilment import UNPAID_STATUSES, _payment_verdict, parse_order_id
+from bitloot_reconcile.domain.fulfilment import UNPAID_STATUSES, parse_order_id, payment_verdict
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.store.repository import Order, Store
 
@@ -105,7 +105,7 @@ def collect(store: Store, kinguin, nowpayments, vault, start: dt.datetime, end: 
     _collect_supplier(evidence, store, kinguin, start, end, tick)
     unpaid = [o for o in evidence.orders if o.status in LOOKS_UNPAID and o.payments]
     for n, order in enumerate(unpaid, 1):
-        verdict, seen = _payment_verdict(order, nowpayments)
+        verdict, seen = payment_verdict(order, nowpayments)
         evidence.payments_seen[order.id] = (verdict is PaymentVerdict.PAID, seen)
         tick("NOWPayments", n, len(unpaid))
     fulfilled = [o for o in evidence.orders if o.status == "fulfilled"]
