@@ -1,0 +1,303 @@
+"""Production shape, end to end: a real `dagster-daemon` and `dagster-webserver` on a PostgreSQL instance
+configured by the repo's dagster.yaml and workspace.yaml, sweeping a fresh store database whose outside
+services are the simulators and SeaweedFS of this test process (threads on 127.0.0.1, reachable from the
+run workers the daemon launches).
+
+The sensors' tick floors are shortened through the environment (RECONCILE_SWEEP_INTERVAL_SECONDS,
+RECONCILE_ALERT_INTERVAL_SECONDS); the test polls the store until every order reached its end state, within
+BUDGET_SECONDS. Most of the time goes into starting Python processes: two code servers and one run worker
+per run, each importing the code location.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+import sqlalchemy as sa
+from dagster._core.scheduler.instigation import InstigatorType
+from dagster_graphql import DagsterGraphQLClient
+
+from bitloot_reconcile.resources.r2 import R2Resource
+from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.store.engine import create_store_engine
+from bitloot_reconcile.store.migrate import upgrade
+from bitloot_reconcile.store.repository import Store
+from tests.fixtures.db import PG_SERVER_URL
+from tests.fixtures.kinguin import KINGUIN_TEST_KEY
+from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
+from tests.fixtures.world import FRONTEND, World
+from tests.test_alerts import Receiver
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# One bound for all waiting, under pytest's 300 s timeout so a slow run fails here, with the daemon's log.
+BUDGET_SECONDS = 240
+TAGS = ("bitloot/order_id", "bitloot/trigger", "bitloot/reason", "bitloot/requested_by", "bitloot/attempt")
+STUCK = dt.timedelta(minutes=30)  # past the sweep's default 10 min grace period
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(f"{PG_SERVER_URL}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Child processes, each in its own process group so teardown also ends their code servers and run workers."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.phases: list[tuple[str, float]] = []  # (what was waited for, when it was reached)
+        self.pending: list[str] = []  # what convergence still waits for
+        self.diagnose: Callable[[], str] = lambda: ""
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        log = (self.logs / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            assert proc.poll() is None, f"{name} exited with {proc.returncode}:\n{self.tail(name)}"
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            alive = [p for p in self.procs.values() if p.poll() is None]
+            for proc in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + grace
+            for proc in alive:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():  # the group's other members (code servers, run workers)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for(what: str, check: Callable[[], bool], deadline: float, procs: Processes, every: float = 1.0) -> None:
+    while not check():
+        procs.check_alive()
+        if time.monotonic() > deadline:
+            pytest.fail(f"out of time waiting for {what} {procs.pending}\n{procs.diagnose()}"
+                        f"\n--- daemon:\n{procs.tail('daemon')}")
+        time.sleep(every)
+    procs.phases.append((what, time.monotonic()))
+
+
+def location_loaded(port: int) -> bool:
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "\
+            "locationOrLoadError { __typename } } } } }"
+    try:
+        body = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    entries = (body.get("data") or {}).get("workspaceOrError", {}).get("locationEntries") or []
+    return any(
+        e["name"] == "bitloot_reconcile" and e["loadStatus"] == "LOADED"
+        and e["locationOrLoadError"]["__typename"] != "PythonError"
+        for e in entries
+    )
+
+
+def has_ticked(instance: dg.DagsterInstance, sensor_name: str) -> bool:
+    states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+    return any(
+        instance.get_ticks(s.instigator_origin_id, s.selector_id, limit=1)
+        for s in states
+        if s.instigator_name == sensor_name
+    )
+
+
+def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_over_graphql(
+    tmp_path, kinguin_sim, nowpayments_sim, resend_sim, seaweed, monkeypatch
+):
+    started = time.monotonic()
+    deadline = started + BUDGET_SECONDS
+    with (
+        fresh_database("bre2e_store") as store_db,
+        fresh_database("bre2e_dagster") as dagster_db,
+        Receiver() as receiver,
+        contextlib.ExitStack() as stack,
+    ):
+        # -- the store, its outside services, and the stuck orders ---------------------------------------------
+        store_url = f"{PG_SERVER_URL}/{store_db}"
+        engine = create_store_engine(store_url)
+        stack.callback(engine.dispose)
+        upgrade(engine)
+        r2 = R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
+                        secret_access_key=seaweed.secret_access_key, bucket=f"e2e-{uuid.uuid4().hex[:12]}")
+        r2.get_vault().ensure_bucket()
+        world = World(engine=engine, store=Store(engine), store_url=store_url, kinguin=kinguin_sim,
+                      nowpayments=nowpayments_sim, resend=resend_sim, vault=r2.get_vault(), r2=r2, instance=None)
+        game = world.product(price=5.0)
+
+        webhook_missed = world.order([game], age=STUCK)
+        response_lost = world.order([game], age=STUCK)
+        kinguin_sim.inject("place_order_v2", Fault(lose_response=True))  # whichever order places first
+        paid_at_nowpayments = world.order([game], status="waiting", payment_status="waiting",
+                                          payment_id="5077125051", age=STUCK)
+        nowpayments_sim.set_payment("5077125051", "finished", order_id=paid_at_nowpayments)
+        unpaid = world.order([game], status="waiting", payment_status="waiting", payment_id="42", age=STUCK)
+        nowpayments_sim.set_payment("42", "waiting", order_id=unpaid)
+        canceled = str(uuid.uuid4())
+        planted = kinguin_sim.plant_order(canceled, [(game.kinguin_product_id, 1)], status="canceled")
+        world.order([game], order_id=canceled, kinguin_reservation_id=planted.order_id, age=STUCK)
+        admin_order = world.order([game], age=dt.timedelta(minutes=1))  # not stuck yet: only the admin run
+        fulfilled_by_sweep = [webhook_missed, response_lost, paid_at_nowpayments]
+
+        # -- the Dagster instance: the repo's dagster.yaml on a fresh PostgreSQL database -----------------------
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        port = free_port()
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "DAGSTER_PG_URL": f"postgresql+psycopg2://{PG_SERVER_URL.split('://', 1)[1]}/{dagster_db}",
+            "DATABASE_URL": store_url,
+            "KINGUIN_BASE_URL": kinguin_sim.base_url,
+            "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
+            "NOWPAYMENTS_BASE": nowpayments_sim.url,
+            "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY,
+            **seaweed.env(),
+            "R2_BUCKET": r2.bucket,
+            "RESEND_BASE_URL": resend_sim.url,
+            "RESEND_API_KEY": RESEND_TEST_KEY,
+            "EMAIL_FROM": "orders@bitloot.io",
+            "FRONTEND_URL": FRONTEND,
+            "ALERT_WEBHOOK_URL": receiver.hook_url,
+            "DAGSTER_WEBSERVER_URL": f"http://127.0.0.1:{port}",
+            # Tick floors (30 s sweep, 60 s alerts in production) shortened so the test does not wait on them.
+            "RECONCILE_SWEEP_INTERVAL_SECONDS": "10",
+            "RECONCILE_ALERT_INTERVAL_SECONDS": "10",
+        }
+        for name in ("DAGSTER_HOME", "DAGSTER_PG_URL"):
+            monkeypatch.setenv(name, env[name])
+        # Create Dagster's tables from this process first: two processes initialising one database race.
+        instance = stack.enter_context(dg.DagsterInstance.from_config(str(home)))
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.get_concurrency_config().run_queue_config.tag_concurrency_limits[0]["key"] == TAGS[0]
+        assert instance.run_retries_max_retries == 1 and instance.run_monitoring_enabled
+
+        procs = Processes(tmp_path)
+        stack.callback(procs.stop)
+        procs.diagnose = lambda: f"SeaweedFS running: {seaweed.is_running()}, log: {seaweed.log_path}"
+        workspace = ["-w", str(REPO / "workspace.yaml")]
+        procs.start("daemon", [str(BIN / "dagster-daemon"), "run", *workspace], env)
+        procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *workspace],
+                    env)
+
+        # -- an admin run over GraphQL, and one with bad input (its failure must be alerted) --------------------
+        wait_for("the webserver to load the code location", lambda: location_loaded(port), deadline, procs)
+        # A run status sensor starts from the newest event on its first tick: fail the bad run only after it.
+        wait_for("the first tick of run_failure_alert_sensor",
+                 lambda: has_ticked(instance, "run_failure_alert_sensor"), deadline, procs)
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=30)
+        admin_run = client.submit_job_execution(
+            "fulfill_order",
+            repository_location_name="bitloot_reconcile",
+            run_config={"order_id": admin_order, "reason": "ticket 7", "requested_by": "ops@bitloot.io"},
+            tags={"bitloot/order_id": admin_order},  # so the per-order queue limit applies from the start
+        )
+        bad_run = client.submit_job_execution(
+            "fulfill_order",
+            repository_location_name="bitloot_reconcile",
+            run_config={"order_id": "not-a-uuid", "reason": "ticket 8", "requested_by": "ops@bitloot.io"},
+        )
+
+        # -- wait for every order to converge through sensor-launched runs -------------------------------------
+        store = world.store
+
+        def done(order_id: str) -> bool:
+            order = store.load_order(order_id)
+            return order.status == "fulfilled" and order.completion_email_sent
+
+        def alerted(*parts: str) -> list[str]:
+            return [t for t in receiver.texts if all(p in t for p in parts)]
+
+        converged = {
+            "fulfilled": lambda: all(done(o) for o in [*fulfilled_by_sweep, admin_order]),
+            "payment not confirmed": lambda: store.get_state(unpaid).last_outcome == "payment_not_confirmed",
+            "needs attention": lambda: store.get_state(canceled).last_outcome == "needs_attention",
+            "admin runs finished": lambda: client.get_run_status(admin_run) == dg.DagsterRunStatus.SUCCESS
+            and client.get_run_status(bad_run) == dg.DagsterRunStatus.FAILURE,
+            "alerts": lambda: bool(alerted(canceled, "needs_attention")) and bool(alerted("not-a-uuid", "run failed")),
+        }
+
+        def all_converged() -> bool:
+            pending = [name for name, check in converged.items() if not check()]
+            procs.pending = pending
+            return not pending
+
+        wait_for("convergence", all_converged, deadline, procs)
+        print("\n".join(f"e2e: {what} after {at - started:.0f} s" for what, at in procs.phases))
+
+        # -- what converged, and how -------------------------------------------------------------------------
+        fulfilled = [*fulfilled_by_sweep, admin_order]
+        assert all(len(kinguin_sim.orders_for_external_id(o)) == 1 for o in fulfilled)
+        (search,) = kinguin_sim.requests_to("search_orders")  # the lost response was adopted, not re-placed
+        assert search.query["orderExternalId"] in fulfilled
+        emails = sorted(e["idempotency_key"] for e in resend_sim.sent)
+        assert emails == sorted(f"order-completed/{o}" for o in fulfilled)  # one each
+        assert kinguin_sim.orders_for_external_id(unpaid) == []  # no key bought for money not received
+        assert store.load_order(unpaid).status == "waiting"
+        assert len(kinguin_sim.orders_for_external_id(canceled)) == 1  # never re-placed
+        assert "supplier canceled" in store.get_state(canceled).last_reason
+
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="fulfill_order"))
+        sensor_runs = [r for r in runs if r.tags.get("bitloot/trigger") == "sensor"]
+        assert {r.tags["bitloot/order_id"] for r in sensor_runs} >= {*fulfilled_by_sweep, unpaid, canceled}
+        assert all(set(TAGS) <= set(r.tags) for r in sensor_runs)
+        assert all(r.tags.get("dagster/sensor_name") == "stuck_orders_sensor" for r in sensor_runs)
+        assert admin_order not in {r.tags["bitloot/order_id"] for r in sensor_runs}
+        admin_tags = instance.get_run_by_id(admin_run).tags
+        assert {k: admin_tags[k] for k in TAGS if k != "bitloot/attempt"} == {
+            "bitloot/order_id": admin_order,
+            "bitloot/trigger": "admin",
+            "bitloot/reason": "ticket 7",
+            "bitloot/requested_by": "ops@bitloot.io",
+        }
+        assert admin_tags["bitloot/attempt"] == "1"
+
+        (attention_alert,) = alerted(canceled)
+        assert f"http://127.0.0.1:{port}/runs/{store.get_state(canceled).last_run_id}" in attention_alert
+        (failure_alert,) = alerted("not-a-uuid")
+        assert f"/runs/{bad_run}" in failure_alert and "is not a valid order uuid" in failure_alert
+        assert all(secret not in text for text in receiver.texts
+                   for secret in (KINGUIN_TEST_KEY, RESEND_TEST_KEY, NOWPAYMENTS_TEST_KEY, seaweed.secret_access_key))
