@@ -12,9 +12,8 @@ import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import pandas as pd
 
 from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
@@ -33,6 +32,9 @@ from bitloot_reconcile.tags import TRIGGER_ADMIN, request_tags
 RUN_SETTINGS = ("DATABASE_URL", "KINGUIN_API_KEY", "NOWPAYMENTS_API_KEY", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
                 "RESEND_API_KEY")
 GRAPHQL_TIMEOUT_SECONDS = 30
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class MissingSetting(RuntimeError):

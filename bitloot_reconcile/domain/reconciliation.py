@@ -28,8 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bitloot_reconcile.adapters.errors import NotFoundError
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
@@ -37,6 +36,9 @@ from bitloot_reconcile.adapters.nowpayments import PaymentVerdict
 from bitloot_reconcile.domain.fulfilment import UNPAID_STATUSES, parse_order_id, payment_verdict
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.store.repository import Order, Store
+
+if TYPE_CHECKING:  # pandas is imported where a report is built, so run workers of other jobs never load it
+    import pandas as pd
 
 
 class Mismatch(StrEnum):
@@ -194,6 +196,8 @@ def classify(evidence: Evidence) -> pd.DataFrame:
     for supplier in orphans:  # orders sent without an orderExternalId are orphans one by one
         groups[supplier.order_external_id or f"(none: {supplier.order_id})"].append(supplier)
     rows += [_orphan_row(external_id, suppliers) for external_id, suppliers in groups.items()]
+    import pandas as pd
+
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if frame.empty:
         return frame
