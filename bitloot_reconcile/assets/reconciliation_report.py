@@ -5,6 +5,8 @@ CSV in the R2 bucket under `reports/reconciliation/{day}.csv`, and reports one a
 (ERROR for money spent for nothing or twice and for fulfilled orders missing keys, WARN for the rest).
 """
 
+import datetime as dt
+
 import dagster as dg
 
 from bitloot_reconcile.domain import reconciliation as rec
@@ -13,7 +15,8 @@ from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 
-DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
+# end_offset=1: today's partial day can be reported on demand; the schedule reports the day just ended.
+DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC", end_offset=1)
 CHECKED = [cls for cls in rec.Mismatch if cls is not rec.Mismatch.OK]
 SAMPLE_IDS = 10
 
@@ -68,7 +71,14 @@ def reconciliation_report(
 
 
 reconciliation_report_job = dg.define_asset_job("reconciliation_report_job", selection=[reconciliation_report])
-# An hour after the UTC day closes, so Kinguin orders placed around midnight are in; it reports the day just ended.
-reconciliation_report_schedule = dg.build_schedule_from_partitioned_job(
-    reconciliation_report_job, hour_of_day=1, default_status=dg.DefaultScheduleStatus.RUNNING
+# An hour after the UTC day closes, so Kinguin orders placed around midnight are in; it reports the day just ended
+# (the partitions also offer today, for on-demand runs).
+@dg.schedule(
+    cron_schedule="0 1 * * *",
+    execution_timezone="UTC",
+    job=reconciliation_report_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
 )
+def reconciliation_report_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    day = (context.scheduled_execution_time - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    return dg.RunRequest(run_key=day, partition_key=day)

@@ -178,3 +178,17 @@ def test_window_search_follows_kinguin_pages_past_one_hundred(world: World):
              if "createdAtFrom" in r.query]
     assert pages == [("1", "100"), ("2", "100")]
 
+
+
+def test_schedule_reports_the_day_just_ended_and_today_is_available_on_demand():
+    import datetime as dt
+
+    import dagster as dg
+
+    from bitloot_reconcile.assets.reconciliation_report import DAILY, reconciliation_report_schedule
+
+    moment = dt.datetime(2026, 11, 27, 1, 0, tzinfo=dt.UTC)
+    request = reconciliation_report_schedule(dg.build_schedule_context(scheduled_execution_time=moment))
+    assert request.partition_key == "2026-11-26"
+    with dg.instance_for_test(), dg.partition_loading_context(effective_dt=moment):
+        assert DAILY.get_last_partition_key() == "2026-11-27"
