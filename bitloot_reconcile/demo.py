@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
+from bitloot_reconcile.adapters.r2 import attachment_filename, key_object_path
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.sandbox.standins import StandIns
@@ -136,6 +137,18 @@ def _email_outage(w: DemoWorld) -> str:
     return order_id
 
 
+def _already_fulfilled(w: DemoWorld) -> str:
+    """Delivered by BitLoot itself before: key stored and recorded, email sent. The sweep must leave it alone."""
+    order_id = w.order([w.product("Tetris", 1.0)], status="fulfilled", completion_email_sent=True)
+    store, vault = Store(w.engine), w.standins.vault()
+    for item in store.load_order(order_id).items:
+        path = key_object_path(order_id, item.id, "text/plain")
+        vault.put_key(path, f"TETRIS-{item.id[:8]}".encode(), "text/plain")
+        url = vault.presign_get(path, filename=attachment_filename(order_id, item.id, "text/plain"))
+        store.record_stored_key(item.id, path, "text/plain", url)
+    return order_id
+
+
 SCENARIOS = [
     Scenario("webhook missed", "paid, Kinguin webhook never arrived", "fulfilled",
              lambda w: w.order([w.product("Minecraft", 19.9)])),
@@ -155,8 +168,7 @@ SCENARIOS = [
              lambda w: w.order([w.product("Gift card", 10.0, source_type="custom")])),
     Scenario("partial keys", "Kinguin delivered 1 of 2 keys", "waiting_for_supplier", _partial_keys),
     Scenario("unpaid", "waiting, crypto not received", "payment_not_confirmed", _unpaid),
-    Scenario("already fulfilled", "delivered and emailed before", "untouched",
-             lambda w: w.order([w.product("Tetris", 1.0)], status="fulfilled", completion_email_sent=True)),
+    Scenario("already fulfilled", "delivered and emailed before", "untouched", _already_fulfilled),
 ]
 
 
