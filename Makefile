@@ -20,8 +20,8 @@ postgres:
 	@for i in $$(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && exit 0; sleep 1; done; echo "PostgreSQL did not start"; exit 1
 
 test: sync postgres
-	$(UV) run ruff check bitloot_reconcile tests benchmarks
+	$(UV) run ruff check
 	$(UV) run pytest
 
 lint: sync
-	$(UV) run ruff check bitloot_reconcile tests benchmarks
+	$(UV) run ruff check
