@@ -225,28 +225,37 @@ class Store:
         email-pending index, so the cost follows the number of stuck orders, not the size of the table.
         """
         cutoff, oldest = naive_utc(now - grace), naive_utc(now - max_age)
-        state = reconcile_state
         recent = orders.c.updatedAt.between(oldest, cutoff)
-        query = (
-            sa.select(
-                orders.c.id,
-                orders.c.status,
-                orders.c.updatedAt,
-                orders.c.completionEmailSent,
-                sa.func.coalesce(state.c.attempts, 0).label("attempts"),
-            )
-            .select_from(orders.outerjoin(state, state.c.order_id == orders.c.id))
+        blocker = reconcile_state.alias("blocker")
+        held_back = sa.exists().where(
+            blocker.c.order_id == orders.c.id,
+            sa.or_(
+                sa.and_(
+                    blocker.c.lease_owner.is_not(None),
+                    sa.or_(blocker.c.lease_expires_at.is_(None), blocker.c.lease_expires_at >= now),
+                ),
+                blocker.c.next_attempt_at > now,
+                blocker.c.last_outcome == "needs_attention",
+            ),
+        )
+        # Order and limit on `orders` alone, then fetch the attempt counts of just those rows.
+        due = (
+            sa.select(orders.c.id, orders.c.status, orders.c.updatedAt, orders.c.completionEmailSent)
             .where(
                 sa.or_(
                     sa.and_(orders.c.status.in_(STUCK_STATUSES), recent),
                     sa.and_(orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(False), recent),
                 ),
-                sa.or_(state.c.lease_owner.is_(None), state.c.lease_expires_at < now),
-                sa.or_(state.c.next_attempt_at.is_(None), state.c.next_attempt_at <= now),
-                sa.or_(state.c.last_outcome.is_(None), state.c.last_outcome != "needs_attention"),
+                ~held_back,
             )
             .order_by(orders.c.updatedAt)
             .limit(limit)
+            .subquery()
+        )
+        query = (
+            sa.select(due, sa.func.coalesce(reconcile_state.c.attempts, 0).label("attempts"))
+            .select_from(due.outerjoin(reconcile_state, reconcile_state.c.order_id == due.c.id))
+            .order_by(due.c.updatedAt)
         )
         with self.engine.connect() as conn:
             return [

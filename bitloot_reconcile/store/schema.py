@@ -197,3 +197,14 @@ email_pending_index = sa.Index(
 )
 reservation_index = sa.Index("ix_reconcile_orders_kinguin_reservation", orders.c.kinguinReservationId)
 PROJECT_INDEXES = (sweep_index, email_pending_index, reservation_index)
+
+# Only the state rows that can hold an order back from the sweep (leased, backing off, quarantined): the
+# sweep's NOT EXISTS probes this small index instead of reading every order's history.
+_BLOCKING = sa.or_(
+    reconcile_state.c.lease_owner.is_not(None),
+    reconcile_state.c.next_attempt_at.is_not(None),
+    reconcile_state.c.last_outcome == "needs_attention",
+)
+blocking_state_index = sa.Index(
+    "ix_reconcile_state_blocking", reconcile_state.c.order_id, postgresql_where=_BLOCKING, sqlite_where=_BLOCKING
+)

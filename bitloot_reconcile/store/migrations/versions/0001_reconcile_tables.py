@@ -3,6 +3,7 @@
 On a real BitLoot database the five BitLoot tables exist and are left exactly as they are: no column is
 added, altered or dropped. Only the project's own tables and three indexes on `orders` are created.
 On an empty database (demo, tests) BitLoot's tables are created first, as `reference/bitloot.md` gives them.
+The project's tables come with their own indexes (the audit's order index, the sweep's blocking-state index).
 
 Revision ID: 0001
 Revises:
