@@ -5,3 +5,8 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.world",
 ]
+
+
+def pytest_collection_modifyitems(items):
+    # The "definitions load" test runs first: when the code location does not load, nothing else can pass.
+    items.sort(key=lambda item: item.path.name != "test_definitions.py")
