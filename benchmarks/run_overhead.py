@@ -7,23 +7,22 @@ store, as the daemon would. One real DagsterInstance (temporary DAGSTER_HOME, SQ
 1. in process: `execute_in_process` of each request vs of `empty_job` (in_process_executor for both);
 2. launched: `instance.submit_run` through the DefaultRunCoordinator and DefaultRunLauncher against a code server
    loading `_launch_defs.py` (the project's definitions + `empty_job`), i.e. one fresh run-worker process per run,
-   as with the daemon but without the sensor interval and queue wait. Runs go one at a time. By default the run
-   workers get a private bytecode cache (PYTHONPYCACHEPREFIX in a temporary directory): with this machine's
-   PYTHONDONTWRITEBYTECODE=1 and no .pyc files in .venv, every run worker would otherwise compile Dagster and the
-   project from source (`--no-bytecode-cache` measures that).
+   as with the daemon but without the sensor interval and queue wait. Runs go one at a time. The run workers
+   inherit this shell's environment: with PYTHONDONTWRITEBYTECODE=1 they rely on the compiled bytecode that
+   `make sync` (UV_COMPILE_BYTECODE=1) puts in .venv; the script says whether it is there.
 
 The two jobs alternate run by run so other load on the shared cores hits both alike.
 
-Usage: uv run python benchmarks/run_overhead.py [--runs 20] [--launched 8] [--no-bytecode-cache]
+Usage: uv run python benchmarks/run_overhead.py [--runs 20] [--launched 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,12 +76,8 @@ def in_process(stack, instance: dg.DagsterInstance, requests: list[dg.RunRequest
     return {"times": times, "outcomes": outcomes}
 
 
-def launched(stack, instance: dg.DagsterInstance, requests: list[dg.RunRequest], warmup: int,
-             pycache: str | None) -> dict:
+def launched(stack, instance: dg.DagsterInstance, requests: list[dg.RunRequest], warmup: int) -> dict:
     os.environ.update(stack.env())  # read by the code server and run workers (the project's EnvVar resources)
-    if pycache:  # let the run workers keep compiled bytecode, outside the shared .venv
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        os.environ["PYTHONPYCACHEPREFIX"] = pycache
     target = PythonFileTarget(str(Path(__file__).with_name("_launch_defs.py")), "defs", str(REPO_ROOT), "bench")
     rows: dict[str, list[dict]] = {"fulfill_order": [], "empty_job": []}
     outcomes = []
@@ -131,13 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="measured in-process runs of each job")
     parser.add_argument("--launched", type=int, default=8, help="measured launched runs of each job (0: skip)")
-    parser.add_argument("--no-bytecode-cache", action="store_true",
-                        help="launched run workers inherit this shell's bytecode settings instead of a private cache")
     args = parser.parse_args()
     print_machine()
-    bytecode = "inherited" if args.no_bytecode_cache else "private cache"
-    console.print(f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}; launched runs: "
-                  f"bytecode {bytecode}", highlight=False)
+    compiled = os.path.exists(importlib.util.cache_from_source(dg.__file__))
+    console.print(f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}; compiled bytecode in "
+                  f".venv: {'yes' if compiled else 'NO (run workers compile Dagster from source; run `make sync`)'}",
+                  highlight=False)
     warm_in, warm_launch = 2, 1
     with stand_ins() as stack, dagster_home(COORDINATOR) as instance, stderr_to_file("run_overhead"):
         total = args.runs + warm_in + (args.launched + warm_launch if args.launched else 0)
@@ -146,9 +140,7 @@ def main() -> None:
         console.print(f"in-process fulfill_order outcomes: {summarize(inproc['outcomes'])}", highlight=False)
         launch = None
         if args.launched:
-            with tempfile.TemporaryDirectory(prefix="bench_pycache_") as pycache:
-                launch = launched(stack, instance, requests[args.runs + warm_in:], warm_launch,
-                                  None if args.no_bytecode_cache else pycache)
+            launch = launched(stack, instance, requests[args.runs + warm_in:], warm_launch)
             console.print(f"launched fulfill_order run statuses: {summarize(launch['outcomes'])}", highlight=False)
         kinguin_orders = len(stack.kinguin.orders)
 

@@ -11,9 +11,9 @@ of recent orders in both sizes, then VACUUM ANALYZE (what autovacuum leaves behi
 In each phase, measured warm and with the sizes interleaved call by call (the 2 cores are shared):
 - `Store.find_stuck_orders` wall time, the sensor's one store query;
 - a whole `stuck_orders_sensor` evaluation (`build_sensor_context` + the sensor, on `instance_for_test`);
-- EXPLAIN (ANALYZE, BUFFERS) of the exact statement `find_stuck_orders` sends, captured from the engine;
-- CANDIDATE_SQL, a rewrite of the same query proposed as a fix (see benchmarks/README.md), on a partial index
-  this script creates on reconcile_state in its own throw-away databases.
+- EXPLAIN (ANALYZE, BUFFERS) of the exact statement `find_stuck_orders` sends, captured from the engine: which
+  indexes serve it (the project's two `orders` indexes, `ix_reconcile_state_blocking`, the state primary key)
+  and whether any table is read by a sequential scan.
 
 Usage: uv run python benchmarks/sensor_tick.py [--sizes 10000,1000000] [--reps 60]
 """
@@ -32,7 +32,7 @@ from _harness import console, median, migrated_store, ms, print_machine, print_t
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sensors import stuck_orders_sensor
-from bitloot_reconcile.store.repository import Store, naive_utc, utcnow
+from bitloot_reconcile.store.repository import Store, utcnow
 
 POLICY = ReconcilePolicy()  # grace 10 min, max age 30 days, 25 runs per tick
 STUCK, EMAIL_PENDING, IN_GRACE = 200, 50, 100
@@ -77,29 +77,12 @@ SELECT o.id, 1 + n % 5,
        CASE WHEN n % 20 = 3 THEN now() + interval '10 minutes' END,
        CASE WHEN n % 10 = 2 THEN 'needs_attention' ELSE 'waiting_for_supplier' END
 FROM orders o, LATERAL (SELECT substring(o.email from 'stuck([0-9]+)@')::int AS n) AS m
-WHERE o.email LIKE 'stuck%' AND m.n % 10 IN (1, 2, 3, 4);
-CREATE INDEX ix_bench_reconcile_state_blocked ON reconcile_state (order_id)
-    WHERE lease_owner IS NOT NULL OR next_attempt_at IS NOT NULL OR last_outcome = 'needs_attention'
+WHERE o.email LIKE 'stuck%' AND m.n % 10 IN (1, 2, 3, 4)
 """
 STATE_HISTORY_SQL = """
 INSERT INTO reconcile_state (order_id, attempts, last_outcome, last_run_id, created_at, updated_at)
 SELECT id, 1, 'fulfilled', 'run-' || left(email, 20), "updatedAt" AT TIME ZONE 'UTC', "updatedAt" AT TIME ZONE 'UTC'
 FROM orders WHERE email LIKE 'buyer%' AND status = 'fulfilled' AND abs(hashtext(email)) % 100 < 3
-"""
-# The proposed fix: the same rows, but reconcile_state is only read (a) through a partial index of the orders
-# that are blocked right now and (b) by primary key for the rows returned, never in full.
-CANDIDATE_SQL = """
-SELECT c.id, c.status, c."updatedAt", c."completionEmailSent", coalesce(s.attempts, 0) AS attempts
-FROM (SELECT o.id, o.status, o."updatedAt", o."completionEmailSent" FROM orders o
-      WHERE (o.status IN ('paid', 'failed', 'waiting', 'confirming') AND o."updatedAt" BETWEEN :oldest AND :cutoff
-             OR o.status = 'fulfilled' AND o."completionEmailSent" IS false
-                AND o."updatedAt" BETWEEN :oldest AND :cutoff)
-        AND NOT EXISTS (SELECT 1 FROM reconcile_state b WHERE b.order_id = o.id
-                        AND (b.lease_owner IS NOT NULL AND (b.lease_expires_at IS NULL OR b.lease_expires_at >= :now)
-                             OR b.next_attempt_at > :now OR b.last_outcome = 'needs_attention'))
-      ORDER BY o."updatedAt" LIMIT :limit) AS c
-LEFT JOIN reconcile_state s ON s.order_id = c.id
-ORDER BY c."updatedAt"
 """
 
 
@@ -129,17 +112,6 @@ def find(store: Store) -> list:
                                    max_age=dt.timedelta(days=POLICY.max_age_days), limit=POLICY.max_runs_per_tick)
 
 
-def candidate_params() -> dict:
-    now = utcnow()
-    return {"now": now, "cutoff": naive_utc(now - dt.timedelta(minutes=POLICY.grace_minutes)),
-            "oldest": naive_utc(now - dt.timedelta(days=POLICY.max_age_days)), "limit": POLICY.max_runs_per_tick}
-
-
-def candidate(engine: sa.Engine) -> list:
-    with engine.connect() as conn:
-        return conn.execute(sa.text(CANDIDATE_SQL), candidate_params()).all()
-
-
 def capture_query(engine: sa.Engine, store: Store) -> tuple[str, dict]:
     """The statement and parameters `find_stuck_orders` sends, exactly as the driver gets them."""
     seen: list[tuple[str, dict]] = []
@@ -158,7 +130,8 @@ def capture_query(engine: sa.Engine, store: Store) -> tuple[str, dict]:
 def plan_lines(node: dict, depth: int = 0) -> list[str]:
     where = node.get("Index Name") or node.get("Relation Name") or ""
     cond = node.get("Index Cond") or node.get("Recheck Cond") or node.get("Hash Cond") or ""
-    line = (f"{'  ' * depth}{node['Node Type']}{' on ' + where if where else ''}: rows={node.get('Actual Rows')}"
+    join = f" ({node['Join Type']})" if node.get("Join Type", "Inner") != "Inner" else ""
+    line = (f"{'  ' * depth}{node['Node Type']}{join}{' on ' + where if where else ''}: rows={node.get('Actual Rows')}"
             f" x{node.get('Actual Loops')}, buffers hit={node.get('Shared Hit Blocks', 0)}"
             f" read={node.get('Shared Read Blocks', 0)}"
             + (f", removed by filter={node['Rows Removed by Filter']}" if node.get("Rows Removed by Filter") else "")
@@ -166,12 +139,11 @@ def plan_lines(node: dict, depth: int = 0) -> list[str]:
     return [line] + [x for child in node.get("Plans", []) for x in plan_lines(child, depth + 1)]
 
 
-def explain(engine: sa.Engine, statement: str, parameters: dict, *, driver_sql: bool = True) -> dict:
+def explain(engine: sa.Engine, statement: str, parameters: dict) -> dict:
     """EXPLAIN (ANALYZE, BUFFERS): the fastest of 5 executions (one sample is noisy on this machine)."""
     statement = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement
     with engine.connect() as conn:
-        plans = [(conn.exec_driver_sql(statement, parameters) if driver_sql
-                  else conn.execute(sa.text(statement), parameters)).scalar()[0] for _ in range(5)]
+        plans = [conn.exec_driver_sql(statement, parameters).scalar()[0] for _ in range(5)]
     plan = min(plans, key=lambda p: p["Execution Time"])
     nodes, stack = [], [plan["Plan"]]
     while stack:
@@ -202,75 +174,61 @@ def tick(size: Size, instance: dg.DagsterInstance) -> dg.SensorResult | dg.SkipR
     return stuck_orders_sensor(dg.build_sensor_context(instance=instance, resources=resources))
 
 
-def server_ms(engine: sa.Engine, statement: str, parameters: dict, *, driver_sql: bool = True) -> float:
+def server_ms(engine: sa.Engine, statement: str, parameters: dict) -> float:
     """Execution time inside PostgreSQL (EXPLAIN ANALYZE with TIMING OFF: no per-node clock reads)."""
     statement = "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + statement
     with engine.connect() as conn:
-        result = conn.exec_driver_sql(statement, parameters) if driver_sql else conn.execute(sa.text(statement),
-                                                                                              parameters)
-        return result.scalar()[0]["Execution Time"] / 1000
+        return conn.exec_driver_sql(statement, parameters).scalar()[0]["Execution Time"] / 1000
 
 
 def measure(phase: str, sizes: list[Size], reps: int, instance: dg.DagsterInstance) -> None:
     """Sizes interleaved call by call, so the other engineers' load on the 2 cores hits all sizes alike."""
-    keys = ("query", "query_server", "tick", "candidate", "candidate_server")
+    keys = ("query", "query_server", "tick")
     runs = {size.n: {key: [] for key in keys} for size in sizes}
     captured = {size.n: capture_query(size.engine, size.store) for size in sizes}
     for rep in range(-10, reps):  # 10 warm-up rounds
         for size in sizes:
             if rep < 0:
                 found, result = find(size.store), tick(size, instance)
-                same = [(r.id, r.attempts) for r in found] == [(str(r.id), r.attempts) for r in candidate(size.engine)]
                 requested = 0 if isinstance(result, dg.SkipReason) else len(result.run_requests)
-                size.results[phase].update(found=len(found), same=same, requested=requested)
+                size.results[phase].update(found=len(found), requested=requested)
                 continue
             times = runs[size.n]
             times["query"].append(timed(lambda s=size: find(s.store))[0])
             times["query_server"].append(server_ms(size.engine, *captured[size.n]))
             times["tick"].append(timed(lambda s=size: tick(s, instance))[0])
-            times["candidate"].append(timed(lambda s=size: candidate(s.engine))[0])
-            times["candidate_server"].append(server_ms(size.engine, CANDIDATE_SQL, candidate_params(),
-                                                       driver_sql=False))
     for size in sizes:
         size.results[phase].update(runs[size.n])
         size.results[phase]["plan"] = explain(size.engine, *capture_query(size.engine, size.store))
-        size.results[phase]["candidate_plan"] = explain(size.engine, CANDIDATE_SQL, candidate_params(),
-                                                         driver_sql=False)
 
 
 def report(phase: str, sizes: list[Size], reps: int) -> None:
     console.rule(f"[bold]{phase}")
     for size in sizes:
-        result = size.results[phase]
-        for label, plan in (("find_stuck_orders", result["plan"]), ("candidate rewrite", result["candidate_plan"])):
-            heaviest = plan["heaviest"]
-            console.print(f"EXPLAIN (ANALYZE, BUFFERS) {label}, {size.n:,} orders: execution "
-                          f"{plan['execution_ms']:.2f} ms (planning {plan['planning_ms']:.2f}), {plan['buffers']} "
-                          f"buffers; indexes: {', '.join(plan['indexes'])}; seq scans: "
-                          f"{', '.join(plan['seq_scans']) or 'none'}; heaviest leaf: {heaviest['Node Type']} on "
-                          f"{heaviest.get('Index Name') or heaviest.get('Relation Name')} "
-                          f"({heaviest['Actual Rows'] * heaviest['Actual Loops']} rows)",
-                          highlight=False, soft_wrap=True)
-            if label == "find_stuck_orders":
-                for line in plan["lines"]:
-                    console.print("    " + line, highlight=False, soft_wrap=True)
+        plan = size.results[phase]["plan"]
+        heaviest = plan["heaviest"]
+        console.print(f"EXPLAIN (ANALYZE, BUFFERS) find_stuck_orders, {size.n:,} orders: execution "
+                      f"{plan['execution_ms']:.2f} ms (planning {plan['planning_ms']:.2f}), {plan['buffers']} "
+                      f"buffers; indexes: {', '.join(plan['indexes'])}; seq scans: "
+                      f"{', '.join(plan['seq_scans']) or 'none'}; heaviest leaf: {heaviest['Node Type']} on "
+                      f"{heaviest.get('Index Name') or heaviest.get('Relation Name')} "
+                      f"({heaviest['Actual Rows'] * heaviest['Actual Loops']} rows)",
+                      highlight=False, soft_wrap=True)
+        for line in plan["lines"]:
+            console.print("    " + line, highlight=False, soft_wrap=True)
     rows = []
     for size in sizes:
         r = size.results[phase]
         rows.append([f"{size.n:,}", f"{r['state_rows']:,}", f"{r['found']} / {r['requested']}", spread(r["query"]),
-                     ms(median(r["query_server"]), 2), r["plan"]["buffers"], spread(r["tick"]),
-                     spread(r["candidate"]), ms(median(r["candidate_server"]), 2), r["candidate_plan"]["buffers"],
-                     "yes" if r["same"] else "NO"])
+                     ms(median(r["query_server"]), 2), r["plan"]["buffers"], spread(r["tick"])])
     print_table(
         f"{phase}: warm, {reps} interleaved repetitions; wall: median (min), server: median execution in PostgreSQL",
-        ["orders", "state rows", "due / runs", "find_stuck_orders", "server", "buffers", "sensor evaluation",
-         "candidate rewrite", "server", "buffers", "same rows"], rows)
+        ["orders", "state rows", "due / runs", "find_stuck_orders", "server", "buffers", "sensor evaluation"], rows)
     small = sizes[0].results[phase]
     for size in sizes[1:]:
         large = size.results[phase]
         for label, key in (("find_stuck_orders wall", "query"), ("find_stuck_orders in PostgreSQL", "query_server"),
-                           ("sensor evaluation wall", "tick"), ("candidate rewrite wall", "candidate"),
-                           ("candidate rewrite in PostgreSQL", "candidate_server")):
+                           ("sensor evaluation wall", "tick")):
             ratio = median(large[key]) / median(small[key])
             console.print(f"{label}: {size.n:,} / {sizes[0].n:,} = {ratio:.2f}x on medians "
                           f"({min(large[key]) / min(small[key]):.2f}x on minima), "
