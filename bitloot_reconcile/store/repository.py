@@ -27,6 +27,11 @@ from bitloot_reconcile.store.schema import (
 )
 from bitloot_reconcile.store.schema import keys as keys_table
 
+# Rendered into the SQL text, not bound: a generic plan (plan_cache_mode) can then still match the partial
+# indexes whose predicates name these values.
+FULFILLED = sa.literal("fulfilled", literal_execute=True)
+NEEDS_ATTENTION = sa.literal("needs_attention", literal_execute=True)
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -235,7 +240,7 @@ class Store:
                     sa.or_(blocker.c.lease_expires_at.is_(None), blocker.c.lease_expires_at >= now),
                 ),
                 blocker.c.next_attempt_at > now,
-                blocker.c.last_outcome == "needs_attention",
+                blocker.c.last_outcome == NEEDS_ATTENTION,
             ),
         )
         # Order and limit on `orders` alone, then fetch the attempt counts of just those rows.
@@ -244,7 +249,7 @@ class Store:
             .where(
                 sa.or_(
                     sa.and_(orders.c.status.in_(STUCK_STATUSES), recent),
-                    sa.and_(orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(False), recent),
+                    sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(False), recent),
                 ),
                 ~held_back,
             )
