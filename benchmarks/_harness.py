@@ -33,6 +33,7 @@ from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.kinguin import KinguinSimulator
 from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
+from bitloot_reconcile.sandbox.postgres import temporary_database
 from bitloot_reconcile.sandbox.resend import ResendSimulator
 from bitloot_reconcile.sandbox.s3 import SeaweedS3
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
@@ -97,23 +98,11 @@ def stderr_to_file(prefix: str) -> Iterator[str]:
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------------
-def _admin() -> sa.Engine:
-    return sa.create_engine(f"{PG_SERVER_URL}/postgres", isolation_level="AUTOCOMMIT")
-
-
 @contextmanager
 def temp_database(prefix: str = "bench") -> Iterator[str]:
     """A brand-new empty database on the local server, dropped (even on Ctrl-C) when the block ends."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = _admin()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
+    with temporary_database(PG_SERVER_URL, prefix) as name:
         yield f"{PG_SERVER_URL}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager

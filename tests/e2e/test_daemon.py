@@ -21,18 +21,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 import httpx
 import pytest
-import sqlalchemy as sa
 from dagster._core.scheduler.instigation import InstigatorType
 from dagster_graphql import DagsterGraphQLClient
 
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.sandbox.postgres import temporary_database
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
 from bitloot_reconcile.store.repository import Store
@@ -50,20 +50,6 @@ BIN = Path(sys.executable).parent
 BUDGET_SECONDS = 240
 TAGS = ("bitloot/order_id", "bitloot/trigger", "bitloot/reason", "bitloot/requested_by", "bitloot/attempt")
 STUCK = dt.timedelta(minutes=30)  # past the sweep's default 10 min grace period
-
-
-@contextlib.contextmanager
-def fresh_database(prefix: str) -> Iterator[str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(f"{PG_SERVER_URL}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def free_port() -> int:
@@ -150,8 +136,8 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
     started = time.monotonic()
     deadline = started + BUDGET_SECONDS
     with (
-        fresh_database("bre2e_store") as store_db,
-        fresh_database("bre2e_dagster") as dagster_db,
+        temporary_database(PG_SERVER_URL, "bre2e_store") as store_db,
+        temporary_database(PG_SERVER_URL, "bre2e_dagster") as dagster_db,
         Receiver() as receiver,
         contextlib.ExitStack() as stack,
     ):
