@@ -157,15 +157,16 @@ def send_completion_email(
     policy: ReconcilePolicy,
 ) -> Progress:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
-    try:
-        with step_errors(), mailer.get_client() as client:
-            return fulfilment.send_completion_email(
-                store.get_store(), client, progress, sender=mailer.sender, frontend_url=policy.frontend_url
-            )
-    except TransientError as exc:
-        if context.retry_number < TRANSIENT_RETRY.max_retries:
-            raise
-        return progress.stop(Outcome.FULFILLED, f"keys delivered; completion email not sent yet ({exc})")
+    with step_errors():
+        try:
+            with mailer.get_client() as client:
+                return fulfilment.send_completion_email(
+                    store.get_store(), client, progress, sender=mailer.sender, frontend_url=policy.frontend_url
+                )
+        except TransientError as exc:
+            if context.retry_number < TRANSIENT_RETRY.max_retries:
+                raise  # retried by the policy (or after Retry-After) like every other step
+            return progress.stop(Outcome.FULFILLED, f"keys delivered; completion email not sent yet ({exc})")
 
 
 @dg.op

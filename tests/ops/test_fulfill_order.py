@@ -260,9 +260,11 @@ def test_r2_down_then_back(world: World):
     assert_fully_delivered(world, order_id)
 
 
-def test_resend_down_then_back_sends_exactly_one_email(world: World):
+@pytest.mark.parametrize("fault", [Fault(status=503, times=4), Fault(status=429, retry_after=0.5, times=4)],
+                         ids=["503", "429"])
+def test_resend_down_then_back_sends_exactly_one_email(world: World, fault: Fault):
     order_id = world.order([world.product()])
-    world.resend.inject("send_email", Fault(status=503, times=4))
+    world.resend.inject("send_email", fault)
 
     assert outcome_of(world.run(order_id)) == "fulfilled"
     order = world.store.load_order(order_id)
