@@ -191,6 +191,7 @@ def _runs(engine: sa.Engine, order_id: str) -> int:
 
 def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, timeout: float) -> int:
     console = Console()
+    base_dir = base_dir.resolve()  # the daemon and SeaweedFS run with working directories of their own
     if base_dir.exists():
         shutil.rmtree(base_dir)
     dagster_home = base_dir / "dagster_home"

@@ -11,8 +11,10 @@ import pytest
 @pytest.mark.timeout(600)
 def test_demo_settles_every_order(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DAGSTER_HOME")}
+    # As `make demo` runs it: the default, relative `--dir .demo`, from the working directory.
     result = subprocess.run(
-        [sys.executable, "-m", "bitloot_reconcile.cli", "demo", "--dir", str(tmp_path / "demo"), "--timeout", "420"],
+        [sys.executable, "-m", "bitloot_reconcile.cli", "demo", "--timeout", "420"],
+        cwd=tmp_path,
         env={**env, "COLUMNS": "200"},
         capture_output=True,
         text=True,

@@ -110,7 +110,8 @@ class SeaweedS3:
         self.start_timeout = start_timeout
         self._fixed_s3_port = s3_port
         self._weed_path = weed_path
-        self._persistent_dir = Path(data_dir) if data_dir is not None else None
+        # Absolute: weed runs with its own working directory and would not find a relative config path.
+        self._persistent_dir = Path(data_dir).resolve() if data_dir is not None else None
         self._root: Path | None = None      # temporary directory we own and delete on stop
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports: dict[str, int] = {}
