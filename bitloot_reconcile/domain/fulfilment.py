@@ -60,6 +60,11 @@ def _load(store: Store, order_id: str) -> Order:
     return order
 
 
+def _status_now(store: Store, order_id: str) -> str:
+    """The order's status after a guarded write changed nothing: someone else (an admin, another run) moved it."""
+    return _load(store, order_id).status
+
+
 def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.timedelta, admin: bool) -> Progress:
     """Refuse what cannot be recovered, then take the per-order lease (or end as `busy`)."""
     order = _load(store, order_id)
@@ -91,10 +96,8 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
     verdict, seen = payment_verdict(order, nowpayments)
     if verdict is not PaymentVerdict.PAID:
         return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
-    if not store.mark_paid(order.id):
-        current = _load(store, order.id).status
-        if current != "paid":
-            return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
+    if not store.mark_paid(order.id) and (current := _status_now(store, order.id)) != "paid":
+        return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
     return progress
 
 
@@ -250,10 +253,8 @@ def mark_fulfilled(store: Store, progress: Progress) -> Progress:
     undelivered = [item.id for item in order.items if not item.delivered]
     if undelivered:
         return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"{len(undelivered)} item(s) still without a key")
-    if not store.mark_fulfilled(order.id):
-        current = _load(store, order.id).status
-        if current != "fulfilled":
-            return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
+    if not store.mark_fulfilled(order.id) and (current := _status_now(store, order.id)) != "fulfilled":
+        return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
     return progress
 
 
