@@ -145,7 +145,7 @@ def _already_fulfilled(w: DemoWorld) -> str:
         path = key_object_path(order_id, item.id, "text/plain")
         vault.put_key(path, f"TETRIS-{item.id[:8]}".encode(), "text/plain")
         url = vault.presign_get(path, filename=attachment_filename(order_id, item.id, "text/plain"))
-        store.record_stored_key(item.id, path, "text/plain", url)
+        store.record_stored_key(order_id, item.id, path, "text/plain", url)
     return order_id
 
 

@@ -8,8 +8,11 @@ Steps return a `Progress`; once it carries an outcome, the remaining steps do no
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import unicodedata
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 
 from bitloot_reconcile.adapters.errors import (
     DuplicateExternalIdError,
@@ -22,8 +25,8 @@ from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient, PaymentVer
 from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault, attachment_filename, key_object_path
 from bitloot_reconcile.adapters.resend import ResendClient, completion_idempotency_key
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
-from bitloot_reconcile.store.repository import Order, Store
+from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, InvalidRequest, Outcome, Progress
+from bitloot_reconcile.store.repository import LeaseLost, Order, Store
 
 RECOVERABLE_STATUSES = ("paid", "waiting", "confirming", "failed")
 UNPAID_STATUSES = ("waiting", "confirming", "failed")
@@ -37,6 +40,8 @@ KINGUIN_REFUSALS = {
     "OrderFailed": "Kinguin could not place the order (OrderFailed)",
     "Preorder": "Kinguin refused the pre-order rules",
 }
+# Resend's answer when it will never accept this message (an invalid recipient address, for one).
+RESEND_UNDELIVERABLE = 422
 
 
 def parse_order_id(raw: str) -> str:
@@ -44,6 +49,13 @@ def parse_order_id(raw: str) -> str:
         return str(uuid.UUID(raw.strip()))
     except (ValueError, AttributeError):
         raise InvalidRequest(f"order_id {raw!r} is not a valid order uuid") from None
+
+
+def validate_request_text(reason: str, requested_by: str) -> None:
+    """Control characters (a NUL byte fails in PostgreSQL after the claim) are refused up front, for every run."""
+    for name, value in (("reason", reason), ("requested_by", requested_by)):
+        if any(unicodedata.category(char) == "Cc" for char in value):
+            raise InvalidRequest(f"{name} must not contain control characters (tabs, newlines, NUL bytes)")
 
 
 def validate_admin_request(reason: str, requested_by: str) -> None:
@@ -68,7 +80,7 @@ def _status_now(store: Store, order_id: str) -> str:
 def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.timedelta, admin: bool) -> Progress:
     """Refuse what cannot be recovered, then take the per-order lease (or end as `busy`)."""
     order = _load(store, order_id)
-    progress = Progress(order_id=order.id, lease_owner=owner)
+    progress = Progress(order_id=order.id, lease_owner=owner, lease_seconds=lease_ttl.total_seconds())
     if not order.items:
         raise InvalidRequest(f"Order {order.id} has no items")
     if order.status == "fulfilled" and order.completion_email_sent:
@@ -84,10 +96,30 @@ def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.tim
     return progress
 
 
+def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:
+    """Run a step only while this run holds the order's lease: renew it first, and end as `busy` when it
+    lapsed and another run took the order (the store also refuses that run's writes, `LeaseLost`).
+    The step's `Progress` is its last positional argument."""
+
+    @functools.wraps(step)
+    def fenced_step(store: Store, *args, **kwargs) -> Progress:
+        progress: Progress = args[-1]
+        if progress.finished:
+            return progress
+        ttl = dt.timedelta(seconds=progress.lease_seconds)
+        if not store.renew_lease(progress.order_id, progress.lease_owner, ttl):
+            return progress.stop(Outcome.BUSY, LEASE_LOST_REASON)
+        try:
+            return step(store, *args, **kwargs)
+        except LeaseLost:
+            return progress.stop(Outcome.BUSY, LEASE_LOST_REASON)
+
+    return fenced_step
+
+
+@under_lease
 def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progress) -> Progress:
     """`paid` passes; waiting/confirming/failed pass only on a confirmed payment, then move to `paid`."""
-    if progress.finished:
-        return progress
     order = _load(store, progress.order_id)
     if order.status not in UNPAID_STATUSES:
         return progress
@@ -96,7 +128,7 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
     verdict, seen = payment_verdict(order, nowpayments)
     if verdict is not PaymentVerdict.PAID:
         return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
-    if not store.mark_paid(order.id) and (current := _status_now(store, order.id)) != "paid":
+    if not store.mark_paid(order.id, owner=progress.lease_owner) and (current := _status_now(store, order.id)) != "paid":
         return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
     return progress
 
@@ -117,6 +149,16 @@ def payment_verdict(order: Order, nowpayments: NowPaymentsClient) -> tuple[Payme
     return PaymentVerdict.PENDING, "; ".join(seen)
 
 
+def undeliverable_items(order: Order) -> str | None:
+    """BitLoot writes one `order_items` row per unit, quantity 1, and delivers one key per row; any other
+    quantity is bad data that would buy keys no row can hold. Refused before anything is bought."""
+    odd = [item for item in order.items if item.quantity != 1]
+    if not odd:
+        return None
+    shown = ", ".join(f"{item.id[:8]} has quantity {item.quantity}" for item in odd[:3])
+    return f"order items must be one unit each (quantity 1); {shown}: fix the order in BitLoot first"
+
+
 def kinguin_lines(order: Order) -> list[OrderLine] | str:
     """The v2 order lines for the order's items, or the reason they cannot be bought automatically."""
     units: Counter[tuple[str, str | None, float]] = Counter()
@@ -134,13 +176,14 @@ def kinguin_lines(order: Order) -> list[OrderLine] | str:
     ]
 
 
+@under_lease
 def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
     """Exactly one Kinguin order per BitLoot order: reuse, adopt after an earlier attempt, or place once."""
-    if progress.finished:
-        return progress
     order = _load(store, progress.order_id)
     if order.status == "fulfilled":
         return progress
+    if bad_data := undeliverable_items(order):
+        return progress.stop(Outcome.NEEDS_ATTENTION, bad_data)
     if order.kinguin_reservation_id:
         return progress.with_supplier_order(order.kinguin_reservation_id)
     lines = kinguin_lines(order)
@@ -151,7 +194,7 @@ def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progre
         existing = kinguin.search_orders(order_external_id=order.id)
         if existing:
             return _adopt(store, progress, existing)
-    store.record_placement_intent(order.id)
+    store.record_placement_intent(order.id, owner=progress.lease_owner)
     try:
         placed = kinguin.place_order(order.id, lines)
     except DuplicateExternalIdError:
@@ -161,7 +204,7 @@ def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progre
         return _adopt(store, progress, existing)
     except PermanentError as exc:
         return progress.stop(Outcome.NEEDS_ATTENTION, KINGUIN_REFUSALS.get(exc.kind or "", f"Kinguin refused: {exc}"))
-    store.save_reservation_id(order.id, placed.order_id)
+    store.save_reservation_id(order.id, placed.order_id, owner=progress.lease_owner)
     return progress.with_supplier_order(placed.order_id)
 
 
@@ -173,19 +216,26 @@ def choose_supplier_order(found: list[KinguinOrder]) -> KinguinOrder:
 
 def _adopt(store: Store, progress: Progress, found: list[KinguinOrder]) -> Progress:
     chosen = choose_supplier_order(found)
-    store.save_reservation_id(progress.order_id, chosen.order_id)
+    store.save_reservation_id(progress.order_id, chosen.order_id, owner=progress.lease_owner)
     return progress.with_supplier_order(chosen.order_id)
 
 
+@under_lease
 def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
     """completed -> go on; processing -> waiting for supplier (after storing any keys delivered so far);
-    canceled/refunded -> needs a human, never re-placed automatically."""
-    if progress.finished or progress.kinguin_order_id is None:
+    canceled/refunded, or an order id Kinguin does not know -> needs a human, never re-placed automatically."""
+    if progress.kinguin_order_id is None:
         return progress
     order = _load(store, progress.order_id)
     if order.status == "fulfilled":
         return progress
-    supplier_order = kinguin.get_order(progress.kinguin_order_id)
+    try:
+        supplier_order = kinguin.get_order(progress.kinguin_order_id)
+    except NotFoundError:
+        return progress.stop(
+            Outcome.NEEDS_ATTENTION,
+            f"Kinguin does not know order {progress.kinguin_order_id} (the order's kinguinReservationId)",
+        )
     status = supplier_order.status
     if status == "completed":
         return progress
@@ -196,11 +246,12 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
     return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"Kinguin order {progress.kinguin_order_id} is {status}")
 
 
+@under_lease
 def store_keys(
     store: Store, kinguin: KinguinClient, vault: KeyVault, progress: Progress, *, presign_seconds: int
 ) -> Progress:
     """Page all keys, match them to items by Kinguin productId, store one object and one `keys` row per item."""
-    if progress.finished or progress.kinguin_order_id is None:
+    if progress.kinguin_order_id is None:
         return progress
     order = _load(store, progress.order_id)
     pending = [item for item in order.items if not item.delivered]
@@ -222,7 +273,7 @@ def store_keys(
                 missing += 1
                 continue
             key = free[item.kinguin_product_id].pop(0)
-            store.assign_key(order.id, item.id, key.id)
+            store.assign_key(order.id, item.id, key.id, owner=progress.lease_owner)
         path = key_object_path(order.id, item.id, key.type)
         try:
             vault.put_key(path, key.content(), key.type, metadata={"order-id": order.id, "order-item-id": item.id})
@@ -234,7 +285,7 @@ def store_keys(
             filename=attachment_filename(order.id, item.id, key.type),
             content_type=key.type,
         )
-        store.record_stored_key(item.id, path, key.type, url)
+        store.record_stored_key(order.id, item.id, path, key.type, url, owner=progress.lease_owner)
     if missing:
         delivered = len(order.items) - missing
         return progress.stop(
@@ -243,38 +294,45 @@ def store_keys(
     return progress
 
 
+@under_lease
 def mark_fulfilled(store: Store, progress: Progress) -> Progress:
     """Only when every item has its key stored and recorded; never over refunded/cancelled."""
-    if progress.finished:
-        return progress
     order = _load(store, progress.order_id)
     if order.status == "fulfilled":
         return progress
     undelivered = [item.id for item in order.items if not item.delivered]
     if undelivered:
         return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"{len(undelivered)} item(s) still without a key")
-    if not store.mark_fulfilled(order.id) and (current := _status_now(store, order.id)) != "fulfilled":
+    if not store.mark_fulfilled(order.id, owner=progress.lease_owner) and (current := _status_now(store, order.id)) != "fulfilled":
         return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
     return progress
 
 
+@under_lease
 def send_completion_email(
     store: Store, mailer: ResendClient, progress: Progress, *, sender: str, frontend_url: str
 ) -> Progress:
-    """At most one completion email: only while the flag is false, with a per-order idempotency key."""
-    if progress.finished:
-        return progress
+    """At most one completion email: only while the flag is false, with a per-order idempotency key.
+    Resend refusing the message itself (422, e.g. an invalid address) needs a person, once: retrying the
+    same message cannot help."""
     order = _load(store, progress.order_id)
     if order.status != "fulfilled" or order.completion_email_sent:
         return progress
-    mailer.send_email(
-        sender=sender,
-        to=[order.email],
-        subject=completion_subject(order),
-        html=completion_html(order, frontend_url),
-        idempotency_key=completion_idempotency_key(order.id),
-    )
-    store.mark_email_sent(order.id)
+    try:
+        mailer.send_email(
+            sender=sender,
+            to=[order.email],
+            subject=completion_subject(order),
+            html=completion_html(order, frontend_url),
+            idempotency_key=completion_idempotency_key(order.id),
+        )
+    except PermanentError as exc:
+        if exc.status != RESEND_UNDELIVERABLE:
+            raise  # a refused API key or request is the shop's to fix, not this order's
+        return progress.stop(
+            Outcome.NEEDS_ATTENTION, f"keys delivered; completion email undeliverable, Resend refused it ({exc})"
+        )
+    store.mark_email_sent(order.id, owner=progress.lease_owner)
     return progress
 
 

@@ -21,6 +21,9 @@ class Outcome(StrEnum):
 TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION})
 
 
+LEASE_LOST_REASON = "this run's lease on the order lapsed and another run took it over; nothing more written"
+
+
 class InvalidRequest(ValueError):
     """The request cannot be acted on (unknown order, bad id, empty reason...). Nothing was changed."""
 
@@ -31,6 +34,8 @@ class Progress:
 
     order_id: str
     lease_owner: str
+    # The lease's length: every step renews it for this long before it starts.
+    lease_seconds: float = 900.0
     kinguin_order_id: str | None = None
     outcome: Outcome | None = None
     reason: str | None = None

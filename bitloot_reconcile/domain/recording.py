@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import random
 
-from bitloot_reconcile.domain.outcomes import Outcome, Progress
-from bitloot_reconcile.domain.schedule import RetrySchedule, plan_next_step
+from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, Outcome, Progress
+from bitloot_reconcile.domain.schedule import NextStep, RetrySchedule, plan_next_step
 from bitloot_reconcile.store.repository import Store, utcnow
 
 
@@ -22,7 +22,7 @@ def record_outcome(
     now: dt.datetime | None = None,
     rng: random.Random | None = None,
 ) -> Progress:
-    """Persist the outcome (quarantining when attempts run out) and release the lease this run holds."""
+    """Persist the outcome (quarantining when attempts run out) and release the lease, if this run still holds it."""
     assert progress.outcome is not None, "record_outcome needs a finished progress"
     now = now or utcnow()
     state = store.get_state(progress.order_id)
@@ -38,16 +38,20 @@ def record_outcome(
         now=now,
         rng=rng,
     )
-    if progress.outcome is not Outcome.BUSY:
-        store.update_state(
-            progress.order_id,
-            last_outcome=step.outcome.value,
-            last_reason=step.reason,
-            last_run_id=run_id,
-            next_attempt_at=step.next_attempt_at,
-            waiting_since=step.waiting_since,
-        )
-        store.release(progress.order_id, progress.lease_owner)
+    result = dict(
+        last_outcome=step.outcome.value,
+        last_reason=step.reason,
+        last_run_id=run_id,
+        next_attempt_at=step.next_attempt_at,
+        waiting_since=step.waiting_since,
+    )
+    if progress.outcome is Outcome.ALREADY_FULFILLED:
+        store.update_state(progress.order_id, **result)  # decided before any lease was taken; nothing written
+    elif progress.outcome is not Outcome.BUSY and not store.finish_run(
+        progress.order_id, progress.lease_owner, **result
+    ):
+        # The lease lapsed and another run owns the order now: its outcome is the one that counts.
+        step = NextStep(Outcome.BUSY, LEASE_LOST_REASON, None, None)
     store.append_audit(
         order_id=progress.order_id,
         action="fulfill_order",

@@ -14,6 +14,7 @@ from pydantic import Field
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
+from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
@@ -40,20 +41,32 @@ class FulfillOrderRequest(dg.Config):
     requested_by: str = Field(description="Who asks for this run, e.g. admin@bitloot.io (required for admin runs)")
 
 
+class StepError(Exception):
+    """An unexpected error of a step, in words that are safe to record (see `step_errors`)."""
+
+
 @contextmanager
-def step_errors() -> Iterator[None]:
+def step_errors(policy: ReconcilePolicy) -> Iterator[None]:
     """Bad input and permanent refusals fail the step for good; transient errors go to the RetryPolicy,
-    honouring the service's Retry-After when it gives one."""
+    honouring the service's Retry-After when it gives one, but never waiting past `max_retry_wait_seconds`
+    (kept below the lease, which the next attempt renews). Anything else (a database error, say) is retried
+    too, re-raised as redacted text without its cause: Dagster records an error's message and chain in
+    the event log, and driver errors can quote the statement's parameters (a presigned URL, for one)."""
     try:
         yield
     except InvalidRequest as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     except TransientError as exc:
         if exc.retry_after:
-            raise dg.RetryRequested(max_retries=TRANSIENT_RETRY.max_retries, seconds_to_wait=exc.retry_after) from exc
+            wait = min(exc.retry_after, policy.max_retry_wait_seconds)
+            raise dg.RetryRequested(max_retries=TRANSIENT_RETRY.max_retries, seconds_to_wait=wait) from exc
         raise
     except PermanentError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    except (dg.Failure, dg.RetryRequested):
+        raise
+    except Exception as exc:
+        raise StepError(describe_error(exc)) from None
 
 
 def _current_tags(context: dg.OpExecutionContext) -> dict[str, str]:
@@ -66,6 +79,8 @@ def load_and_claim(
     context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
 ) -> Progress:
     """Tag the run, check the request, take the order's lease."""
+    with step_errors(policy):  # before tagging: Dagster's storage refuses a NUL byte in a tag
+        fulfilment.validate_request_text(config.reason, config.requested_by)
     existing = _current_tags(context)
     trigger = existing.get(TAG_TRIGGER, TRIGGER_ADMIN)
     wanted = request_tags(config.order_id, trigger=trigger, reason=config.reason, requested_by=config.requested_by)
@@ -73,7 +88,7 @@ def load_and_claim(
     if missing:
         context.instance.add_run_tags(context.run_id, missing)
     repo = store.get_store()
-    with step_errors():
+    with step_errors(policy):
         order_id = fulfilment.parse_order_id(config.order_id)
         if trigger == TRIGGER_ADMIN:
             fulfilment.validate_admin_request(config.reason, config.requested_by)
@@ -96,14 +111,18 @@ def load_and_claim(
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
-def verify_payment(progress: Progress, store: StoreResource, nowpayments: NowPaymentsResource) -> Progress:
-    with step_errors(), nowpayments.get_client() as client:
+def verify_payment(
+    progress: Progress, store: StoreResource, nowpayments: NowPaymentsResource, policy: ReconcilePolicy
+) -> Progress:
+    with step_errors(policy), nowpayments.get_client() as client:
         return fulfilment.verify_payment(store.get_store(), client, progress)
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
-def ensure_supplier_order(progress: Progress, store: StoreResource, kinguin: KinguinResource) -> Progress:
-    with step_errors(), kinguin.get_client() as client:
+def ensure_supplier_order(
+    progress: Progress, store: StoreResource, kinguin: KinguinResource, policy: ReconcilePolicy
+) -> Progress:
+    with step_errors(policy), kinguin.get_client() as client:
         return fulfilment.ensure_supplier_order(store.get_store(), client, progress)
 
 
@@ -116,7 +135,7 @@ def poll_supplier(
     policy: ReconcilePolicy,
 ) -> Progress:
     """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
-    with step_errors(), kinguin.get_client() as client:
+    with step_errors(policy), kinguin.get_client() as client:
         result = fulfilment.poll_supplier(store.get_store(), client, progress)
     if result.outcome is Outcome.WAITING_FOR_SUPPLIER and context.retry_number < policy.supplier_poll_attempts:
         raise dg.RetryRequested(
@@ -132,9 +151,10 @@ def store_keys(
     store: StoreResource,
     kinguin: KinguinResource,
     r2: R2Resource,
+    policy: ReconcilePolicy,
 ) -> Progress:
     """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
-    with step_errors(), kinguin.get_client() as client:
+    with step_errors(policy), kinguin.get_client() as client:
         result = fulfilment.store_keys(
             store.get_store(), client, r2.get_vault(), progress, presign_seconds=r2.presign_expiry_seconds
         )
@@ -143,8 +163,8 @@ def store_keys(
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
-def mark_fulfilled(progress: Progress, store: StoreResource) -> Progress:
-    with step_errors():
+def mark_fulfilled(progress: Progress, store: StoreResource, policy: ReconcilePolicy) -> Progress:
+    with step_errors(policy):
         return fulfilment.mark_fulfilled(store.get_store(), progress)
 
 
@@ -157,7 +177,7 @@ def send_completion_email(
     policy: ReconcilePolicy,
 ) -> Progress:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
-    with step_errors():
+    with step_errors(policy):
         try:
             with mailer.get_client() as client:
                 return fulfilment.send_completion_email(
@@ -203,7 +223,7 @@ def record_failed_run(context: dg.HookContext) -> None:
     if repo.get_state(order_id).lease_owner != context.run_id:
         return  # never claimed (bad input, or failed before the claim): nothing to record or release
     error = context.op_exception
-    reason = f"{context.op.name} failed" + (f": {type(error).__name__}: {error}" if error else "")
+    reason = f"{context.op.name} failed" + (f": {describe_error(error)}" if error else "")
     record_outcome_step(
         repo,
         Progress(order_id=order_id, lease_owner=context.run_id).stop(Outcome.RETRY_LATER, reason[:500]),

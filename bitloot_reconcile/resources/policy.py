@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 
 import dagster as dg
+from pydantic import model_validator
 
 from bitloot_reconcile.domain.schedule import RetrySchedule
 
@@ -16,6 +17,9 @@ class ReconcilePolicy(dg.ConfigurableResource):
     lease_seconds: int = 900
     supplier_poll_attempts: int = 2
     supplier_poll_seconds: float = 10.0
+    # The longest a run parks between two attempts of a step (a service's Retry-After is capped to it). Every
+    # attempt renews the lease, so a wait must stay well inside it or another run could take the order.
+    max_retry_wait_seconds: float = 60.0
     grace_minutes: float = 10.0
     max_age_days: float = 30.0
     max_runs_per_tick: int = 25
@@ -23,6 +27,17 @@ class ReconcilePolicy(dg.ConfigurableResource):
     backoff_base_seconds: float = 60.0
     backoff_cap_seconds: float = 3600.0
     supplier_deadline_hours: float = 72.0
+
+    @model_validator(mode="after")
+    def _waits_fit_in_the_lease(self) -> ReconcilePolicy:
+        longest = max(self.max_retry_wait_seconds, self.supplier_poll_seconds)
+        if longest * 2 > self.lease_seconds:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}) must be at least twice the longest in-run wait "
+                f"(max_retry_wait_seconds {self.max_retry_wait_seconds}, supplier_poll_seconds "
+                f"{self.supplier_poll_seconds})"
+            )
+        return self
 
     @classmethod
     def overrides_from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:

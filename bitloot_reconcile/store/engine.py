@@ -17,8 +17,9 @@ def normalize_store_url(url: str) -> str:
 def create_store_engine(url: str, *, statement_timeout_ms: int = 15000) -> sa.Engine:
     """An engine with a connect timeout and, on PostgreSQL, a statement timeout on every connection."""
     url = normalize_store_url(url)
+    # hide_parameters: error text would otherwise quote bound values (presigned URLs, customer data).
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # foreign keys and concurrent readers
@@ -31,5 +32,6 @@ def create_store_engine(url: str, *, statement_timeout_ms: int = 15000) -> sa.En
     return sa.create_engine(
         url,
         pool_pre_ping=True,
+        hide_parameters=True,
         connect_args={"connect_timeout": 10, "options": f"-c statement_timeout={statement_timeout_ms}"},
     )

@@ -110,6 +110,15 @@ class ReconcileState:
     extra: dict = field(default_factory=dict)
 
 
+class LeaseLost(Exception):
+    """The run no longer holds the order's lease: it expired and another run took the order over."""
+
+    def __init__(self, order_id: str, owner: str):
+        self.order_id = order_id
+        self.owner = owner
+        super().__init__(f"run {owner} no longer holds the lease of order {order_id}")
+
+
 def _insert_ignore(engine: sa.Engine, table: sa.Table, values: dict, index: list[str]) -> sa.Insert:
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=index)
@@ -301,36 +310,78 @@ class Store:
                 .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow())
             )
 
-    # -- writes to BitLoot's tables --------------------------------------------------------------------
-    def mark_paid(self, order_id: str) -> bool:
-        """waiting/confirming/failed -> paid, only after the payment was confirmed."""
-        return self._set_order_status(order_id, "paid", ("waiting", "confirming", "failed"))
-
-    def mark_fulfilled(self, order_id: str) -> bool:
-        """paid -> fulfilled; never touches an order an admin moved to refunded or cancelled meanwhile."""
-        return self._set_order_status(order_id, "fulfilled", ("paid",))
-
-    def _set_order_status(self, order_id: str, status: str, allowed_from: tuple[str, ...]) -> bool:
+    def renew_lease(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
+        """Extend the lease from now, only while `owner` still holds it (even if it lapsed: nobody took it)."""
         with self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + ttl, updated_at=utcnow())
+            ).rowcount == 1
+
+    @staticmethod
+    def _fence(conn: sa.Connection, order_id: str, owner: str | None) -> None:
+        """First statement of every write transaction of a run: it checks that `owner` holds the lease and
+        keeps the state row locked until commit, so no other run can claim the order in between.
+        `owner=None` is for writes made outside a run (seeding, fixtures)."""
+        if owner is None:
+            return
+        held = conn.execute(
+            sa.update(reconcile_state)
+            .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
+            .values(updated_at=utcnow())
+        ).rowcount
+        if held != 1:
+            raise LeaseLost(order_id, owner)
+
+    # -- writes to BitLoot's tables (each fenced by the writing run's lease) ----------------------------
+    def mark_paid(self, order_id: str, *, owner: str | None = None) -> bool:
+        """waiting/confirming/failed -> paid, only after the payment was confirmed."""
+        return self._set_order_status(order_id, "paid", ("waiting", "confirming", "failed"), owner)
+
+    def mark_fulfilled(self, order_id: str, *, owner: str | None = None) -> bool:
+        """paid -> fulfilled; never touches an order an admin moved to refunded or cancelled meanwhile."""
+        return self._set_order_status(order_id, "fulfilled", ("paid",), owner)
+
+    def _set_order_status(
+        self, order_id: str, status: str, allowed_from: tuple[str, ...], owner: str | None
+    ) -> bool:
+        with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
             return conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.status.in_(allowed_from))
                 .values(status=status, updatedAt=naive_utc(utcnow()))
             ).rowcount == 1
 
-    def save_reservation_id(self, order_id: str, kinguin_order_id: str) -> None:
+    def save_reservation_id(self, order_id: str, kinguin_order_id: str, *, owner: str | None = None) -> None:
         """Saved at once, in its own transaction, and never overwritten once set."""
         with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
             conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.kinguinReservationId.is_(None))
                 .values(kinguinReservationId=kinguin_order_id, updatedAt=naive_utc(utcnow()))
             )
 
-    def record_stored_key(self, order_item_id: str, storage_ref: str, content_type: str, signed_url: str) -> None:
-        """One `keys` row per item (inserted only if the item has none) and the item's signed URL."""
+    def record_stored_key(
+        self,
+        order_id: str,
+        order_item_id: str,
+        storage_ref: str,
+        content_type: str,
+        signed_url: str,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """One `keys` row per item (inserted only if the item has none) and the item's signed URL.
+
+        The item row is locked before the check, so two writers of one item take turns and the second sees
+        the first one's row (BitLoot's `keys` has no unique rule on the item and may hold old duplicates)."""
         now = naive_utc(utcnow())
         with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
+            conn.execute(sa.select(order_items.c.id).where(order_items.c.id == order_item_id).with_for_update())
             has_row = conn.execute(
                 sa.select(keys_table.c.id).where(keys_table.c.orderItemId == order_item_id).limit(1)
             ).first()
@@ -352,8 +403,9 @@ class Store:
                 .values(signedUrl=signed_url, updatedAt=now)
             )
 
-    def mark_email_sent(self, order_id: str) -> None:
+    def mark_email_sent(self, order_id: str, *, owner: str | None = None) -> None:
         with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
             conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.completionEmailSent.is_(False))
@@ -361,22 +413,34 @@ class Store:
             )
 
     # -- the project's own tables ----------------------------------------------------------------------
-    def record_placement_intent(self, order_id: str) -> None:
+    def record_placement_intent(self, order_id: str, *, owner: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
+            self._fence(conn, order_id, owner)
             conn.execute(
                 sa.update(reconcile_state)
                 .where(reconcile_state.c.order_id == order_id, reconcile_state.c.placement_intent_at.is_(None))
                 .values(placement_intent_at=utcnow(), updated_at=utcnow())
             )
 
-    def assign_key(self, order_id: str, order_item_id: str, kinguin_key_id: str) -> None:
+    def assign_key(self, order_id: str, order_item_id: str, kinguin_key_id: str, *, owner: str | None = None) -> None:
         with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
             conn.execute(
                 sa.insert(reconcile_key_assignment).values(
                     order_id=order_id, order_item_id=order_item_id, kinguin_key_id=kinguin_key_id
                 )
             )
+
+    def finish_run(self, order_id: str, owner: str, **values) -> bool:
+        """The run's last write: its outcome into the state row and the lease handed back, in one statement
+        that only applies while `owner` still holds the lease. False when another run took the order over."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
+                .values(**values, lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+            ).rowcount == 1
 
     def update_state(self, order_id: str, **values) -> None:
         with self.engine.begin() as conn:

@@ -297,9 +297,9 @@ def test_record_stored_key_one_row_per_item_even_when_called_twice(engine, store
     text_ref = f"orders/{order_id}/key-{text_item[:8]}.txt"
     image_ref = f"orders/{order_id}/key-{image_item[:8]}.png"
 
-    store.record_stored_key(text_item, text_ref, "text/plain", "https://r2.example/text?sig=1")
-    store.record_stored_key(image_item, image_ref, "image/png", "https://r2.example/image?sig=1")
-    store.record_stored_key(text_item, text_ref, "text/plain", "https://r2.example/text?sig=2")  # a re-run
+    store.record_stored_key(order_id, text_item, text_ref, "text/plain", "https://r2.example/text?sig=1")
+    store.record_stored_key(order_id, image_item, image_ref, "image/png", "https://r2.example/image?sig=1")
+    store.record_stored_key(order_id, text_item, text_ref, "text/plain", "https://r2.example/text?sig=2")  # a re-run
 
     [text_key] = key_rows(engine, text_item)
     assert (text_key["storageRef"], text_key["contentType"], text_key["encryptionKey"]) == (
@@ -340,7 +340,7 @@ def test_record_stored_key_leaves_an_existing_key_row_alone(engine, store):
                 updatedAt=OLD,
             )
         )
-    store.record_stored_key(item_id, f"orders/{order_id}/key-{item_id[:8]}.txt", "text/plain", "https://new")
+    store.record_stored_key(order_id, item_id, f"orders/{order_id}/key-{item_id[:8]}.txt", "text/plain", "https://new")
     [row] = key_rows(engine, item_id)
     assert (row["id"], row["storageRef"], row["downloadCount"], row["updatedAt"]) == (
         key_id,
@@ -481,7 +481,7 @@ def test_store_on_a_bitloot_database_touches_only_what_it_owns(bitloot_store):
         assert store.claim(ids["order_paid"], "run-a", dt.timedelta(minutes=5))
         store.save_reservation_id(ids["order_paid"], "PHS84FJAG5V")
         store.save_reservation_id(ids["order_fulfilled"], "SHOULDNOTSET")
-        store.record_stored_key(item.id, f"orders/{order.id}/key-{item.id[:8]}.txt", "text/plain", "https://x")
+        store.record_stored_key(order.id, item.id, f"orders/{order.id}/key-{item.id[:8]}.txt", "text/plain", "https://x")
         assert store.mark_fulfilled(ids["order_paid"])
         store.mark_email_sent(ids["order_paid"])
         assert not store.mark_paid(ids["order_fulfilled"])
