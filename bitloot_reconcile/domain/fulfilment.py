@@ -128,7 +128,8 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
     verdict, seen = payment_verdict(order, nowpayments)
     if verdict is not PaymentVerdict.PAID:
         return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
-    if not store.mark_paid(order.id, owner=progress.lease_owner) and (current := _status_now(store, order.id)) != "paid":
+    moved = not store.mark_paid(order.id, owner=progress.lease_owner)
+    if moved and (current := _status_now(store, order.id)) != "paid":
         return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
     return progress
 
@@ -303,7 +304,8 @@ def mark_fulfilled(store: Store, progress: Progress) -> Progress:
     undelivered = [item.id for item in order.items if not item.delivered]
     if undelivered:
         return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"{len(undelivered)} item(s) still without a key")
-    if not store.mark_fulfilled(order.id, owner=progress.lease_owner) and (current := _status_now(store, order.id)) != "fulfilled":
+    moved = not store.mark_fulfilled(order.id, owner=progress.lease_owner)
+    if moved and (current := _status_now(store, order.id)) != "fulfilled":
         return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
     return progress
 

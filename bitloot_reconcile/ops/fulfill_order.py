@@ -14,8 +14,8 @@ from pydantic import Field
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
-from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
+from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
