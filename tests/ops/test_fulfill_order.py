@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import multiprocessing
+import re
+import time
 import uuid
 
 import dagster as dg
@@ -15,7 +17,9 @@ import sqlalchemy as sa
 from bitloot_reconcile.adapters.r2 import key_object_path
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
+from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.store.schema import keys, order_items, orders, reconcile_audit, reconcile_state
 from tests.fixtures.world import FRONTEND, World
@@ -385,6 +389,8 @@ def _db_fingerprint(world: World) -> tuple:
         ("empty_actor", "requested_by must not be empty"),
         ("no_items", "has no items"),
         ("fulfilled", "Order is already fulfilled"),
+        ("nul_reason", "reason must not contain control characters"),
+        ("nul_actor", "requested_by must not contain control characters"),
     ],
 )
 def test_bad_input_fails_at_once_with_no_side_effect(world: World, case: str, expected: str):
@@ -402,6 +408,10 @@ def test_bad_input_fails_at_once_with_no_side_effect(world: World, case: str, ex
         order_id = world.order([])
     elif case == "fulfilled":
         order_id = world.order([world.product()], status="fulfilled", completion_email_sent=True)
+    elif case == "nul_reason":
+        kwargs["reason"] = "webhook\x00missed"
+    elif case == "nul_actor":
+        kwargs["requested_by"] = "ops@bitloot.io\n"
     before = _db_fingerprint(world)
 
     result = world.run(order_id, **kwargs)
@@ -411,6 +421,7 @@ def test_bad_input_fails_at_once_with_no_side_effect(world: World, case: str, ex
     assert _db_fingerprint(world) == before
     retries = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert retries == []
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.HOOK_ERRORED]
 
 
 def test_every_run_is_tagged_for_the_run_list(world: World):
@@ -446,3 +457,104 @@ def test_no_secret_reaches_logs_events_or_metadata(world: World, caplog):
         assert secret not in caplog.text
         assert secret not in event_text
         assert secret not in tags_text
+
+
+# -- bad data and refusals that a retry cannot fix ---------------------------------------------------------------
+def set_quantities(world: World, order_id: str, quantities: list[int]) -> None:
+    items = world.store.load_order(order_id).items
+    with world.engine.begin() as conn:
+        for item, quantity in zip(items, quantities, strict=True):
+            conn.execute(sa.update(order_items).where(order_items.c.id == item.id).values(quantity=quantity))
+
+
+@pytest.mark.parametrize("quantities", [[3], [1, 1, -1]], ids=["one-row-three-units", "plus-plus-minus"])
+def test_item_rows_that_are_not_one_unit_each_buy_nothing(world: World, quantities: list[int]):
+    game = world.product()
+    order_id = world.order([game] * len(quantities))
+    set_quantities(world, order_id, quantities)
+
+    assert outcome_of(world.run(order_id)) == "needs_attention"
+    assert "one unit each (quantity 1)" in reason_of(world, order_id)
+    assert world.kinguin.requests == []
+    assert key_rows(world, order_id) == []
+
+
+def test_a_reservation_id_kinguin_does_not_know_needs_a_person_at_once(world: World):
+    order_id = world.order([world.product()], kinguin_reservation_id="NOSUCHORDER1")
+
+    result = world.run(order_id)
+    assert outcome_of(result) == "needs_attention"
+    assert "Kinguin does not know order NOSUCHORDER1" in reason_of(world, order_id)
+    assert world.kinguin_calls() == ["get_order"]  # once: a 404 is not retried
+    assert world.store.get_state(order_id).next_attempt_at is None  # left for a person, not swept again
+
+
+def test_an_address_resend_refuses_is_recorded_once_and_not_retried(world: World):
+    order_id = world.order([world.product()])
+    world.resend.inject("send_email", Fault(status=422, body={"statusCode": 422, "name": "validation_error",
+                                                            "message": "Invalid `to` field."}))
+    result = world.run(order_id)
+
+    assert outcome_of(result) == "needs_attention"
+    assert "completion email undeliverable" in reason_of(world, order_id)
+    order = world.store.load_order(order_id)
+    assert (order.status, order.completion_email_sent) == ("fulfilled", False)
+    assert len(world.resend.requests) == 1
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+
+
+def test_a_retry_after_wait_is_capped_and_the_recorded_reason_keeps_the_cause(world: World):
+    order_id = world.order([world.product()], status="waiting", payment_status="waiting")
+    world.nowpayments.inject("get_payment", Fault(status=429, retry_after=3600, times=10))
+    policy = ReconcilePolicy(frontend_url=FRONTEND, max_retry_wait_seconds=0.2)
+
+    started = time.monotonic()
+    result = world.run(order_id, policy=policy)
+    assert not result.success
+    assert time.monotonic() - started < 30  # four attempts, each waiting 0.2 s instead of an hour
+    reason = reason_of(world, order_id)
+    assert reason.startswith("verify_payment failed: TransientError: nowpayments:"), reason
+    assert "429" in reason
+
+
+def test_a_policy_whose_waits_do_not_fit_in_the_lease_is_refused():
+    with pytest.raises(ValueError, match="lease_seconds .* at least twice the longest in-run wait"):
+        ReconcilePolicy(lease_seconds=60, max_retry_wait_seconds=45)
+
+
+def test_a_statement_timeout_on_the_signed_url_write_leaks_no_signature(world: World, caplog, tmp_path):
+    """The UPDATE that stores the presigned URL times out (a trigger makes it slow): the error is retried and
+    recorded, and no URL signature reaches the event log, the compute logs, the run's output or the logs."""
+    caplog.set_level("DEBUG")
+    order_id = world.order([world.product()])
+    with world.engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE FUNCTION slow_signed_url() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$ "
+            "LANGUAGE plpgsql"))
+        conn.execute(sa.text(
+            'CREATE TRIGGER slow_signed_url BEFORE UPDATE OF "signedUrl" ON order_items '
+            "FOR EACH ROW EXECUTE FUNCTION slow_signed_url()"))
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            result = fulfill_order.execute_in_process(
+                run_config={"order_id": order_id, "reason": "timeout", "requested_by": "ops@bitloot.io"},
+                resources=world.resources(store=StoreResource(database_url=world.store_url,
+                                                              statement_timeout_ms=300)),
+                instance=instance,
+                raise_on_error=False,
+            )
+            events = "\n".join(repr(e) for e in instance.all_logs(result.run_id))
+    finally:
+        with world.engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER slow_signed_url ON order_items"))
+            conn.execute(sa.text("DROP FUNCTION slow_signed_url()"))
+
+    assert not result.success
+    assert "canceling statement due to statement timeout" in events  # the failure itself is on record
+    stored = "\n".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
+                       and p.suffix != ".db")
+    reason = reason_of(world, order_id)
+    signature = re.compile(r"X-Amz-Signature=[0-9a-f]{8}")
+    for place, text in {"events": events, "storage files": stored, "logs": caplog.text, "reason": reason}.items():
+        assert not signature.search(text), place
+        assert "X-Amz-Credential=" not in text.replace("X-Amz-Credential=<redacted>", ""), place

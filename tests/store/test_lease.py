@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from bitloot_reconcile.store.engine import create_store_engine, normalize_store_url
 from bitloot_reconcile.store.migrate import upgrade
-from bitloot_reconcile.store.repository import Store, utcnow
+from bitloot_reconcile.store.repository import LeaseLost, Store, utcnow
 from bitloot_reconcile.store.schema import reconcile_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -282,3 +282,37 @@ def test_two_processes_race_for_the_same_orders_postgres(store_engine, store_url
         )
     for owner, won in results.items():
         assert all(owners[order] == owner for order in won)
+
+
+# -- fencing: every write of a run names its owner ------------------------------------------------------------
+def test_renew_extends_only_the_owners_lease(store: Store):
+    order = _new_order_id()
+    assert store.claim(order, "run-a", dt.timedelta(seconds=-1))  # already lapsed, nobody took it
+    assert store.renew_lease(order, "run-a", TTL)  # the owner may still renew
+    assert store.get_state(order).lease_expires_at > utcnow() + TTL - dt.timedelta(minutes=1)
+    assert not store.renew_lease(order, "run-b", TTL)
+    store.update_state(order, lease_expires_at=utcnow() - dt.timedelta(seconds=1))
+    assert store.claim(order, "run-b", TTL)
+    assert not store.renew_lease(order, "run-a", TTL)  # taken over: A cannot get it back by renewing
+    assert store.get_state(order).lease_owner == "run-b"
+
+
+def test_a_run_that_lost_its_lease_writes_nothing(store: Store):
+    order = _new_order_id()
+    assert store.claim(order, "run-a", dt.timedelta(seconds=-1))
+    assert store.claim(order, "run-b", TTL)  # A's lease lapsed and B took the order
+    with pytest.raises(LeaseLost):
+        store.record_placement_intent(order, owner="run-a")
+    with pytest.raises(LeaseLost):
+        store.assign_key(order, "item-1", "kinguin-key-1", owner="run-a")
+    assert store.key_assignments(order) == {}
+    assert store.get_state(order).placement_intent_at is None
+    assert not store.finish_run(order, "run-a", last_outcome="fulfilled")
+    state = store.get_state(order)
+    assert (state.lease_owner, state.last_outcome) == ("run-b", None)
+
+    store.record_placement_intent(order, owner="run-b")
+    assert store.get_state(order).placement_intent_at is not None
+    assert store.finish_run(order, "run-b", last_outcome="fulfilled")
+    state = store.get_state(order)
+    assert (state.lease_owner, state.lease_expires_at, state.last_outcome) == (None, None, "fulfilled")
