@@ -25,11 +25,14 @@ def main() -> None:
 def usage_errors() -> Iterator[None]:
     from bitloot_reconcile.domain.outcomes import InvalidRequest
     from bitloot_reconcile.operator import MissingSetting
+    from bitloot_reconcile.store.repository import ProjectTablesMissing
 
     try:
         yield
     except (InvalidRequest, MissingSetting) as exc:
         raise click.UsageError(str(exc)) from None
+    except ProjectTablesMissing as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _console():

@@ -5,11 +5,11 @@ import os
 
 import dagster as dg
 
-from bitloot_reconcile.domain.sweep import plan_sweep
+from bitloot_reconcile.domain.sweep import plan_sweep, run_worker_gone
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.store.repository import utcnow
+from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import TAG_ORDER_ID
 
 IN_FLIGHT = [
@@ -20,9 +20,27 @@ IN_FLIGHT = [
 ]
 
 
-def orders_in_flight(instance: dg.DagsterInstance) -> set[str]:
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
-    return {run.tags[TAG_ORDER_ID] for run in runs if TAG_ORDER_ID in run.tags}
+def orders_in_flight(
+    instance: dg.DagsterInstance, store: Store, *, lease_ttl: dt.timedelta, now: dt.datetime
+) -> set[str]:
+    """Orders with a queued or running `fulfill_order` run. A started run whose worker is gone (see
+    `run_worker_gone`) is marked failed here, which frees its order for the next tick's run."""
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
+    tagged = [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
+    started = [r for r in tagged if r.dagster_run.status == dg.DagsterRunStatus.STARTED and r.start_time]
+    states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in started})
+    for record in started:
+        run = record.dagster_run
+        order_id = run.tags[TAG_ORDER_ID]
+        state = states.get(order_id) or ReconcileState(order_id=order_id)  # never claimed yet
+        started_at = dt.datetime.fromtimestamp(record.start_time, dt.UTC)
+        if run_worker_gone(run.run_id, started_at, state, lease_ttl=lease_ttl, now=now):
+            instance.report_run_failed(
+                run,
+                message=f"run worker gone: it stopped renewing the lease on order {order_id}; "
+                "the sweep takes the order up again",
+            )
+    return {r.dagster_run.tags[TAG_ORDER_ID] for r in tagged}
 
 
 # The daemon's floor between ticks; the demo shortens it through the environment.
@@ -37,13 +55,15 @@ def stuck_orders_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each."""
     now = utcnow()
-    stuck = store.get_store().find_stuck_orders(
+    repo = store.get_store()
+    stuck = repo.find_stuck_orders(
         now=now,
         grace=dt.timedelta(minutes=policy.grace_minutes),
         max_age=dt.timedelta(days=policy.max_age_days),
         limit=policy.max_runs_per_tick,
     )
-    requests = plan_sweep(stuck, in_flight=orders_in_flight(context.instance), now=now)
+    in_flight = orders_in_flight(context.instance, repo, lease_ttl=policy.lease_ttl, now=now)
+    requests = plan_sweep(stuck, in_flight=in_flight, now=now)
     if not requests:
         return dg.SkipReason(f"no stuck orders due ({len(stuck)} found, all in flight)" if stuck else "no stuck orders")
     return dg.SensorResult(

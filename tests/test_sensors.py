@@ -6,6 +6,7 @@ import datetime as dt
 
 import dagster as dg
 import pytest
+from dagster._core.events import DagsterEvent, DagsterEventType
 
 from bitloot_reconcile.domain.sweep import RUN_KEY_BUCKET
 from bitloot_reconcile.jobs import fulfill_order
@@ -114,6 +115,47 @@ def test_orders_with_a_run_in_flight_are_skipped(sweep, dagster_instance):
     assert sweep.tick() == []
     dagster_instance.delete_run(run.run_id)
     assert ids(sweep.tick()) == [order_id]
+
+
+def started_run(instance: dg.DagsterInstance, order_id: str, *, started: dt.datetime) -> dg.DagsterRun:
+    """A run Dagster shows as started at `started`, as a run worker leaves it when it dies."""
+    run = instance.create_run_for_job(
+        fulfill_order, run_config={"order_id": order_id, "reason": "x", "requested_by": "y"},
+        tags={"bitloot/order_id": order_id},
+    )
+    instance.report_dagster_event(
+        DagsterEvent(DagsterEventType.RUN_START.value, job_name=fulfill_order.name), run.run_id,
+        timestamp=started.timestamp(),
+    )
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+    return run
+
+
+def test_a_run_whose_worker_died_is_failed_and_its_order_taken_up_next_tick(sweep, dagster_instance):
+    lease = dt.timedelta(seconds=60)
+    now = utcnow()
+    died = sweep.order()  # its run claimed the order, then the worker was killed: the lease lapsed
+    dead_run = started_run(dagster_instance, died, started=now - dt.timedelta(minutes=5))
+    sweep.store.claim(died, dead_run.run_id, dt.timedelta(seconds=-1))
+    working = sweep.order()  # its run renews the lease at every step
+    live_run = started_run(dagster_instance, working, started=now - dt.timedelta(minutes=5))
+    sweep.store.claim(working, live_run.run_id, lease)
+    never_claimed = sweep.order()  # its run died while starting, longer ago than a lease
+    unclaimed_run = started_run(dagster_instance, never_claimed, started=now - 2 * lease)
+    starting = sweep.order()  # its run started a moment ago and is about to claim
+    starting_run = started_run(dagster_instance, starting, started=now)
+
+    assert sweep.tick(lease_seconds=60, max_retry_wait_seconds=20) == []  # this tick only ends the dead runs
+    status = {run.run_id: dagster_instance.get_run_by_id(run.run_id).status
+              for run in (dead_run, live_run, unclaimed_run, starting_run)}
+    assert status == {dead_run.run_id: dg.DagsterRunStatus.FAILURE, live_run.run_id: dg.DagsterRunStatus.STARTED,
+                      unclaimed_run.run_id: dg.DagsterRunStatus.FAILURE,
+                      starting_run.run_id: dg.DagsterRunStatus.STARTED}
+    failure = dagster_instance.all_logs(dead_run.run_id, of_type=DagsterEventType.RUN_FAILURE)
+    assert "run worker gone" in failure[0].message
+    assert sorted(ids(sweep.tick(lease_seconds=60, max_retry_wait_seconds=20))) == sorted([died, never_claimed])
+    for run in (dead_run, live_run, unclaimed_run, starting_run):
+        dagster_instance.delete_run(run.run_id)
 
 
 def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, store_url):

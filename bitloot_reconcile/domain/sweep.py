@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from bitloot_reconcile.store.repository import StuckOrder
+from bitloot_reconcile.store.repository import ReconcileState, StuckOrder
 from bitloot_reconcile.tags import TAG_ATTEMPT, TRIGGER_SENSOR, request_tags
 
 SENSOR_ACTOR = "stuck_orders_sensor"
@@ -45,3 +45,15 @@ def plan_sweep(stuck: list[StuckOrder], *, in_flight: set[str], now: dt.datetime
         tags[TAG_ATTEMPT] = str(attempt)
         requests.append(SweepRequest(order.id, f"{order.id}:{attempt}:{bucket}", reason, tags))
     return requests
+
+
+def run_worker_gone(
+    run_id: str, started_at: dt.datetime, state: ReconcileState, *, lease_ttl: dt.timedelta, now: dt.datetime
+) -> bool:
+    """Whether a run Dagster still shows as started has stopped working on its order. A live run renews its
+    lease at every step, so its lease lapsing means its worker died (a SIGKILL, a lost host); a run that never
+    held the lease for a whole lease period never got as far as claiming. The default run launcher cannot
+    see a dead worker, and until the run ends the per-order run limit holds every new run for the order."""
+    if state.lease_owner == run_id:
+        return state.lease_expires_at is not None and state.lease_expires_at < now
+    return started_at + lease_ttl < now

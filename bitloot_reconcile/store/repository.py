@@ -8,8 +8,9 @@ their WHERE clauses: a status is only moved from the states it may come from.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -107,7 +108,10 @@ class ReconcileState:
     last_reason: str | None = None
     last_run_id: str | None = None
     alerted_outcome: str | None = None
-    extra: dict = field(default_factory=dict)
+
+
+def _state(row: sa.RowMapping) -> ReconcileState:
+    return ReconcileState(**{f.name: row[f.name] for f in fields(ReconcileState)})
 
 
 class LeaseLost(Exception):
@@ -117,6 +121,31 @@ class LeaseLost(Exception):
         self.order_id = order_id
         self.owner = owner
         super().__init__(f"run {owner} no longer holds the lease of order {order_id}")
+
+
+class ProjectTablesMissing(RuntimeError):
+    """The store database lacks the project's tables: the migrations were never run against it."""
+
+
+UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE
+
+
+def needs_project_tables(read):
+    """The first reads of the sweep and the dry run: a database without the project's tables gets a
+    sentence that says what to do, not a driver traceback."""
+
+    @functools.wraps(read)
+    def checked(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        except (sa.exc.ProgrammingError, sa.exc.OperationalError) as exc:
+            if getattr(exc.orig, "sqlstate", None) != UNDEFINED_TABLE and "no such table" not in str(exc.orig):
+                raise
+            raise ProjectTablesMissing(
+                "the store database has no reconcile tables: run `bitloot-reconcile db upgrade` first"
+            ) from None
+
+    return checked
 
 
 def _insert_ignore(engine: sa.Engine, table: sa.Table, values: dict, index: list[str]) -> sa.Insert:
@@ -202,6 +231,7 @@ class Store:
             return products.c.id == sa.func.replace(sa.func.lower(order_items.c.productId), "-", "")
         return sa.cast(products.c.id, sa.String) == order_items.c.productId
 
+    @needs_project_tables
     def get_state(self, order_id: str) -> ReconcileState:
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -209,8 +239,17 @@ class Store:
             ).mappings().first()
         if row is None:
             return ReconcileState(order_id=order_id)
-        fields = {k: row[k] for k in ReconcileState.__dataclass_fields__ if k in row and k != "extra"}
-        return ReconcileState(**fields)
+        return _state(row)
+
+    def states_of(self, order_ids: set[str]) -> dict[str, ReconcileState]:
+        """The reconcile state of each order that has one."""
+        if not order_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(reconcile_state).where(reconcile_state.c.order_id.in_(sorted(order_ids)))
+            ).mappings()
+            return {row["order_id"]: _state(row) for row in rows}
 
     def audit_trail(self, order_id: str) -> list[dict]:
         with self.engine.connect() as conn:
@@ -229,6 +268,7 @@ class Store:
             )
             return {r.order_item_id: r.kinguin_key_id for r in rows}
 
+    @needs_project_tables
     def find_stuck_orders(
         self, *, now: dt.datetime, grace: dt.timedelta, max_age: dt.timedelta, limit: int
     ) -> list[StuckOrder]:
@@ -504,9 +544,8 @@ class Store:
             .order_by(state.c.updated_at)
             .limit(limit)
         )
-        fields = [k for k in ReconcileState.__dataclass_fields__ if k != "extra"]
         with self.engine.connect() as conn:
-            return [ReconcileState(**{k: row[k] for k in fields}) for row in conn.execute(query).mappings()]
+            return [_state(row) for row in conn.execute(query).mappings()]
 
     def mark_alerted(self, seen: ReconcileState) -> bool:
         """Record the alert only if the state is still the one alerted on: a newer outcome gets its own alert."""
