@@ -61,3 +61,15 @@ def test_db_upgrade_without_a_url_fails_clearly():
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stdout + result.stderr
     assert "is up to date" not in result.stdout
+
+
+def test_plan_against_a_database_without_the_project_tables_says_what_to_do(empty_pg_url):
+    ddl.populate_bitloot_database(empty_pg_url)  # BitLoot's tables only: `db upgrade` never ran
+    outside = {"KINGUIN_API_KEY": "k", "NOWPAYMENTS_API_KEY": "n", "R2_ACCOUNT_ID": "acct",
+               "R2_ACCESS_KEY_ID": "a", "R2_SECRET_ACCESS_KEY": "s"}
+
+    result = run_cli("plan", env={"DATABASE_URL": empty_pg_url, **outside})
+
+    assert result.returncode == 1
+    assert "run `bitloot-reconcile db upgrade` first" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -14,7 +14,8 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.sensors import stuck_orders_sensor
-from bitloot_reconcile.store.repository import Store, utcnow
+from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
+from tests.store import bitloot_ddl
 
 
 @pytest.fixture
@@ -165,3 +166,13 @@ def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, store_url):
     )
     result = stuck_orders_sensor(context)
     assert isinstance(result, dg.SkipReason) and "no stuck orders" in result.skip_message
+
+
+def test_a_store_without_the_project_tables_fails_the_tick_with_what_to_do(empty_pg_url, dagster_instance):
+    bitloot_ddl.populate_bitloot_database(empty_pg_url)
+    context = dg.build_sensor_context(
+        instance=dagster_instance,
+        resources={"store": StoreResource(database_url=empty_pg_url), "policy": ReconcilePolicy()},
+    )
+    with pytest.raises(ProjectTablesMissing, match="run `bitloot-reconcile db upgrade` first"):
+        stuck_orders_sensor(context)
