@@ -24,11 +24,12 @@ def orders_in_flight(
     instance: dg.DagsterInstance, store: Store, *, lease_ttl: dt.timedelta, now: dt.datetime
 ) -> set[str]:
     """Orders with a queued or running `fulfill_order` run. A started run whose worker is gone (see
-    `run_worker_gone`) is marked failed here, which frees its order for the next tick's run."""
+    `run_worker_gone`) is marked failed here, which frees its order for a new run in this same tick."""
     records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
     tagged = [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
     started = [r for r in tagged if r.dagster_run.status == dg.DagsterRunStatus.STARTED and r.start_time]
     states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in started})
+    gone = set()
     for record in started:
         run = record.dagster_run
         order_id = run.tags[TAG_ORDER_ID]
@@ -40,7 +41,8 @@ def orders_in_flight(
                 message=f"run worker gone: it stopped renewing the lease on order {order_id}; "
                 "the sweep takes the order up again",
             )
-    return {r.dagster_run.tags[TAG_ORDER_ID] for r in tagged}
+            gone.add(run.run_id)
+    return {r.dagster_run.tags[TAG_ORDER_ID] for r in tagged if r.dagster_run.run_id not in gone}
 
 
 # The daemon's floor between ticks; the demo shortens it through the environment.

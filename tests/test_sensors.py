@@ -146,7 +146,7 @@ def test_a_run_whose_worker_died_is_failed_and_its_order_taken_up_next_tick(swee
     starting = sweep.order()  # its run started a moment ago and is about to claim
     starting_run = started_run(dagster_instance, starting, started=now)
 
-    assert sweep.tick(lease_seconds=60, max_retry_wait_seconds=20) == []  # this tick only ends the dead runs
+    assert sorted(ids(sweep.tick(lease_seconds=60, max_retry_wait_seconds=20))) == sorted([died, never_claimed])
     status = {run.run_id: dagster_instance.get_run_by_id(run.run_id).status
               for run in (dead_run, live_run, unclaimed_run, starting_run)}
     assert status == {dead_run.run_id: dg.DagsterRunStatus.FAILURE, live_run.run_id: dg.DagsterRunStatus.STARTED,
@@ -154,7 +154,6 @@ def test_a_run_whose_worker_died_is_failed_and_its_order_taken_up_next_tick(swee
                       starting_run.run_id: dg.DagsterRunStatus.STARTED}
     failure = dagster_instance.all_logs(dead_run.run_id, of_type=DagsterEventType.RUN_FAILURE)
     assert "run worker gone" in failure[0].message
-    assert sorted(ids(sweep.tick(lease_seconds=60, max_retry_wait_seconds=20))) == sorted([died, never_claimed])
     for run in (dead_run, live_run, unclaimed_run, starting_run):
         dagster_instance.delete_run(run.run_id)
 

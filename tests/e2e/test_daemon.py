@@ -46,8 +46,10 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# One bound for all waiting, under pytest's 300 s timeout so a slow run fails here, with the daemon's log.
-BUDGET_SECONDS = 240
+# One bound for all waiting, under the test's timeout so a slow run fails here, with the daemon's log.
+BUDGET_SECONDS = 300
+LEASE_SECONDS = 20  # short, so a killed run worker's order comes back within the test
+SWEEP_SECONDS = 10
 TAGS = ("bitloot/order_id", "bitloot/trigger", "bitloot/reason", "bitloot/requested_by", "bitloot/attempt")
 STUCK = dt.timedelta(minutes=30)  # past the sweep's default 10 min grace period
 
@@ -96,6 +98,18 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int:
+    """The process executing a run, from the pid its run worker stamps on the run's start event."""
+    (start,) = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_START)
+    assert start.dagster_event and start.dagster_event.pid, f"run {run_id} has no worker pid on record"
+    return start.dagster_event.pid
+
+
+def done_in(store: Store, order_id: str) -> bool:
+    order = store.load_order(order_id)
+    return order.status == "fulfilled" and order.completion_email_sent
+
+
 def wait_for(what: str, check: Callable[[], bool], deadline: float, procs: Processes, every: float = 1.0) -> None:
     while not check():
         procs.check_alive()
@@ -130,6 +144,7 @@ def has_ticked(instance: dg.DagsterInstance, sensor_name: str) -> bool:
     )
 
 
+@pytest.mark.timeout(BUDGET_SECONDS + 60)
 def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_over_graphql(
     tmp_path, kinguin_sim, nowpayments_sim, resend_sim, seaweed, monkeypatch
 ):
@@ -154,8 +169,10 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         game = world.product(price=5.0)
 
         webhook_missed = world.order([game], age=STUCK)
+        worker_killed = world.order([game], age=STUCK)  # its run worker is SIGKILLed while placing the order
+        kinguin_sim.inject("place_order_v2", Fault(latency=45, match=lambda b: b["orderExternalId"] == worker_killed))
         response_lost = world.order([game], age=STUCK)
-        kinguin_sim.inject("place_order_v2", Fault(lose_response=True))  # whichever order places first
+        kinguin_sim.inject("place_order_v2", Fault(lose_response=True))  # whichever other order places first
         paid_at_nowpayments = world.order([game], status="waiting", payment_status="waiting",
                                           payment_id="5077125051", age=STUCK)
         nowpayments_sim.set_payment("5077125051", "finished", order_id=paid_at_nowpayments)
@@ -165,7 +182,7 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         planted = kinguin_sim.plant_order(canceled, [(game.kinguin_product_id, 1)], status="canceled")
         world.order([game], order_id=canceled, kinguin_reservation_id=planted.order_id, age=STUCK)
         admin_order = world.order([game], age=dt.timedelta(minutes=1))  # not stuck yet: only the admin run
-        fulfilled_by_sweep = [webhook_missed, response_lost, paid_at_nowpayments]
+        fulfilled_by_sweep = [webhook_missed, response_lost, paid_at_nowpayments, worker_killed]
 
         # -- the Dagster instance: the repo's dagster.yaml on a fresh PostgreSQL database -----------------------
         home = tmp_path / "dagster_home"
@@ -190,8 +207,10 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
             "ALERT_WEBHOOK_URL": receiver.hook_url,
             "DAGSTER_WEBSERVER_URL": f"http://127.0.0.1:{port}",
             # Tick floors (30 s sweep, 60 s alerts in production) shortened so the test does not wait on them.
-            "RECONCILE_SWEEP_INTERVAL_SECONDS": "10",
+            "RECONCILE_SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS),
             "RECONCILE_ALERT_INTERVAL_SECONDS": "10",
+            "RECONCILE_LEASE_SECONDS": str(LEASE_SECONDS),
+            "RECONCILE_MAX_RETRY_WAIT_SECONDS": "5",
         }
         for name in ("DAGSTER_HOME", "DAGSTER_PG_URL"):
             monkeypatch.setenv(name, env[name])
@@ -227,18 +246,33 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
             run_config={"order_id": "not-a-uuid", "reason": "ticket 8", "requested_by": "ops@bitloot.io"},
         )
 
-        # -- wait for every order to converge through sensor-launched runs -------------------------------------
+        # -- a run worker killed while its Kinguin order is being placed ----------------------------------------
         store = world.store
 
-        def done(order_id: str) -> bool:
-            order = store.load_order(order_id)
-            return order.status == "fulfilled" and order.completion_email_sent
+        def placing_killed_order() -> bool:
+            return any(r.body and r.body.get("orderExternalId") == worker_killed
+                       for r in kinguin_sim.requests_to("place_order_v2"))
+
+        wait_for("the run of one order to reach Kinguin", placing_killed_order, deadline, procs, every=0.2)
+        killed_run = store.get_state(worker_killed).lease_owner
+        os.kill(run_worker_pid(instance, killed_run), signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for("a new run to claim the killed run's order",
+                 lambda: store.get_state(worker_killed).lease_owner not in (None, killed_run)
+                 or done_in(store, worker_killed), deadline, procs, every=0.5)
+        taken_up_after = time.monotonic() - killed_at
+        print(f"e2e: order of the killed run worker taken up again {taken_up_after:.0f} s after the kill "
+              f"(lease {LEASE_SECONDS} s, sweep every {SWEEP_SECONDS} s)")
+        # The lease lapses, then one sweep tick fails the dead run and requests a new one; the rest is launching.
+        assert taken_up_after < LEASE_SECONDS + SWEEP_SECONDS + 30
+
+        # -- wait for every order to converge through sensor-launched runs -------------------------------------
 
         def alerted(*parts: str) -> list[str]:
             return [t for t in receiver.texts if all(p in t for p in parts)]
 
         converged = {
-            "fulfilled": lambda: all(done(o) for o in [*fulfilled_by_sweep, admin_order]),
+            "fulfilled": lambda: all(done_in(store, o) for o in [*fulfilled_by_sweep, admin_order]),
             "payment not confirmed": lambda: store.get_state(unpaid).last_outcome == "payment_not_confirmed",
             "needs attention": lambda: store.get_state(canceled).last_outcome == "needs_attention",
             "admin runs finished": lambda: client.get_run_status(admin_run) == dg.DagsterRunStatus.SUCCESS
@@ -257,8 +291,13 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         # -- what converged, and how -------------------------------------------------------------------------
         fulfilled = [*fulfilled_by_sweep, admin_order]
         assert all(len(kinguin_sim.orders_for_external_id(o)) == 1 for o in fulfilled)
-        (search,) = kinguin_sim.requests_to("search_orders")  # the lost response was adopted, not re-placed
-        assert search.query["orderExternalId"] in fulfilled
+        searched = [r.query["orderExternalId"] for r in kinguin_sim.requests_to("search_orders")]
+        # The lost response was adopted, not re-placed; the killed run's successor searched before placing.
+        others = set(searched) - {worker_killed}
+        assert len(others) == 1 and others <= set(fulfilled) and worker_killed in searched
+        # Failed by whichever notices first: the code server that spawned the worker, while it lives, or the
+        # sweep once the lease lapsed (a restarted code server or a lost host; see test_sensors).
+        assert instance.get_run_by_id(killed_run).status == dg.DagsterRunStatus.FAILURE
         emails = sorted(e["idempotency_key"] for e in resend_sim.sent)
         assert emails == sorted(f"order-completed/{o}" for o in fulfilled)  # one each
         assert kinguin_sim.orders_for_external_id(unpaid) == []  # no key bought for money not received
