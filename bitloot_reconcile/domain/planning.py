@@ -93,6 +93,8 @@ def _walk(order, state, assignments, steps, end, *, kinguin, payments, vault) ->
         steps.append(f"verify payment ({seen}) and mark paid")
     if order.status != "fulfilled":
         # ensure the supplier order
+        if bad_data := fulfilment.undeliverable_items(order):
+            return end(Outcome.NEEDS_ATTENTION, bad_data)
         kinguin_id = order.kinguin_reservation_id
         if kinguin_id is None:
             lines = fulfilment.kinguin_lines(order)

@@ -175,3 +175,13 @@ def test_fulfilled_without_email_only_sends_it_and_an_outage_is_reported_not_rai
     down = plan(order(reservation="K1"), kinguin=Kinguin(down=True))
     assert down.outcome == UNKNOWN
     assert down.why == "could not check: kinguin: GET /v1/order -> 503"
+
+
+def test_an_item_row_of_more_than_one_unit_would_need_a_person_before_any_call():
+    o = order(items=1)
+    o = dataclasses.replace(o, items=(dataclasses.replace(o.items[0], quantity=3),))
+    kinguin = Kinguin()
+    p = plan(o, kinguin=kinguin)
+    assert (p.outcome, p.steps) == ("needs_attention", ())
+    assert "one unit each (quantity 1)" in p.why
+    assert kinguin.calls == []
