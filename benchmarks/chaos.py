@@ -448,6 +448,7 @@ class Chaos:
         self.kill_plans = {p.order_id: p.kill for p in plans if p.kill}
         self.stall_plans = {p.order_id: p.stall for p in plans if p.stall}
         self.stalls_done: Counter = Counter()
+        self.stalled: dict[str, sa.Connection] = {}  # order id -> the connection holding its item rows
         self.concurrent_runs = 0
         self.lock = threading.Lock()
         self._watch()
@@ -460,7 +461,7 @@ class Chaos:
             if record.route == "place_order_v2" and phase == "answered" and isinstance(record.body, dict):
                 self._trigger(record.body.get("orderExternalId"), "kinguin_post_answered")
             if record.route == "get_keys" and phase == "received":
-                for order_id in list(self.stall_plans):
+                for order_id in list(self.stall_plans) + list(self.stalled):
                     if any(o.order_id in record.path for o in kinguin.orders_for_external_id(order_id)):
                         self._stall(order_id)
 
@@ -503,20 +504,28 @@ class Chaos:
 
     # -- stalled store writes ---------------------------------------------------------------------------
     def _stall(self, order_id: str) -> None:
+        """First keys call of the order: lock its item rows. Past the lease, an admin run starts; once that run
+        fetches the keys too (it is about to write them), the lock goes a second later, so both writes race."""
         with self.lock:
             stall = self.stall_plans.pop(order_id, None)
-        if stall is None:
-            return
+            if stall is None:
+                conn = self.stalled.pop(order_id, None)
+                if conn is not None:
+                    threading.Timer(1.0, conn.close).start()
+                return
         lease = self.settings.lease_seconds
-        hold = STATEMENT_TIMEOUT_SECONDS + 2 if stall == "stall_past_statement_timeout" else lease + 6
         conn = self.stack.engine.connect()
         conn.begin()
         # FOR NO KEY UPDATE: blocks the run's UPDATE of the item rows, not the key assignment's foreign key.
         conn.execute(sa.select(order_items.c.id).where(order_items.c.orderId == order_id)
                      .with_for_update(key_share=True))
-        threading.Timer(hold, conn.close).start()
-        if stall == "stall_past_lease":
+        if stall == "stall_past_lease":  # released before the blocked UPDATE would hit the statement timeout
+            threading.Timer(STATEMENT_TIMEOUT_SECONDS - 1, conn.close).start()
             threading.Timer(lease + 0.5, self._admin_run, args=(order_id, "run looks stuck")).start()
+            with self.lock:
+                self.stalled[order_id] = conn
+        else:
+            threading.Timer(STATEMENT_TIMEOUT_SECONDS + 2, conn.close).start()
         self.stalls_done[stall] += 1
 
     def _admin_run(self, order_id: str, reason: str) -> None:
