@@ -448,7 +448,6 @@ class Chaos:
         self.kill_plans = {p.order_id: p.kill for p in plans if p.kill}
         self.stall_plans = {p.order_id: p.stall for p in plans if p.stall}
         self.stalls_done: Counter = Counter()
-        self.stalled: dict[str, sa.Connection] = {}  # order id -> the connection holding its item rows
         self.concurrent_runs = 0
         self.lock = threading.Lock()
         self._watch()
@@ -461,7 +460,7 @@ class Chaos:
             if record.route == "place_order_v2" and phase == "answered" and isinstance(record.body, dict):
                 self._trigger(record.body.get("orderExternalId"), "kinguin_post_answered")
             if record.route == "get_keys" and phase == "received":
-                for order_id in list(self.stall_plans) + list(self.stalled):
+                for order_id in list(self.stall_plans):
                     if any(o.order_id in record.path for o in kinguin.orders_for_external_id(order_id)):
                         self._stall(order_id)
 
@@ -504,29 +503,35 @@ class Chaos:
 
     # -- stalled store writes ---------------------------------------------------------------------------
     def _stall(self, order_id: str) -> None:
-        """First keys call of the order: lock its item rows. Past the lease, an admin run starts; once that run
-        fetches the keys too (it is about to write them), the lock goes a second later, so both writes race."""
+        """First keys call of the order: lock its item rows. Past the statement timeout; or past the lease: then
+        an admin run starts as the lease expires, and the lock goes once both runs wait on it (both inserted
+        their `keys` row), or just before the first run's statement timeout."""
         with self.lock:
             stall = self.stall_plans.pop(order_id, None)
-            if stall is None:
-                conn = self.stalled.pop(order_id, None)
-                if conn is not None:
-                    threading.Timer(1.0, conn.close).start()
-                return
-        lease = self.settings.lease_seconds
+        if stall is None:
+            return
         conn = self.stack.engine.connect()
         conn.begin()
         # FOR NO KEY UPDATE: blocks the run's UPDATE of the item rows, not the key assignment's foreign key.
         conn.execute(sa.select(order_items.c.id).where(order_items.c.orderId == order_id)
                      .with_for_update(key_share=True))
-        if stall == "stall_past_lease":  # released before the blocked UPDATE would hit the statement timeout
-            threading.Timer(STATEMENT_TIMEOUT_SECONDS - 1, conn.close).start()
-            threading.Timer(lease + 0.5, self._admin_run, args=(order_id, "run looks stuck")).start()
-            with self.lock:
-                self.stalled[order_id] = conn
-        else:
-            threading.Timer(STATEMENT_TIMEOUT_SECONDS + 2, conn.close).start()
         self.stalls_done[stall] += 1
+        if stall == "stall_past_statement_timeout":
+            threading.Timer(STATEMENT_TIMEOUT_SECONDS + 2, conn.close).start()
+            return
+        expires = Store(self.stack.engine).get_state(order_id).lease_expires_at
+        wait = (expires - dt.datetime.now(dt.UTC)).total_seconds() if expires else self.settings.lease_seconds
+        threading.Timer(max(wait, 0) + 0.3, self._admin_run, args=(order_id, "run looks stuck")).start()
+        threading.Thread(target=self._release_when_raced, args=(conn,), daemon=True).start()
+
+    def _release_when_raced(self, conn: sa.Connection) -> None:
+        holder = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE :holder = ANY(pg_blocking_pids(pid))")
+        give_up = time.monotonic() + STATEMENT_TIMEOUT_SECONDS - 1.5
+        with self.stack.engine.connect() as probe:
+            while time.monotonic() < give_up and probe.execute(waiting, {"holder": holder}).scalar_one() < 2:
+                time.sleep(0.1)
+        conn.close()
 
     def _admin_run(self, order_id: str, reason: str) -> None:
         tags = request_tags(order_id, trigger=TRIGGER_ADMIN, reason=reason, requested_by="admin@bitloot.io")
