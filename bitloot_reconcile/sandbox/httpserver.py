@@ -2,8 +2,10 @@
 
 Each simulator registers routes (method, path regex, handler name). The base records every request for
 tests to inspect and applies injected faults per route before the handler runs: added latency, canned
-error responses (5xx, 429 with Retry-After), and "lost responses" where the handler runs (so the side
-effect happens) but the connection is dropped before any byte of the answer is sent.
+error responses (5xx, 429 with Retry-After), "lost responses" where the handler runs (so the side
+effect happens) but the connection is dropped before any byte of the answer is sent, and "committed errors"
+where the handler runs but the client gets the canned error. Observers (`observe`) see every request when
+it arrives and after it was answered, e.g. to kill the client at that moment in a chaos run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Fault:
     latency: float = 0.0               # seconds to sleep before answering (applied even without status)
     lose_response: bool = False        # run the handler, then drop the connection without answering
     match: Callable[[Any], bool] | None = None  # only requests whose parsed body satisfies this
+    commit: bool = False               # with `status`: run the handler first, then answer the canned error
+    where: Callable[[RecordedRequest], bool] | None = None  # only requests (path, query, body...) satisfying this
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -68,6 +72,7 @@ class JsonServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self._routes: list[tuple[str, re.Pattern[str], str, Callable[..., Response]]] = []
         self._faults: dict[str, list[Fault]] = {}
+        self._observers: list[Callable[[RecordedRequest, str], None]] = []
         self._lock = threading.RLock()
         self.requests: list[RecordedRequest] = []
         self._httpd = _QuietServer((host, port), self._make_handler())
@@ -105,6 +110,15 @@ class JsonServer:
         with self._lock:
             self._faults.setdefault(route, []).append(fault)
 
+    def observe(self, callback: Callable[[RecordedRequest, str], None]) -> None:
+        """Call `callback(request, phase)` from the serving thread: phase "received" once the route is known
+        (before faults and the handler), "answered" after the answer was sent or the connection dropped."""
+        self._observers.append(callback)
+
+    def _notify(self, record: RecordedRequest, phase: str) -> None:
+        for callback in list(self._observers):
+            callback(record, phase)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -113,10 +127,11 @@ class JsonServer:
         with self._lock:
             return [r for r in self.requests if r.route == route]
 
-    def _next_fault(self, route: str, body: Any) -> Fault | None:
+    def _next_fault(self, route: str, record: RecordedRequest) -> Fault | None:
         with self._lock:
             queue = self._faults.get(route) or []
-            fault = next((f for f in queue if f.match is None or f.match(body)), None)
+            fault = next((f for f in queue if (f.match is None or f.match(record.body))
+                          and (f.where is None or f.where(record))), None)
             if fault is None:
                 return None
             fault.times -= 1
@@ -156,9 +171,13 @@ class JsonServer:
             denied = self.authorize(headers)
             if denied is not None:
                 return denied, False
-            fault = self._next_fault(name, body)
+            self._notify(record, "received")
+            fault = self._next_fault(name, record)
             if fault and fault.latency:
                 time.sleep(fault.latency)
+            if fault and fault.status is not None and fault.commit:
+                with self._lock:
+                    handler(body=body, query=query, headers=headers, **match.groupdict())
             if fault and fault.status is not None:
                 extra = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
                 body_out = fault.body if fault.body is not None else self.canned_error(fault.status, method, path)
@@ -185,6 +204,13 @@ class JsonServer:
                 with server._lock:
                     server.requests.append(record)
                 response, lose = server._dispatch(self.command, self.path, headers, raw_body, record)
+                try:
+                    self._answer(record, response, lose)
+                finally:
+                    if record.route:
+                        server._notify(record, "answered")
+
+            def _answer(self, record: RecordedRequest, response: Response | None, lose: bool) -> None:
                 if lose or response is None:
                     # The side effect happened; the client sees the connection die with no answer.
                     self.close_connection = True
