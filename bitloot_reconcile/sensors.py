@@ -65,7 +65,7 @@ def stuck_orders_sensor(
         limit=policy.max_runs_per_tick,
     )
     in_flight = orders_in_flight(context.instance, repo, lease_ttl=policy.lease_ttl, now=now)
-    requests = plan_sweep(stuck, in_flight=in_flight, now=now)
+    requests = plan_sweep(stuck, in_flight=in_flight, now=now, lease_ttl=policy.lease_ttl)
     if not requests:
         return dg.SkipReason(f"no stuck orders due ({len(stuck)} found, all in flight)" if stuck else "no stuck orders")
     return dg.SensorResult(

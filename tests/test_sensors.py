@@ -8,7 +8,6 @@ import dagster as dg
 import pytest
 from dagster._core.events import DagsterEvent, DagsterEventType
 
-from bitloot_reconcile.domain.sweep import RUN_KEY_BUCKET
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
@@ -89,7 +88,7 @@ def test_leased_backing_off_and_quarantined_orders_are_excluded(sweep):
 def test_run_request_carries_tags_config_and_an_attempt_numbered_key(sweep):
     order_id = sweep.order()
     (first,) = sweep.tick()
-    bucket = int(utcnow().timestamp() // RUN_KEY_BUCKET.total_seconds())
+    bucket = int(utcnow().timestamp() // ReconcilePolicy().lease_seconds)  # one lease period
     assert first.run_key == f"{order_id}:1:{bucket}"
     assert first.tags == {
         "bitloot/order_id": order_id,
@@ -146,7 +145,12 @@ def test_a_run_whose_worker_died_is_failed_and_its_order_taken_up_next_tick(swee
     starting = sweep.order()  # its run started a moment ago and is about to claim
     starting_run = started_run(dagster_instance, starting, started=now)
 
-    assert sorted(ids(sweep.tick(lease_seconds=60, max_retry_wait_seconds=20))) == sorted([died, never_claimed])
+    requests = sweep.tick(lease_seconds=60, max_retry_wait_seconds=20)
+    assert sorted(ids(requests)) == sorted([died, never_claimed])
+    # The run that never claimed was requested under attempt 1 in the bucket it started in; its successor's
+    # key is for the same attempt, so only the bucket (one lease long) keeps it from being a used key.
+    (retry,) = [r for r in requests if r.tags["bitloot/order_id"] == never_claimed]
+    assert retry.run_key != f"{never_claimed}:1:{int((now - 2 * lease).timestamp() // 60)}"
     status = {run.run_id: dagster_instance.get_run_by_id(run.run_id).status
               for run in (dead_run, live_run, unclaimed_run, starting_run)}
     assert status == {dead_run.run_id: dg.DagsterRunStatus.FAILURE, live_run.run_id: dg.DagsterRunStatus.STARTED,

@@ -9,9 +9,6 @@ from bitloot_reconcile.store.repository import ReconcileState, StuckOrder
 from bitloot_reconcile.tags import TAG_ATTEMPT, TRIGGER_SENSOR, request_tags
 
 SENSOR_ACTOR = "stuck_orders_sensor"
-# Dagster never reuses a run key, even after a failed run. The attempt number changes after every run that
-# claimed the order; the time bucket also frees the key when a run died before it could claim.
-RUN_KEY_BUCKET = dt.timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -33,8 +30,13 @@ def describe(order: StuckOrder, now: dt.datetime) -> str:
     return f"stuck in {order.status} for {minutes} min"
 
 
-def plan_sweep(stuck: list[StuckOrder], *, in_flight: set[str], now: dt.datetime) -> list[SweepRequest]:
-    bucket = int(now.timestamp() // RUN_KEY_BUCKET.total_seconds())
+def plan_sweep(
+    stuck: list[StuckOrder], *, in_flight: set[str], now: dt.datetime, lease_ttl: dt.timedelta
+) -> list[SweepRequest]:
+    """Dagster never reuses a run key, even after a failed run. The attempt number changes after every run
+    that claimed the order; a run that died before it could claim is found gone a lease period after it
+    started (`run_worker_gone`), so a time bucket one lease long has moved on by then and frees the key."""
+    bucket = int(now.timestamp() // lease_ttl.total_seconds())
     requests = []
     for order in stuck:
         if order.id in in_flight:
