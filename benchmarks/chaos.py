@@ -210,7 +210,7 @@ def seed_fulfilled_without_email(stack: Stack, vault: KeyVault, product: SeedPro
     vault.put_key(path, key.content(), key.type)
     url = vault.presign_get(path, filename=attachment_filename(plan.order_id, item.id, key.type),
                             content_type=key.type)
-    store.record_stored_key(item.id, path, key.type, url)
+    store.record_stored_key(plan.order_id, item.id, path, key.type, url)
 
 
 # -- faults --------------------------------------------------------------------------------------------------
@@ -428,6 +428,8 @@ def policy_env(settings: Settings) -> dict[str, str]:
         "RECONCILE_BACKOFF_BASE_SECONDS": "1",
         "RECONCILE_BACKOFF_CAP_SECONDS": str(BACKOFF_CAP_SECONDS),
         "RECONCILE_SUPPLIER_POLL_SECONDS": "0.5",
+        # Retry-After answers here are 1-2 s; waits must fit twice in the short lease.
+        "RECONCILE_MAX_RETRY_WAIT_SECONDS": str(settings.lease_seconds / 4),
         "RECONCILE_MAX_RUNS_PER_TICK": "25",
     }
 
