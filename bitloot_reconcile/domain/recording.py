@@ -38,7 +38,11 @@ def record_outcome(
         now=now,
         rng=rng,
     )
-    if progress.outcome is not Outcome.BUSY:
+    # A switch can hold a run before it claims the order: such a run changes nothing but its audit row.
+    held_before_claim = progress.outcome is Outcome.PAUSED and state.lease_owner != progress.lease_owner
+    if progress.outcome is Outcome.PAUSED and not held_before_claim:
+        store.give_back_attempt(progress.order_id, progress.lease_owner)
+    if progress.outcome is not Outcome.BUSY and not held_before_claim:
         store.update_state(
             progress.order_id,
             last_outcome=step.outcome.value,

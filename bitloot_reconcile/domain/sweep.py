@@ -10,7 +10,8 @@ from bitloot_reconcile.tags import TAG_ATTEMPT, TRIGGER_SENSOR, request_tags
 
 SENSOR_ACTOR = "stuck_orders_sensor"
 # Dagster never reuses a run key, even after a failed run. The attempt number changes after every run that
-# claimed the order; the time bucket also frees the key when a run died before it could claim.
+# claimed the order, the last run id after every run that recorded an outcome (a run held by a BitLoot switch
+# gives its attempt back); the time bucket also frees the key when a run died before it could claim.
 RUN_KEY_BUCKET = dt.timedelta(minutes=15)
 
 
@@ -43,5 +44,6 @@ def plan_sweep(stuck: list[StuckOrder], *, in_flight: set[str], now: dt.datetime
         reason = describe(order, now)
         tags = request_tags(order.id, trigger=TRIGGER_SENSOR, reason=reason, requested_by=SENSOR_ACTOR)
         tags[TAG_ATTEMPT] = str(attempt)
-        requests.append(SweepRequest(order.id, f"{order.id}:{attempt}:{bucket}", reason, tags))
+        run_key = f"{order.id}:{attempt}:{bucket}" + (f":{order.last_run_id}" if order.last_run_id else "")
+        requests.append(SweepRequest(order.id, run_key, reason, tags))
     return requests

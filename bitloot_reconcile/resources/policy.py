@@ -23,6 +23,7 @@ class ReconcilePolicy(dg.ConfigurableResource):
     backoff_base_seconds: float = 60.0
     backoff_cap_seconds: float = 3600.0
     supplier_deadline_hours: float = 72.0
+    hold_recheck_seconds: float = 300.0
 
     @classmethod
     def overrides_from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -41,4 +42,5 @@ class ReconcilePolicy(dg.ConfigurableResource):
             backoff_cap_seconds=self.backoff_cap_seconds,
             max_attempts=self.max_attempts,
             supplier_deadline_hours=self.supplier_deadline_hours,
+            hold_recheck_seconds=self.hold_recheck_seconds,
         )
