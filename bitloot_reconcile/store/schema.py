@@ -1,8 +1,8 @@
 """The store database: BitLoot's tables as its migrations leave them, plus the project's own tables.
 
 BitLoot's columns are quoted camelCase identifiers with varchar statuses and uuid keys; the definitions here
-mirror `reference/bitloot.md` section 1 and are only *created* on an empty database (demo, tests). Against a
-real BitLoot database the project adds just its own tables and indexes (see the migrations).
+mirror the tables BitLoot's own migrations create and are only *created* on an empty database (demo, tests).
+Against a real BitLoot database the project adds just its own tables and indexes (see the migrations).
 
 Timestamps: BitLoot uses TIMESTAMP WITHOUT TIME ZONE holding UTC; the project's own tables use timestamptz.
 """

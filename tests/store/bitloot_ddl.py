@@ -1,4 +1,4 @@
-"""BitLoot's own tables, as its TypeORM migrations leave them at HEAD (reference/bitloot.md section 1).
+"""BitLoot's own tables, as its TypeORM migrations leave them at HEAD.
 
 Raw PostgreSQL DDL, deliberately independent of `bitloot_reconcile.store.schema`: it is what a real BitLoot
 database looks like before the project's migrations first run against it. It carries columns, tables and
