@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,7 +27,13 @@ from rich.table import Table
 
 from bitloot_reconcile.adapters.r2 import attachment_filename, key_object_path
 from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
+from bitloot_reconcile.sandbox.seed import (
+    SeedProduct,
+    insert_email_bounce,
+    insert_order,
+    insert_product,
+    set_feature_flag,
+)
 from bitloot_reconcile.sandbox.standins import StandIns
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
@@ -43,6 +49,7 @@ DEMO_TUNING = {
     "RECONCILE_SUPPLIER_POLL_ATTEMPTS": "2",
     "RECONCILE_SUPPLIER_POLL_SECONDS": "2",
     "RECONCILE_LEASE_SECONDS": "120",
+    "RECONCILE_HOLD_RECHECK_SECONDS": "3",
     "FRONTEND_URL": "https://bitloot.example",
     "EMAIL_FROM": "orders@bitloot.example",
 }
@@ -70,6 +77,11 @@ class Scenario:
 class DemoWorld:
     engine: sa.Engine
     standins: StandIns
+    # Things that happen while the sweep runs: each is called on every poll until it says it is done.
+    later: list[Callable[[], bool]] = field(default_factory=list)
+
+    def run_later(self) -> None:
+        self.later = [action for action in self.later if not action()]
 
     def product(self, title: str, price: float, *, key_type: str = "text/plain", stock: int = 100,
                 delivery_mode: str | None = None, cost: float | None = None,
@@ -137,6 +149,29 @@ def _email_outage(w: DemoWorld) -> str:
     return order_id
 
 
+def _kinguin_switched_off(w: DemoWorld) -> str:
+    """BitLoot's operators switch Kinguin off during a supplier incident: every order needing Kinguin is held
+    (no attempt used up) until the switch is back on, which happens here once this order was held."""
+    order_id = w.order([w.product("Katana Zero", 8.0)])
+    set_feature_flag(w.engine, "kinguin_enabled", False)
+    store = Store(w.engine)
+
+    def switch_back_on() -> bool:
+        if store.get_state(order_id).last_outcome != "paused":
+            return False
+        set_feature_flag(w.engine, "kinguin_enabled", True)
+        return True
+
+    w.later.append(switch_back_on)
+    return order_id
+
+
+def _bounced_address(w: DemoWorld) -> str:
+    order_id = w.order([w.product("Inside", 6.5)], email="bounced@example.com")
+    insert_email_bounce(w.engine, "bounced@example.com", reason="550 5.1.1 mailbox does not exist")
+    return order_id
+
+
 def _already_fulfilled(w: DemoWorld) -> str:
     """Delivered by BitLoot itself before: key stored and recorded, email sent. The sweep must leave it alone."""
     order_id = w.order([w.product("Tetris", 1.0)], status="fulfilled", completion_email_sent=True)
@@ -161,6 +196,9 @@ SCENARIOS = [
     Scenario("IPN missed", "waiting, but NOWPayments says finished", "fulfilled", _ipn_missed),
     Scenario("R2 outage", "key storage down for a while", "fulfilled", _r2_outage),
     Scenario("email outage", "Resend down when the order completed", "fulfilled", _email_outage),
+    Scenario("Kinguin switched off", "kinguin_enabled off in BitLoot for a while, then on", "fulfilled",
+             _kinguin_switched_off),
+    Scenario("bounced address", "customer's address hard-bounced: keys, no email", "fulfilled", _bounced_address),
     Scenario("supplier canceled", "Kinguin canceled the order", "needs_attention", _supplier_canceled),
     Scenario("out of stock", "no Kinguin offer at our cost", "needs_attention",
              lambda w: w.order([w.product("Outer Wilds", 15.0, stock=0)])),
@@ -219,6 +257,7 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
             deadline = time.monotonic() + timeout
             with console.status("waiting for the sweep to settle every order...") as status:
                 while time.monotonic() < deadline:
+                    world.run_later()
                     done = sum(_settled(store, oid, s.expect) for s, oid in seeded)
                     status.update(f"{done}/{len(seeded)} orders settled")
                     if done == len(seeded):

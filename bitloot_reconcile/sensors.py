@@ -6,6 +6,7 @@ import os
 import dagster as dg
 
 from bitloot_reconcile.domain.sweep import plan_sweep, run_worker_gone
+from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
@@ -55,7 +56,11 @@ SWEEP_INTERVAL_SECONDS = int(os.environ.get("RECONCILE_SWEEP_INTERVAL_SECONDS", 
 def stuck_orders_sensor(
     context: dg.SensorEvaluationContext, store: StoreResource, policy: ReconcilePolicy
 ) -> dg.SensorResult | dg.SkipReason:
-    """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each."""
+    """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each, unless BitLoot's own
+    switches stop automatic fulfilment."""
+    held = read_switches(store.get_store()).sweep_hold
+    if held:
+        return dg.SkipReason(f"launching nothing: {held}")
     now = utcnow()
     repo = store.get_store()
     stuck = repo.find_stuck_orders(

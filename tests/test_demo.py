@@ -23,5 +23,5 @@ def test_demo_settles_every_order(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "every order settled as expected" in result.stdout
     for scenario in ("webhook missed", "response lost", "R2 outage", "email outage", "supplier canceled",
-                     "partial keys", "unpaid", "already fulfilled"):
+                     "partial keys", "unpaid", "already fulfilled", "Kinguin switched off", "bounced address"):
         assert scenario in result.stdout

@@ -15,6 +15,9 @@ class Outcome(StrEnum):
     BUSY = "busy"
     # A run that failed on an outside system's outage after its retries; the sweep comes back with backoff.
     RETRY_LATER = "retry_later"
+    # One of BitLoot's own switches (feature flags) held the order back; no attempt is used up, the sweep
+    # looks again after a short while.
+    PAUSED = "paused"
 
 
 # Outcomes after which the sweep leaves the order alone until a person acts (an admin run still works).

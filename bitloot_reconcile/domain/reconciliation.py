@@ -13,10 +13,11 @@ Classes, most serious first; an order matching several gets the first, and `flag
 5. store_unpaid_but_payment_finished: the customer paid, the store still says created/waiting/confirming/failed
 6. supplier_completed_store_not_fulfilled: the keys are waiting at Kinguin
 7. placed_not_delivered: Kinguin is still processing the order
-8. paid_not_placed: paid, and Kinguin has no order for it
-9. price_mismatch: Kinguin charged more per unit than the product cost BitLoot sends as the ceiling
-10. fulfilled_missing_email: delivered, but the completion email never went out
-11. ok
+8. held_by_switch: one of BitLoot's own switches (a feature flag) holds the recovery back
+9. paid_not_placed: paid, and Kinguin has no order for it
+10. price_mismatch: Kinguin charged more per unit than the product cost BitLoot sends as the ceiling
+11. fulfilled_missing_email: delivered, but the completion email never went out
+12. ok
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from bitloot_reconcile.adapters.errors import NotFoundError
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentVerdict
 from bitloot_reconcile.domain.fulfilment import UNPAID_STATUSES, parse_order_id, payment_verdict
-from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome
 from bitloot_reconcile.store.repository import Order, Store
 
 if TYPE_CHECKING:  # pandas is imported where a report is built, so run workers of other jobs never load it
@@ -51,6 +52,7 @@ class Mismatch(StrEnum):
     UNPAID_BUT_FINISHED = "store_unpaid_but_payment_finished"
     SUPPLIER_COMPLETED = "supplier_completed_store_not_fulfilled"
     PLACED_NOT_DELIVERED = "placed_not_delivered"
+    HELD_BY_SWITCH = "held_by_switch"
     PAID_NOT_PLACED = "paid_not_placed"
     PRICE_MISMATCH = "price_mismatch"
     MISSING_EMAIL = "fulfilled_missing_email"
@@ -84,6 +86,7 @@ class Evidence:
     unknown_reservations: set[str] = field(default_factory=set)  # kinguinReservationIds Kinguin does not know
     payments_seen: dict[str, tuple[bool, str]] = field(default_factory=dict)  # order id -> (paid?, what was seen)
     missing_objects: dict[str, int] = field(default_factory=dict)  # fulfilled order id -> items without object
+    held: dict[str, str] = field(default_factory=dict)  # order id -> why a BitLoot switch holds its recovery
 
 
 # ------------------------------------------------------------------------------------------------ collecting
@@ -101,8 +104,11 @@ def collect(store: Store, kinguin, nowpayments, vault, start: dt.datetime, end: 
         order = store.load_order(order_id)
         if order is not None:
             evidence.orders.append(order)
-            if store.get_state(order_id).placement_intent_at is not None:
+            state = store.get_state(order_id)
+            if state.placement_intent_at is not None:
                 evidence.placement_intents.add(order_id)
+            if state.last_outcome == Outcome.PAUSED:
+                evidence.held[order_id] = state.last_reason or "held"
         tick("store", n, len(ids))
     _collect_supplier(evidence, store, kinguin, start, end, tick)
     unpaid = [o for o in evidence.orders if o.status in LOOKS_UNPAID and o.payments]
@@ -227,6 +233,8 @@ def _store_row(order: Order, suppliers: list[KinguinOrder], evidence: Evidence) 
             found[Mismatch.SUPPLIER_COMPLETED] = f"Kinguin completed {primary.order_id}; store says {order.status}"
         elif primary.status == "processing":
             found[Mismatch.PLACED_NOT_DELIVERED] = f"Kinguin {primary.order_id} still processing"
+    if order.id in evidence.held:
+        found[Mismatch.HELD_BY_SWITCH] = f"held by a BitLoot switch: {evidence.held[order.id]}"
     if order.status == "paid" and primary is None:
         unknown = order.kinguin_reservation_id in evidence.unknown_reservations
         found[Mismatch.PAID_NOT_PLACED] = (

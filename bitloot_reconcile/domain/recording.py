@@ -45,9 +45,13 @@ def record_outcome(
         next_attempt_at=step.next_attempt_at,
         waiting_since=step.waiting_since,
     )
+    # A switch can hold a run before it claims the order: such a run changes nothing but its audit row.
+    held_before_claim = progress.outcome is Outcome.PAUSED and state.lease_owner != progress.lease_owner
+    if progress.outcome is Outcome.PAUSED and not held_before_claim:
+        store.give_back_attempt(progress.order_id, progress.lease_owner)
     if progress.outcome is Outcome.ALREADY_FULFILLED:
         store.update_state(progress.order_id, **result)  # decided before any lease was taken; nothing written
-    elif progress.outcome is not Outcome.BUSY and not store.finish_run(
+    elif progress.outcome is not Outcome.BUSY and not held_before_claim and not store.finish_run(
         progress.order_id, progress.lease_owner, **result
     ):
         # The lease lapsed and another run owns the order now: its outcome is the one that counts.

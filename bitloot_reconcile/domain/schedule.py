@@ -16,6 +16,8 @@ class RetrySchedule:
     jitter: float = 0.2  # +/- share of the delay, so a burst of failures does not come back in lockstep
     max_attempts: int = 8
     busy_retry_seconds: float = 60.0
+    # A BitLoot switch held the order: look again after this long (BitLoot itself re-queues after 5 min).
+    hold_recheck_seconds: float = 300.0
     # Kinguin delivery: most keys arrive within minutes; some take hours; pre-orders wait for release.
     supplier_poll_steps: tuple[tuple[float, float], ...] = ((900, 120), (7200, 600), (86400, 3600))
     supplier_poll_last_seconds: float = 3 * 3600
@@ -76,4 +78,6 @@ def plan_next_step(
         return NextStep(outcome, reason, now + schedule.backoff(attempts, rng), None)
     if outcome is Outcome.BUSY:
         return NextStep(outcome, reason, now + dt.timedelta(seconds=schedule.busy_retry_seconds), waiting_since)
+    if outcome is Outcome.PAUSED:  # never quarantined: a switch is an operator's choice, not a failure
+        return NextStep(outcome, reason, now + dt.timedelta(seconds=schedule.hold_recheck_seconds), waiting_since)
     return NextStep(outcome, reason, None, None)

@@ -34,8 +34,9 @@ def plan_sweep(
     stuck: list[StuckOrder], *, in_flight: set[str], now: dt.datetime, lease_ttl: dt.timedelta
 ) -> list[SweepRequest]:
     """Dagster never reuses a run key, even after a failed run. The attempt number changes after every run
-    that claimed the order; a run that died before it could claim is found gone a lease period after it
-    started (`run_worker_gone`), so a time bucket one lease long has moved on by then and frees the key."""
+    that claimed the order, the last run id after every run that recorded an outcome (a run held by a BitLoot
+    switch gives its attempt back); a run that died before it could claim is found gone a lease period after
+    it started (`run_worker_gone`), so a time bucket one lease long has moved on by then and frees the key."""
     bucket = int(now.timestamp() // lease_ttl.total_seconds())
     requests = []
     for order in stuck:
@@ -45,7 +46,8 @@ def plan_sweep(
         reason = describe(order, now)
         tags = request_tags(order.id, trigger=TRIGGER_SENSOR, reason=reason, requested_by=SENSOR_ACTOR)
         tags[TAG_ATTEMPT] = str(attempt)
-        requests.append(SweepRequest(order.id, f"{order.id}:{attempt}:{bucket}", reason, tags))
+        run_key = f"{order.id}:{attempt}:{bucket}" + (f":{order.last_run_id}" if order.last_run_id else "")
+        requests.append(SweepRequest(order.id, run_key, reason, tags))
     return requests
 
 

@@ -12,7 +12,7 @@ import dagster as dg
 from pydantic import Field
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
-from bitloot_reconcile.domain import fulfilment
+from bitloot_reconcile.domain import fulfilment, switches
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
@@ -92,7 +92,9 @@ def load_and_claim(
         order_id = fulfilment.parse_order_id(config.order_id)
         if trigger == TRIGGER_ADMIN:
             fulfilment.validate_admin_request(config.reason, config.requested_by)
-        progress = fulfilment.load_and_claim(
+        progress = switches.hold_before_claim(
+            repo, order_id, owner=context.run_id, admin=trigger == TRIGGER_ADMIN
+        ) or fulfilment.load_and_claim(
             repo, order_id, owner=context.run_id, lease_ttl=policy.lease_ttl, admin=trigger == TRIGGER_ADMIN
         )
     if TAG_ATTEMPT not in existing:
@@ -122,6 +124,7 @@ def verify_payment(
 def ensure_supplier_order(
     progress: Progress, store: StoreResource, kinguin: KinguinResource, policy: ReconcilePolicy
 ) -> Progress:
+    progress = switches.hold_before_kinguin(store.get_store(), progress)
     with step_errors(policy), kinguin.get_client() as client:
         return fulfilment.ensure_supplier_order(store.get_store(), client, progress)
 
@@ -135,6 +138,7 @@ def poll_supplier(
     policy: ReconcilePolicy,
 ) -> Progress:
     """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
+    progress = switches.hold_before_kinguin(store.get_store(), progress)
     with step_errors(policy), kinguin.get_client() as client:
         result = fulfilment.poll_supplier(store.get_store(), client, progress)
     if result.outcome is Outcome.WAITING_FOR_SUPPLIER and context.retry_number < policy.supplier_poll_attempts:
@@ -154,6 +158,7 @@ def store_keys(
     policy: ReconcilePolicy,
 ) -> Progress:
     """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
+    progress = switches.hold_before_kinguin(store.get_store(), progress)
     with step_errors(policy), kinguin.get_client() as client:
         result = fulfilment.store_keys(
             store.get_store(), client, r2.get_vault(), progress, presign_seconds=r2.presign_expiry_seconds
@@ -177,6 +182,7 @@ def send_completion_email(
     policy: ReconcilePolicy,
 ) -> Progress:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
+    progress = switches.hold_before_email(store.get_store(), progress)
     with step_errors(policy):
         try:
             with mailer.get_client() as client:

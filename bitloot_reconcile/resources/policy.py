@@ -27,6 +27,7 @@ class ReconcilePolicy(dg.ConfigurableResource):
     backoff_base_seconds: float = 60.0
     backoff_cap_seconds: float = 3600.0
     supplier_deadline_hours: float = 72.0
+    hold_recheck_seconds: float = 300.0
 
     @model_validator(mode="after")
     def _waits_fit_in_the_lease(self) -> ReconcilePolicy:
@@ -56,4 +57,5 @@ class ReconcilePolicy(dg.ConfigurableResource):
             backoff_cap_seconds=self.backoff_cap_seconds,
             max_attempts=self.max_attempts,
             supplier_deadline_hours=self.supplier_deadline_hours,
+            hold_recheck_seconds=self.hold_recheck_seconds,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -10,7 +11,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from bitloot_reconcile.store.repository import naive_utc, utcnow
-from bitloot_reconcile.store.schema import order_items, orders, payments, products
+from bitloot_reconcile.store.schema import email_bounces, feature_flags, order_items, orders, payments, products
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,18 @@ class SeedProduct:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
+def product_slug(product: SeedProduct) -> str:
+    """BitLoot's `products.slug` is NOT NULL and unique: the title in URL form plus the start of the id."""
+    words = re.sub(r"[^a-z0-9]+", "-", product.title.lower()).strip("-")
+    return f"{words}-{product.id[:8]}" if words else product.id
+
+
 def insert_product(engine: sa.Engine, product: SeedProduct) -> SeedProduct:
     with engine.begin() as conn:
         conn.execute(
             sa.insert(products).values(
                 id=product.id,
+                slug=product_slug(product),
                 title=product.title,
                 sourceType=product.source_type,
                 kinguinProductId=product.kinguin_product_id,
@@ -100,3 +108,19 @@ def insert_order(
                 )
             )
     return order_id
+
+
+def set_feature_flag(engine: sa.Engine, name: str, enabled: bool) -> None:
+    """Flip one of BitLoot's feature flags, as its admin panel does (the row is created if missing)."""
+    with engine.begin() as conn:
+        changed = conn.execute(
+            sa.update(feature_flags).where(feature_flags.c.name == name).values(enabled=enabled)
+        ).rowcount
+        if not changed:
+            conn.execute(sa.insert(feature_flags).values(name=name, enabled=enabled))
+
+
+def insert_email_bounce(engine: sa.Engine, email: str, *, bounce_type: str = "hard", reason: str | None = None) -> None:
+    """A row of BitLoot's suppression list, as its Resend bounce webhook writes it."""
+    with engine.begin() as conn:
+        conn.execute(sa.insert(email_bounces).values(email=email, type=bounce_type, reason=reason))

@@ -18,6 +18,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from bitloot_reconcile.store.schema import (
     STUCK_STATUSES,
+    email_bounces,
+    feature_flags,
     order_items,
     orders,
     payments,
@@ -93,6 +95,14 @@ class StuckOrder:
     updated_at: dt.datetime
     completion_email_sent: bool
     attempts: int
+    last_run_id: str | None = None  # the last run that recorded an outcome
+
+
+@dataclass(frozen=True)
+class EmailBounce:
+    type: str  # hard | complaint (soft bounces never suppress)
+    reason: str | None
+    bounced_at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -307,13 +317,15 @@ class Store:
             .subquery()
         )
         query = (
-            sa.select(due, sa.func.coalesce(reconcile_state.c.attempts, 0).label("attempts"))
+            sa.select(
+                due, sa.func.coalesce(reconcile_state.c.attempts, 0).label("attempts"), reconcile_state.c.last_run_id
+            )
             .select_from(due.outerjoin(reconcile_state, reconcile_state.c.order_id == due.c.id))
             .order_by(due.c.updatedAt)
         )
         with self.engine.connect() as conn:
             return [
-                StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts)
+                StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts, r.last_run_id)
                 for r in conn.execute(query)
             ]
 
@@ -580,3 +592,48 @@ class Store:
             return set()
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(orders.c.id).where(orders.c.id.in_(sorted(order_ids)))).scalars())
+
+    # -- BitLoot's switches: its feature flags and its email suppression list (reads only) -------------------
+    def feature_flags(self) -> dict[str, bool] | None:
+        """Every flag row in one query; None when BitLoot has no `feature_flags` table (older than its flags)."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(feature_flags.c.name, feature_flags.c.enabled))
+                return {row.name: bool(row.enabled) for row in rows}
+        except sa.exc.DBAPIError:
+            if self._has_table(feature_flags):
+                raise
+            return None
+
+    def email_suppression(self, email: str) -> EmailBounce | None:
+        """The latest hard bounce or complaint for this address, as BitLoot checks before sending; None when
+        there is none or BitLoot has no `email_bounces` table."""
+        query = (
+            sa.select(email_bounces.c.type, email_bounces.c.reason, email_bounces.c.bouncedAt)
+            # Addresses may differ in case between checkout and the bounce report; read once per email.
+            .where(sa.func.lower(email_bounces.c.email) == email.strip().lower(),
+                   email_bounces.c.type.in_(("hard", "complaint")))
+            .order_by(email_bounces.c.bouncedAt.desc())
+            .limit(1)
+        )
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(query).first()
+        except sa.exc.DBAPIError:
+            if self._has_table(email_bounces):
+                raise
+            return None
+        return EmailBounce(row.type, row.reason, row.bouncedAt) if row else None
+
+    def give_back_attempt(self, order_id: str, owner: str) -> None:
+        """Undo the attempt `claim` counted, for a run a BitLoot switch held: holds never use up attempts."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner,
+                       reconcile_state.c.attempts > 0)
+                .values(attempts=reconcile_state.c.attempts - 1, updated_at=utcnow())
+            )
+
+    def _has_table(self, table: sa.Table) -> bool:
+        return sa.inspect(self.engine).has_table(table.name)

@@ -1,8 +1,8 @@
 """The store database: BitLoot's tables as its migrations leave them, plus the project's own tables.
 
 BitLoot's columns are quoted camelCase identifiers with varchar statuses and uuid keys; the definitions here
-mirror `reference/bitloot.md` section 1 and are only *created* on an empty database (demo, tests). Against a
-real BitLoot database the project adds just its own tables and indexes (see the migrations).
+mirror the tables BitLoot's own migrations create and are only *created* on an empty database (demo, tests).
+Against a real BitLoot database the project adds just its own tables and indexes (see the migrations).
 
 Timestamps: BitLoot uses TIMESTAMP WITHOUT TIME ZONE holding UTC; the project's own tables use timestamptz.
 """
@@ -10,6 +10,7 @@ Timestamps: BitLoot uses TIMESTAMP WITHOUT TIME ZONE holding UTC; the project's 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -43,9 +44,7 @@ SOURCE_TYPE = sa.Enum("custom", "kinguin", name="product_source_type_enum")
 PAYMENT_STATUS = sa.Enum(
     "created", "waiting", "confirmed", "finished", "underpaid", "failed", name="payments_status_enum"
 )
-
-
-
+BOUNCE_TYPE = sa.Enum("hard", "soft", "complaint", name="email_bounces_type_enum")
 
 
 def _bitloot_timestamps() -> list[sa.Column]:
@@ -123,7 +122,8 @@ products = sa.Table(
     "products",
     metadata,
     sa.Column("id", UUID, primary_key=True),
-    sa.Column("title", sa.String(255), nullable=False),
+    sa.Column("slug", sa.Text(), nullable=False),
+    sa.Column("title", sa.Text(), nullable=True),
     sa.Column("sourceType", SOURCE_TYPE, nullable=False, server_default="custom"),
     sa.Column("kinguinId", sa.Integer(), nullable=True),
     sa.Column("kinguinProductId", sa.String(100), nullable=True),
@@ -131,12 +131,55 @@ products = sa.Table(
     sa.Column("cost", sa.Numeric(20, 8), nullable=False, server_default="0"),
     sa.Column("price", sa.Numeric(20, 8), nullable=False, server_default="0"),
     sa.Column("currency", sa.CHAR(3), nullable=False, server_default="EUR"),
-    sa.Column("isPreorder", sa.Boolean(), nullable=False, server_default=sa.false()),
-    sa.Column("releaseDate", sa.DateTime(), nullable=True),
+    sa.Column("isPreorder", sa.Boolean(), nullable=True, server_default=sa.false()),
+    sa.Column("releaseDate", sa.String(20), nullable=True),
     *_bitloot_timestamps(),
 )
 
-BITLOOT_TABLES = (orders, order_items, keys, payments, products)
+# BitLoot's operator switches (its migration CreateFeatureFlagsAndConfig creates and seeds them).
+feature_flags = sa.Table(
+    "feature_flags",
+    metadata,
+    sa.Column("id", UUID, primary_key=True, default=lambda: str(uuid.uuid4())),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("enabled", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("description", sa.Text(), nullable=True),
+    sa.Column("category", sa.String(50), nullable=False, server_default="System"),
+    sa.Column("createdAt", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updatedAt", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updatedById", UUID, nullable=True),
+    sa.Index("IDX_feature_flags_name", "name", unique=True),
+)
+# The rows BitLoot's migration seeds: (name, enabled, category).
+SEEDED_FEATURE_FLAGS = (
+    ("auto_fulfill_enabled", True, "Fulfillment"),
+    ("captcha_enabled", True, "Security"),
+    ("custom_products_enabled", True, "Products"),
+    ("email_notifications_enabled", True, "Notifications"),
+    ("fulfillment_enabled", True, "Fulfillment"),
+    ("kinguin_enabled", True, "Products"),
+    ("maintenance_mode", False, "System"),
+    ("payment_processing_enabled", True, "Payments"),
+)
+
+# BitLoot's suppression list: addresses that bounced or complained.
+email_bounces = sa.Table(
+    "email_bounces",
+    metadata,
+    sa.Column("id", UUID, primary_key=True, default=lambda: str(uuid.uuid4())),
+    sa.Column("email", sa.String(255), nullable=False),
+    sa.Column("type", BOUNCE_TYPE, nullable=False),
+    sa.Column("reason", sa.Text(), nullable=True),
+    sa.Column("externalBounceId", sa.String(255), nullable=True),
+    sa.Column("bouncedAt", sa.DateTime(), nullable=False, server_default=sa.func.now()),
+    sa.Column("createdAt", sa.DateTime(), nullable=False, server_default=sa.func.now()),
+    sa.Index("IDX_email_bounces_email", "email"),
+    sa.Index("IDX_email_bounces_email_type", "email", "type"),
+    sa.Index("IDX_email_bounces_bouncedAt", "bouncedAt"),
+    sa.Index("IDX_email_bounces_type_createdAt", "type", "createdAt"),
+)
+
+BITLOOT_TABLES = (orders, order_items, keys, payments, products, feature_flags, email_bounces)
 
 # --- the project's own tables ------------------------------------------------------------------------------
 reconcile_state = sa.Table(

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from bitloot_reconcile.assets import reconciliation_report
 from bitloot_reconcile.domain import reconciliation
+from bitloot_reconcile.sandbox.seed import set_feature_flag
 from bitloot_reconcile.store.schema import keys, orders, products
 from tests.fixtures.world import World
 
@@ -69,6 +70,12 @@ def seed_every_class(world: World) -> dict[str, str]:
     expected[overcharged] = "price_mismatch"
 
     expected[world.order([game])] = "paid_not_placed"
+
+    held = world.order([game])  # a run found Kinguin switched off in BitLoot
+    set_feature_flag(world.engine, "kinguin_enabled", False)
+    assert world.run(held).output_for_node("record_outcome") == "paused"
+    set_feature_flag(world.engine, "kinguin_enabled", True)
+    expected[held] = "held_by_switch"
 
     processing = world.order([game])  # an intent, and a Kinguin order created the next day: found by external id
     world.store.record_placement_intent(processing)
@@ -127,7 +134,7 @@ def test_every_class_is_found_stored_in_r2_and_fails_its_check(world: World):
     meta = materialization.metadata
     counts = meta["counts"].value
     assert counts == {cls.value: 2 if cls.value == "ok" else 1 for cls in reconciliation.Mismatch}
-    assert meta["dagster/row_count"].value == 12
+    assert meta["dagster/row_count"].value == 13
     assert meta["report_path"].value == f"{world.r2.bucket}/reports/reconciliation/{DAY}.csv"
     assert "| orphan_supplier_order |" in meta["worst_rows"].value
     broken = report.set_index("order_id").loc[next(k for k, v in expected.items() if v == "fulfilled_missing_keys")]

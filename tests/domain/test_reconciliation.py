@@ -58,11 +58,13 @@ def test_every_class_and_worst_first():
     overcharged = order("fulfilled", emailed=True, cost="4.00", reservation="KOVER")
     no_email = order("fulfilled")
     duplicated = order("paid", reservation="KDUP1")
+    held = order("paid")  # Kinguin switched off in BitLoot: paid, not placed, and that is why
     orphan_id = str(uuid.uuid4())
     evidence = Evidence(
         orders=[ok, unpaid_ok, missing_keys, missing_object, canceled, unpaid_paid, completed, processing, not_placed,
-                overcharged, no_email, duplicated],
+                overcharged, no_email, duplicated, held],
         placement_intents={processing.id},
+        held={held.id: "Kinguin is switched off in BitLoot"},
         supplier_orders=[
             supplier(canceled.id, "canceled", kid="KCANCEL"), supplier(completed.id, kid="KDONE"),
             supplier(processing.id, "processing"), supplier(overcharged.id, price=4.5, kid="KOVER"),
@@ -84,6 +86,7 @@ def test_every_class_and_worst_first():
         unpaid_paid.id: "store_unpaid_but_payment_finished",
         completed.id: "supplier_completed_store_not_fulfilled",
         processing.id: "placed_not_delivered",
+        held.id: "held_by_switch",
         not_placed.id: "paid_not_placed",
         overcharged.id: "price_mismatch",
         no_email.id: "fulfilled_missing_email",
@@ -99,13 +102,16 @@ def test_every_class_and_worst_first():
     assert rows.loc[orphan_id, "charged_eur"] == 10.0
     assert rows.loc[missing_keys.id, "severity"] == "error"
     assert rows.loc[no_email.id, "severity"] == "warn"
+    assert rows.loc[held.id, "flags"] == "held_by_switch,paid_not_placed"
+    assert rows.loc[held.id, "detail"].startswith("held by a BitLoot switch: Kinguin is switched off in BitLoot")
 
     counts = rec.class_counts(report)
     assert list(counts) == [cls.value for cls in Mismatch]
     assert counts == {"orphan_supplier_order": 2, "duplicate_supplier_orders": 1, "fulfilled_missing_keys": 2,
                       "supplier_canceled_or_refunded": 1, "store_unpaid_but_payment_finished": 1,
-                      "supplier_completed_store_not_fulfilled": 1, "placed_not_delivered": 1, "paid_not_placed": 1,
-                      "price_mismatch": 1, "fulfilled_missing_email": 1, "ok": 2}
+                      "supplier_completed_store_not_fulfilled": 1, "placed_not_delivered": 1,
+                      "held_by_switch": 1, "paid_not_placed": 1, "price_mismatch": 1, "fulfilled_missing_email": 1,
+                      "ok": 2}
 
 
 @pytest.mark.parametrize(("charged", "mismatch"), [(5.0, False), (4.2, False), (5.004, False), (5.01, True)])

@@ -57,3 +57,13 @@ def test_final_outcomes_schedule_nothing():
         step = plan_next_step(RetrySchedule(), outcome=outcome, reason=None, attempts=1, waiting_since=None,
                               preorder=False, now=NOW)
         assert step.next_attempt_at is None and step.outcome is outcome
+
+
+def test_a_held_order_is_looked_at_again_soon_and_never_quarantined():
+    schedule = RetrySchedule(max_attempts=3, hold_recheck_seconds=300)
+    since = NOW - dt.timedelta(hours=1)
+    held = plan_next_step(schedule, outcome=Outcome.PAUSED, reason="Kinguin is switched off in BitLoot",
+                          attempts=50, waiting_since=since, preorder=False, now=NOW)
+    assert held.outcome is Outcome.PAUSED
+    assert held.next_attempt_at == NOW + dt.timedelta(seconds=300)
+    assert held.waiting_since == since  # a supplier wait keeps its start

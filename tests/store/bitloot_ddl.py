@@ -1,4 +1,4 @@
-"""BitLoot's own tables, as its TypeORM migrations leave them at HEAD (reference/bitloot.md section 1).
+"""BitLoot's own tables, as its TypeORM migrations leave them at HEAD.
 
 Raw PostgreSQL DDL, deliberately independent of `bitloot_reconcile.store.schema`: it is what a real BitLoot
 database looks like before the project's migrations first run against it. It carries columns, tables and
@@ -44,8 +44,8 @@ BITLOOT_DDL = [
     )""",
     """CREATE TABLE "products" (
         "id" uuid NOT NULL DEFAULT gen_random_uuid(),
-        "title" character varying(255) NOT NULL,
-        "slug" character varying(255),
+        "title" text,
+        "slug" text NOT NULL,
         "sourceType" "product_source_type_enum" NOT NULL DEFAULT 'custom',
         "kinguinId" integer,
         "kinguinProductId" character varying(100),
@@ -53,10 +53,11 @@ BITLOOT_DDL = [
         "cost" numeric(20,8) NOT NULL DEFAULT 0,
         "price" numeric(20,8) NOT NULL DEFAULT 0,
         "currency" character(3) NOT NULL DEFAULT 'EUR',
-        "qty" integer NOT NULL DEFAULT 0,
-        "textQty" integer NOT NULL DEFAULT 0,
-        "isPreorder" boolean NOT NULL DEFAULT false,
-        "releaseDate" TIMESTAMP,
+        "qty" integer,
+        "textQty" integer,
+        "isPreorder" boolean DEFAULT false,
+        "releaseDate" character varying(20),
+        "businessCategory" character varying NOT NULL DEFAULT 'games',
         "deliveryType" character varying(20) NOT NULL DEFAULT 'key',
         "deliveryInstructions" text,
         "stockAvailable" integer NOT NULL DEFAULT 0,
@@ -160,16 +161,53 @@ BITLOOT_DDL = [
         CONSTRAINT "PK_webhook_logs_id" PRIMARY KEY ("id"),
         CONSTRAINT "UQ_webhook_idempotency" UNIQUE ("externalId", "webhookType", "paymentStatus")
     )""",
+    # CreateFeatureFlagsAndConfig: the table and the flags it seeds.
+    """CREATE TABLE "feature_flags" (
+        "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        "name" character varying(100) NOT NULL,
+        "enabled" boolean NOT NULL DEFAULT false,
+        "description" text,
+        "category" character varying(50) NOT NULL DEFAULT 'System',
+        "createdAt" TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now(),
+        "updatedAt" TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now(),
+        "updatedById" uuid
+    )""",
+    """CREATE UNIQUE INDEX "IDX_feature_flags_name" ON "feature_flags" ("name")""",
+    """INSERT INTO "feature_flags" ("name", "enabled", "category") VALUES
+        ('auto_fulfill_enabled', true, 'Fulfillment'),
+        ('captcha_enabled', true, 'Security'),
+        ('custom_products_enabled', true, 'Products'),
+        ('email_notifications_enabled', true, 'Notifications'),
+        ('fulfillment_enabled', true, 'Fulfillment'),
+        ('kinguin_enabled', true, 'Products'),
+        ('maintenance_mode', false, 'System'),
+        ('payment_processing_enabled', true, 'Payments')""",
+    """CREATE TABLE "email_bounces" (
+        "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        "email" character varying(255) NOT NULL,
+        "type" "email_bounces_type_enum" NOT NULL,
+        "reason" text,
+        "externalBounceId" character varying(255),
+        "bouncedAt" TIMESTAMP NOT NULL DEFAULT now(),
+        "createdAt" TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
+    )""",
+    """CREATE INDEX "IDX_email_bounces_email" ON "email_bounces" ("email")""",
+    """CREATE INDEX "IDX_email_bounces_email_type" ON "email_bounces" ("email", "type")""",
+    """CREATE INDEX "IDX_email_bounces_bouncedAt" ON "email_bounces" ("bouncedAt")""",
+    """CREATE INDEX "IDX_email_bounces_type_createdAt" ON "email_bounces" ("type", "createdAt")""",
 ]
 
-# Every table the DDL creates; the first five are the ones the project models.
-MODELED_TABLES = ("orders", "order_items", "keys", "payments", "products")
+# BitLoot before CreateFeatureFlagsAndConfig: the same schema without the switches and the suppression list.
+SWITCH_TABLES = ("feature_flags", "email_bounces")
+
+# Every table the DDL creates; the first seven are the ones the project models.
+MODELED_TABLES = ("orders", "order_items", "keys", "payments", "products", *SWITCH_TABLES)
 BITLOOT_TABLES = (*MODELED_TABLES, "users", "promocodes", "webhook_logs")
 BITLOOT_ENUMS = ("email_bounces_type_enum", "payments_status_enum", "product_source_type_enum")
 
 # Columns BitLoot has and the project's schema does not model.
 UNMODELED_COLUMNS = {
-    "products": ("slug", "qty", "textQty", "deliveryType", "deliveryInstructions", "stockAvailable"),
+    "products": ("qty", "textQty", "businessCategory", "deliveryType", "deliveryInstructions", "stockAvailable"),
 }
 
 # The project's own objects (what its migrations may add, and must remove again on downgrade).
@@ -182,9 +220,11 @@ PROJECT_ORDER_INDEXES = (
 )
 
 
-def create_bitloot_schema(conn: sa.Connection) -> None:
+def create_bitloot_schema(conn: sa.Connection, *, with_switches: bool = True) -> None:
+    """BitLoot at HEAD; `with_switches=False`: an older BitLoot without `feature_flags` and `email_bounces`."""
     for statement in BITLOOT_DDL:
-        conn.exec_driver_sql(statement)
+        if with_switches or not any(f'"{table}"' in statement for table in SWITCH_TABLES):
+            conn.exec_driver_sql(statement)
 
 
 def insert_bitloot_rows(conn: sa.Connection) -> dict[str, str]:
@@ -287,13 +327,19 @@ def insert_bitloot_rows(conn: sa.Connection) -> dict[str, str]:
     return ids
 
 
-def populate_bitloot_database(url: str) -> dict[str, str]:
+def populate_bitloot_database(url: str, *, with_switches: bool = True) -> dict[str, str]:
     """Create BitLoot's schema in the (empty) database at `url` and fill it with the sample rows."""
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
-            create_bitloot_schema(conn)
-            return insert_bitloot_rows(conn)
+            create_bitloot_schema(conn, with_switches=with_switches)
+            ids = insert_bitloot_rows(conn)
+            if with_switches:
+                conn.execute(sa.text(
+                    """INSERT INTO email_bounces (email, type, reason, "externalBounceId")
+                       VALUES ('gone@example.com', 'hard', '550 5.1.1 mailbox does not exist', 'bnc_1')"""
+                ))
+            return ids
     finally:
         engine.dispose()
 

@@ -50,6 +50,7 @@ def test_upgrade_on_empty_postgres_creates_every_table_and_index(empty_pg_url):
     order_indexes = {name for (table, name) in snap["all_indexes"] if table == "orders"}
     assert set(ddl.PROJECT_ORDER_INDEXES) <= order_indexes
     assert snap["enums"] == {
+        "email_bounces_type_enum": ["hard", "soft", "complaint"],
         "payments_status_enum": ["created", "waiting", "confirmed", "finished", "underpaid", "failed"],
         "product_source_type_enum": ["custom", "kinguin"],
     }
@@ -63,6 +64,18 @@ def test_upgrade_on_empty_postgres_creates_every_table_and_index(empty_pg_url):
     again = ddl.full_snapshot(empty_pg_url)
     assert again == snap
     assert _versions(empty_pg_url) == ["0001"]
+
+
+def test_upgrade_on_empty_postgres_seeds_bitloots_feature_flags(empty_pg_url):
+    _migrate(empty_pg_url)
+    engine = create_store_engine(empty_pg_url)
+    try:
+        with engine.connect() as conn:
+            flags = conn.execute(sa.select(schema.feature_flags.c.name, schema.feature_flags.c.enabled,
+                                           schema.feature_flags.c.category).order_by("name")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(f) for f in flags] == list(schema.SEEDED_FEATURE_FLAGS)
 
 
 def test_project_index_definitions(empty_pg_url):
@@ -122,6 +135,19 @@ def test_upgrade_on_bitloot_database_adds_only_the_projects_objects(bitloot_pg_u
 
     _migrate(bitloot_pg_url)  # twice: nothing more
     assert ddl.full_snapshot(bitloot_pg_url) == after
+
+
+def test_upgrade_on_an_older_bitloot_never_creates_its_switch_tables(empty_pg_url):
+    """BitLoot before its feature-flags migration: those tables are BitLoot's to create, never the project's."""
+    ddl.populate_bitloot_database(empty_pg_url, with_switches=False)
+    before = ddl.full_snapshot(empty_pg_url)
+    assert not before["tables"] & set(ddl.SWITCH_TABLES)
+
+    _migrate(empty_pg_url)
+
+    after = ddl.full_snapshot(empty_pg_url)
+    assert after["tables"] - before["tables"] == {*ddl.PROJECT_TABLES, ddl.VERSION_TABLE}
+    assert after["columns"] == before["columns"] and after["rows"] == before["rows"]
 
 
 def test_downgrade_to_base_removes_only_the_projects_objects(bitloot_pg_url):

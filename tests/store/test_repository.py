@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from bitloot_reconcile.sandbox.seed import SeedProduct, insert_email_bounce, insert_product, set_feature_flag
+from bitloot_reconcile.sandbox.seed import insert_order as insert_seeded_order
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
@@ -96,6 +98,7 @@ def test_load_order_with_items_products_payments_and_keys(engine, store):
         for values in [
             dict(
                 id=kinguin_product,
+                slug="elden-ring-pc",
                 title="Elden Ring (PC)",
                 sourceType="kinguin",
                 kinguinId=12345,
@@ -105,7 +108,7 @@ def test_load_order_with_items_products_payments_and_keys(engine, store):
                 price=Decimal("29.99"),
                 isPreorder=True,
             ),
-            dict(id=custom_product, title="Gift card", price=Decimal("10")),
+            dict(id=custom_product, slug="gift-card", title="Gift card", price=Decimal("10")),
         ]:
             conn.execute(sa.insert(schema.products).values(**values))
         conn.execute(
@@ -509,3 +512,66 @@ def test_store_on_a_bitloot_database_touches_only_what_it_owns(bitloot_store):
         assert orders[ids["order_waiting"]].status == "paid"
     finally:
         raw.dispose()
+
+
+def test_seeding_fills_bitloots_required_product_columns(bitloot_store):
+    """BitLoot's `products.slug` is NOT NULL without a default: the sandbox seeding must set it."""
+    store, _, url = bitloot_store
+    game = insert_product(store.engine, SeedProduct("5c9b68662539a4e8f17ae2fe", "Hollow Knight: Silksong"))
+    order_id = insert_seeded_order(store.engine, [game, game])
+
+    [item, _] = store.load_order(order_id).items
+    assert item.kinguin_product_id == "5c9b68662539a4e8f17ae2fe" and item.product_title == "Hollow Knight: Silksong"
+    raw = sa.create_engine(url)
+    try:
+        with raw.connect() as conn:
+            row = conn.execute(
+                sa.text('SELECT slug, "businessCategory" FROM products WHERE id = :id'), {"id": game.id}
+            ).one()
+    finally:
+        raw.dispose()
+    assert row.slug == f"hollow-knight-silksong-{game.id[:8]}" and row.businessCategory == "games"
+
+
+# --- BitLoot's switches ---------------------------------------------------------------------------------------
+def test_feature_flags_as_bitloot_seeds_them(bitloot_store):
+    store, _, _ = bitloot_store
+    assert store.feature_flags() == {
+        "auto_fulfill_enabled": True, "captcha_enabled": True, "custom_products_enabled": True,
+        "email_notifications_enabled": True, "fulfillment_enabled": True, "kinguin_enabled": True,
+        "maintenance_mode": False, "payment_processing_enabled": True,
+    }
+    set_feature_flag(store.engine, "kinguin_enabled", False)
+    assert store.feature_flags()["kinguin_enabled"] is False
+
+
+def test_email_suppression_on_a_bitloot_database(bitloot_store):
+    store, _, _ = bitloot_store
+    bounce = store.email_suppression("Gone@Example.com")
+    assert (bounce.type, bounce.reason) == ("hard", "550 5.1.1 mailbox does not exist")
+    insert_email_bounce(store.engine, "soft@example.com", bounce_type="soft")
+    insert_email_bounce(store.engine, "angry@example.com", bounce_type="complaint", reason="marked as spam")
+    assert store.email_suppression("soft@example.com") is None  # soft bounces never suppress
+    assert store.email_suppression("angry@example.com").type == "complaint"
+    assert store.email_suppression("gamer@example.com") is None
+
+
+def test_an_older_bitloot_without_the_switch_tables(empty_pg_url):
+    ddl.populate_bitloot_database(empty_pg_url, with_switches=False)
+    engine = create_store_engine(empty_pg_url)
+    try:
+        upgrade(engine)
+        store = Store(engine)
+        assert store.feature_flags() is None
+        assert store.email_suppression("gone@example.com") is None
+    finally:
+        engine.dispose()
+
+
+def test_give_back_attempt_only_for_the_lease_holder(store):
+    order_id, _ = insert_order(store.engine)
+    assert store.claim(order_id, "run-a", dt.timedelta(minutes=5))
+    store.give_back_attempt(order_id, "run-b")
+    assert store.get_state(order_id).attempts == 1
+    store.give_back_attempt(order_id, "run-a")
+    assert store.get_state(order_id).attempts == 0

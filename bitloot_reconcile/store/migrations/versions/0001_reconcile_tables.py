@@ -1,8 +1,10 @@
-"""Create the project's tables and indexes; create BitLoot's tables only where they are missing.
+"""Create the project's tables and indexes; create BitLoot's tables only on an empty database.
 
-On a real BitLoot database the five BitLoot tables exist and are left exactly as they are: no column is
-added, altered or dropped. Only the project's own tables and three indexes on `orders` are created.
-On an empty database (demo, tests) BitLoot's tables are created first, as `reference/bitloot.md` gives them.
+On a real BitLoot database BitLoot's tables exist and are left exactly as they are: no column is added,
+altered or dropped, and a BitLoot table an older BitLoot lacks (`feature_flags`, `email_bounces`) is not
+created either: BitLoot's own migration will create it, and the recovery reads its absence as "all on".
+Only the project's own tables and three indexes on `orders` are created.
+On an empty database (demo, tests) BitLoot's tables are created first, with the feature flags BitLoot seeds.
 The project's tables come with their own indexes (the audit's order index, the sweep's blocking-state index).
 
 Revision ID: 0001
@@ -23,9 +25,14 @@ depends_on = None
 def upgrade() -> None:
     bind = op.get_bind()
     existing = set(sa.inspect(bind).get_table_names())
-    for table in schema.BITLOOT_TABLES:
-        if table.name not in existing:
+    if not existing & {table.name for table in schema.BITLOOT_TABLES}:
+        for table in schema.BITLOOT_TABLES:
             table.create(bind)
+        op.bulk_insert(
+            schema.feature_flags,
+            [{"name": name, "enabled": enabled, "category": category}
+             for name, enabled, category in schema.SEEDED_FEATURE_FLAGS],
+        )
     for table in schema.PROJECT_TABLES:
         table.create(bind)
     existing_indexes = {ix["name"] for ix in sa.inspect(bind).get_indexes("orders")}
