@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bitloot_reconcile.domain.fulfilment import under_lease
 from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.domain.planning import admin_refusal
 from bitloot_reconcile.store.repository import Store
@@ -110,11 +111,10 @@ def hold_before_kinguin(store: Store, progress: Progress) -> Progress:
     return progress.stop(Outcome.PAUSED, why)
 
 
+@under_lease
 def hold_before_email(store: Store, progress: Progress) -> Progress:
     """Before the completion email: a switch holds it (the order stays email pending); a hard bounce or
     complaint for the address suppresses it for good, recorded once through `completionEmailSent`."""
-    if progress.finished:
-        return progress
     order = store.load_order(progress.order_id)
     if order is None or order.status != "fulfilled" or order.completion_email_sent:
         return progress
@@ -125,7 +125,7 @@ def hold_before_email(store: Store, progress: Progress) -> Progress:
     if bounce is None:
         return progress
     # Flag the email as handled, as BitLoot does for a send it skips: the sweep never comes back for it.
-    store.mark_email_sent(order.id)
+    store.mark_email_sent(order.id, owner=progress.lease_owner)
     said = f": {bounce.reason[:MAX_BOUNCE_REASON_CHARS]}" if bounce.reason else ""
     return progress.stop(
         Outcome.FULFILLED,
