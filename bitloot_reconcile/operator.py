@@ -19,9 +19,10 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault, resolve_endpoint
 from bitloot_reconcile.domain import reconciliation
-from bitloot_reconcile.domain.fulfilment import parse_order_id, validate_admin_request
+from bitloot_reconcile.domain.fulfilment import parse_order_id, refusal, validate_admin_request
 from bitloot_reconcile.domain.outcomes import InvalidRequest
-from bitloot_reconcile.domain.planning import Plan, admin_refusal, plan_order
+from bitloot_reconcile.domain.planning import Plan, plan_order
+from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.settings import env
 from bitloot_reconcile.store.engine import create_store_engine
@@ -104,12 +105,16 @@ def plan(readers: Readers, *, order_ids: tuple[str, ...] = (), limit: int = 100,
             max_age=dt.timedelta(days=policy.max_age_days), limit=limit,
         )
         ids = [order.id for order in stuck]
-    return [
-        plan_order(_existing(store, order_id), store.get_state(order_id), store.key_assignments(order_id),
-                   kinguin=readers.kinguin, payments=readers.nowpayments, vault=readers.vault, now=now,
-                   admin=bool(order_ids))
-        for order_id in ids
-    ]
+    switches = read_switches(store)
+    plans = []
+    for order_id in ids:
+        order = _existing(store, order_id)
+        plans.append(plan_order(
+            order, store.get_state(order_id), store.key_assignments(order_id), kinguin=readers.kinguin,
+            payments=readers.nowpayments, vault=readers.vault, switches=switches,
+            bounce=store.email_suppression(order.email), now=now, admin=bool(order_ids),
+        ))
+    return plans
 
 
 def _existing(store: Store, order_id: str) -> Order:
@@ -141,9 +146,9 @@ def validate_retry(store: Store, raw_order_id: str, reason: str, requested_by: s
     the run would not refuse."""
     order_id = parse_order_id(raw_order_id)
     validate_admin_request(reason, requested_by)
-    refusal = admin_refusal(_existing(store, order_id))
-    if refusal:
-        raise InvalidRequest(refusal)
+    refused = refusal(_existing(store, order_id), admin=True)
+    if refused:
+        raise InvalidRequest(refused)
     return order_id
 
 

@@ -126,7 +126,8 @@ def test_plan_says_what_each_stuck_order_needs_and_changes_nothing(world: World)
     assert tables(world) == before
     assert bucket(world) == objects
     assert {r.method for r in world.kinguin.requests[seen["kinguin"]:]} == {"GET"}
-    assert {r.route for r in world.kinguin.requests[seen["kinguin"]:]} == {"get_order", "search_orders", "get_keys"}
+    assert {r.route for r in world.kinguin.requests[seen["kinguin"]:]} == {"get_order", "search_orders", "get_keys",
+                                                                     "get_product"}
     assert {r.method for r in world.nowpayments.requests[seen["nowpayments"]:]} == {"GET"}
     assert len(world.resend.requests) == seen["resend"]
     for order_id in ids.values():
@@ -134,10 +135,10 @@ def test_plan_says_what_each_stuck_order_needs_and_changes_nothing(world: World)
 
     ends = {name: (plans[order_id].outcome, plans[order_id].why) for name, order_id in ids.items()}
     assert ends == {
-        "place": ("fulfilled", "if Kinguin delivers at once; else waiting for supplier"),
+        "place": ("fulfilled", "keys stored and email sent"),
         "custom": ("needs_attention", "custom-inventory items are not handled here"),
         "email": ("fulfilled", "keys stored and email sent"),
-        "verify": ("fulfilled", "if Kinguin delivers at once; else waiting for supplier"),
+        "verify": ("fulfilled", "keys stored and email sent"),
         "unpaid": ("payment_not_confirmed", "payment not confirmed (NOWPayments says waiting)"),
         "adopt": ("fulfilled", "keys stored and email sent"),
         "canceled": ("needs_attention", f"supplier canceled Kinguin order {canceled}"),

@@ -105,6 +105,19 @@ class KinguinOrder(_Model):
         return sum(1 for p in self.products for k in p.keys if k.status == "DELIVERED")
 
 
+class KinguinOffer(_Model):
+    offer_id: str | None = None
+    price: float
+    qty: int = 0
+
+
+class KinguinProduct(_Model):
+    product_id: str
+    price: float | None = None  # the cheapest offer, EUR
+    qty: int = 0
+    offers: list[KinguinOffer] = Field(default_factory=list)
+
+
 class KinguinKey(_Model):
     id: str
     serial: SecretStr
@@ -201,6 +214,14 @@ class KinguinClient:
         else:
             log.warning("kinguin search stopped after %d pages", _MAX_PAGES)
         return list(found.values())
+
+    # -- products ----------------------------------------------------------------------------------------
+    def get_product(self, product_id: str) -> KinguinProduct | None:
+        """GET /v2/products/{productId}; None when Kinguin has no offer (it answers 404 when out of stock)."""
+        try:
+            return _parse(KinguinProduct, self._request("GET", f"v2/products/{_segment(product_id)}"))
+        except NotFoundError:
+            return None
 
     # -- keys --------------------------------------------------------------------------------------------
     def get_keys(self, order_id: str, *, expected: int | None = None) -> list[KinguinKey]:

@@ -1,4 +1,9 @@
-"""The per-order recovery, one plain function per step (DESIGN section 4). No Dagster here.
+"""The per-order recovery, one plain function per step (docs/design.md section 4). No Dagster here.
+
+Each step is a decision and its application. The decisions (`refusal`, `decide_payment`,
+`decide_supplier_order`, `decide_after_poll`, `match_keys`, `undelivered_items`) are pure: they read the order,
+its state and what the read calls answered, and say what to do. The steps apply them: the writes and the calls
+that change something. The dry run (`domain.planning`) runs the same decisions and applies none of them.
 
 Every step reloads the order from the store, so it is safe to run again from any point: a step whose work is
 already done (reservation saved, key stored, order fulfilled, email flag set) passes straight through.
@@ -13,6 +18,8 @@ import unicodedata
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from bitloot_reconcile.adapters.errors import (
     DuplicateExternalIdError,
@@ -20,13 +27,18 @@ from bitloot_reconcile.adapters.errors import (
     PermanentError,
     TransientError,
 )
-from bitloot_reconcile.adapters.kinguin import KinguinClient, KinguinOrder, OrderLine
-from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient, PaymentVerdict, classify_payment_status
+from bitloot_reconcile.adapters.kinguin import KinguinClient, KinguinKey, KinguinOrder, OrderLine
+from bitloot_reconcile.adapters.nowpayments import (
+    NowPaymentsClient,
+    PaymentInfo,
+    PaymentVerdict,
+    classify_payment_status,
+)
 from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault, attachment_filename, key_object_path
 from bitloot_reconcile.adapters.resend import ResendClient, completion_idempotency_key
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
 from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, InvalidRequest, Outcome, Progress
-from bitloot_reconcile.store.repository import LeaseLost, Order, Store
+from bitloot_reconcile.store.repository import Item, LeaseLost, Order, ReconcileState, Store
 
 RECOVERABLE_STATUSES = ("paid", "waiting", "confirming", "failed")
 UNPAID_STATUSES = ("waiting", "confirming", "failed")
@@ -42,6 +54,47 @@ KINGUIN_REFUSALS = {
 }
 # Resend's answer when it will never accept this message (an invalid recipient address, for one).
 RESEND_UNDELIVERABLE = 422
+
+
+class PaymentReader(Protocol):
+    def get_payment(self, payment_id: str) -> PaymentInfo: ...
+
+
+class OrderSearch(Protocol):
+    def search_orders(self, *, order_external_id: str | None = None) -> list[KinguinOrder]: ...
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A decision that ends the run with this outcome."""
+
+    outcome: Outcome
+    reason: str
+
+
+@dataclass(frozen=True)
+class PaymentConfirmed:
+    evidence: str  # which evidence passed, in words
+
+
+@dataclass(frozen=True)
+class UseSupplierOrder:
+    kinguin_order_id: str
+    found_by_search: bool  # adopted after an earlier attempt: its id is not saved yet
+    why: str
+
+
+@dataclass(frozen=True)
+class PlaceSupplierOrder:
+    lines: list[OrderLine]
+
+
+@dataclass(frozen=True)
+class KeyMatch:
+    """The keys `store_keys` would store now, and how many items still wait for one."""
+
+    pairs: list[tuple[Item, KinguinKey, bool]]  # (item, key, newly assigned)
+    missing: int
 
 
 def parse_order_id(raw: str) -> str:
@@ -77,20 +130,31 @@ def _status_now(store: Store, order_id: str) -> str:
     return _load(store, order_id).status
 
 
+def refusal(order: Order, *, admin: bool) -> str | None:
+    """Why a run refuses this order as an input error (nothing is changed), or None."""
+    if not order.items:
+        return f"Order {order.id} has no items"
+    if order.status == "fulfilled" and order.completion_email_sent:
+        return "Order is already fulfilled" if admin else None
+    if order.status not in (*RECOVERABLE_STATUSES, "fulfilled"):
+        return f"Order {order.id} is {order.status!r}; only paid, waiting, confirming or failed orders are recovered"
+    return None
+
+
+def already_done(order: Order) -> Stop | None:
+    if order.status == "fulfilled" and order.completion_email_sent:
+        return Stop(Outcome.ALREADY_FULFILLED, "fulfilled and emailed before this run")
+    return None
+
+
 def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.timedelta, admin: bool) -> Progress:
     """Refuse what cannot be recovered, then take the per-order lease (or end as `busy`)."""
     order = _load(store, order_id)
     progress = Progress(order_id=order.id, lease_owner=owner, lease_seconds=lease_ttl.total_seconds())
-    if not order.items:
-        raise InvalidRequest(f"Order {order.id} has no items")
-    if order.status == "fulfilled" and order.completion_email_sent:
-        if admin:
-            raise InvalidRequest("Order is already fulfilled")
-        return progress.stop(Outcome.ALREADY_FULFILLED, "fulfilled and emailed before this run")
-    if order.status not in (*RECOVERABLE_STATUSES, "fulfilled"):
-        raise InvalidRequest(
-            f"Order {order.id} is {order.status!r}; only paid, waiting, confirming or failed orders are recovered"
-        )
+    if refused := refusal(order, admin=admin):
+        raise InvalidRequest(refused)
+    if done := already_done(order):
+        return progress.stop(done.outcome, done.reason)
     if not store.claim(order.id, owner, lease_ttl):
         return progress.stop(Outcome.BUSY, "another run holds this order's lease")
     return progress
@@ -117,24 +181,34 @@ def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:
     return fenced_step
 
 
+def decide_payment(order: Order, nowpayments: PaymentReader) -> Stop | PaymentConfirmed | None:
+    """`paid` (or later) needs no check (None); waiting/confirming/failed pass only on a confirmed payment."""
+    if order.status not in UNPAID_STATUSES:
+        return None
+    if not order.payments:
+        return Stop(Outcome.PAYMENT_NOT_CONFIRMED, "no payment recorded for this order")
+    verdict, seen = payment_verdict(order, nowpayments)
+    if verdict is not PaymentVerdict.PAID:
+        return Stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
+    return PaymentConfirmed(seen)
+
+
 @under_lease
 def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progress) -> Progress:
     """`paid` passes; waiting/confirming/failed pass only on a confirmed payment, then move to `paid`."""
     order = _load(store, progress.order_id)
-    if order.status not in UNPAID_STATUSES:
+    decision = decide_payment(order, nowpayments)
+    if decision is None:
         return progress
-    if not order.payments:
-        return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, "no payment recorded for this order")
-    verdict, seen = payment_verdict(order, nowpayments)
-    if verdict is not PaymentVerdict.PAID:
-        return progress.stop(Outcome.PAYMENT_NOT_CONFIRMED, f"payment not confirmed ({seen})")
+    if isinstance(decision, Stop):
+        return progress.stop(decision.outcome, decision.reason)
     moved = not store.mark_paid(order.id, owner=progress.lease_owner)
     if moved and (current := _status_now(store, order.id)) != "paid":
         return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
     return progress
 
 
-def payment_verdict(order: Order, nowpayments: NowPaymentsClient) -> tuple[PaymentVerdict, str]:
+def payment_verdict(order: Order, nowpayments: PaymentReader) -> tuple[PaymentVerdict, str]:
     if any(p.status in PAID_PAYMENT_ROWS for p in order.payments):
         return PaymentVerdict.PAID, "payment row confirmed"
     seen = []
@@ -177,24 +251,41 @@ def kinguin_lines(order: Order) -> list[OrderLine] | str:
     ]
 
 
-@under_lease
-def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
-    """Exactly one Kinguin order per BitLoot order: reuse, adopt after an earlier attempt, or place once."""
-    order = _load(store, progress.order_id)
+def decide_supplier_order(
+    order: Order, state: ReconcileState, kinguin: OrderSearch
+) -> Stop | UseSupplierOrder | PlaceSupplierOrder | None:
+    """Exactly one Kinguin order per BitLoot order: reuse the saved one, adopt one an earlier attempt placed
+    (searched only after a recorded intent), or place one. None: the order is fulfilled, nothing to buy."""
     if order.status == "fulfilled":
-        return progress
+        return None
     if bad_data := undeliverable_items(order):
-        return progress.stop(Outcome.NEEDS_ATTENTION, bad_data)
+        return Stop(Outcome.NEEDS_ATTENTION, bad_data)
     if order.kinguin_reservation_id:
-        return progress.with_supplier_order(order.kinguin_reservation_id)
+        return UseSupplierOrder(order.kinguin_reservation_id, False, "saved kinguinReservationId")
     lines = kinguin_lines(order)
     if isinstance(lines, str):
-        return progress.stop(Outcome.NEEDS_ATTENTION, lines)
-    if store.get_state(order.id).placement_intent_at is not None:
-        # An earlier attempt may have placed the order and died before saving its id.
-        existing = kinguin.search_orders(order_external_id=order.id)
-        if existing:
-            return _adopt(store, progress, existing)
+        return Stop(Outcome.NEEDS_ATTENTION, lines)
+    # After a recorded intent, an earlier attempt may have placed the order and died before saving its id.
+    if state.placement_intent_at is not None and (existing := kinguin.search_orders(order_external_id=order.id)):
+        chosen = choose_supplier_order(existing)
+        return UseSupplierOrder(chosen.order_id, True, "found by orderExternalId after an earlier attempt")
+    return PlaceSupplierOrder(lines)
+
+
+@under_lease
+def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
+    """Apply `decide_supplier_order`: save an adopted order's id, or record the intent and place the order."""
+    order = _load(store, progress.order_id)
+    decision = decide_supplier_order(order, store.get_state(order.id), kinguin)
+    if decision is None:
+        return progress
+    if isinstance(decision, Stop):
+        return progress.stop(decision.outcome, decision.reason)
+    if isinstance(decision, UseSupplierOrder):
+        if decision.found_by_search:
+            store.save_reservation_id(order.id, decision.kinguin_order_id, owner=progress.lease_owner)
+        return progress.with_supplier_order(decision.kinguin_order_id)
+    lines = decision.lines
     store.record_placement_intent(order.id, owner=progress.lease_owner)
     try:
         placed = kinguin.place_order(order.id, lines)
@@ -230,21 +321,32 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
     order = _load(store, progress.order_id)
     if order.status == "fulfilled":
         return progress
+    supplier_order = read_supplier_order(kinguin, progress.kinguin_order_id)
+    decision = decide_after_poll(order, progress.kinguin_order_id, supplier_order)
+    return progress.stop(decision.outcome, decision.reason) if decision else progress
+
+
+def read_supplier_order(kinguin, kinguin_order_id: str) -> KinguinOrder | None:
+    """The Kinguin order, or None when Kinguin does not know it."""
     try:
-        supplier_order = kinguin.get_order(progress.kinguin_order_id)
+        return kinguin.get_order(kinguin_order_id)
     except NotFoundError:
-        return progress.stop(
-            Outcome.NEEDS_ATTENTION,
-            f"Kinguin does not know order {progress.kinguin_order_id} (the order's kinguinReservationId)",
-        )
+        return None
+
+
+def decide_after_poll(order: Order, kinguin_order_id: str, supplier_order: KinguinOrder | None) -> Stop | None:
+    """None to go on and store keys, or how the run ends."""
+    if supplier_order is None:
+        why = f"Kinguin does not know order {kinguin_order_id} (the order's kinguinReservationId)"
+        return Stop(Outcome.NEEDS_ATTENTION, why)
     status = supplier_order.status
     if status == "completed":
-        return progress
+        return None
     if status in ("canceled", "refunded"):
-        return progress.stop(Outcome.NEEDS_ATTENTION, f"supplier {status} Kinguin order {progress.kinguin_order_id}")
+        return Stop(Outcome.NEEDS_ATTENTION, f"supplier {status} Kinguin order {kinguin_order_id}")
     if supplier_order.delivered_count > sum(1 for item in order.items if item.delivered):
-        return progress  # partly delivered: store what has arrived; the keys step then ends the run as waiting
-    return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"Kinguin order {progress.kinguin_order_id} is {status}")
+        return None  # partly delivered: store what has arrived; the keys step then ends the run as waiting
+    return Stop(Outcome.WAITING_FOR_SUPPLIER, f"Kinguin order {kinguin_order_id} is {status}")
 
 
 @under_lease
@@ -259,21 +361,9 @@ def store_keys(
     if order.status == "fulfilled" or not pending:
         return progress
     keys = kinguin.get_keys(progress.kinguin_order_id, expected=len(order.items))
-    by_id = {key.id: key for key in keys}
-    assigned = store.key_assignments(order.id)
-    taken = set(assigned.values())
-    free: dict[str, list] = defaultdict(list)
-    for key in sorted(keys, key=lambda k: k.id):
-        if key.id not in taken:
-            free[key.product_id].append(key)
-    missing = 0
-    for item in pending:
-        key = by_id.get(assigned.get(item.id, ""))
-        if key is None:
-            if not free[item.kinguin_product_id]:
-                missing += 1
-                continue
-            key = free[item.kinguin_product_id].pop(0)
+    match = match_keys(order, keys, store.key_assignments(order.id))
+    for item, key, newly_assigned in match.pairs:
+        if newly_assigned:  # recorded before the upload, so a re-run stores this same key for this item
             store.assign_key(order.id, item.id, key.id, owner=progress.lease_owner)
         path = key_object_path(order.id, item.id, key.type)
         try:
@@ -287,12 +377,46 @@ def store_keys(
             content_type=key.type,
         )
         store.record_stored_key(order.id, item.id, path, key.type, url, owner=progress.lease_owner)
-    if missing:
-        delivered = len(order.items) - missing
-        return progress.stop(
-            Outcome.WAITING_FOR_SUPPLIER, f"{delivered} of {len(order.items)} keys delivered by Kinguin so far"
-        )
+    if match.missing:
+        waiting = keys_still_missing(order, match.missing)
+        return progress.stop(waiting.outcome, waiting.reason)
     return progress
+
+
+def match_keys(order: Order, keys: list[KinguinKey], assigned: dict[str, str]) -> KeyMatch:
+    """The key of each undelivered item: the one an earlier attempt assigned to it, else a free key of the
+    item's Kinguin product (lowest key id first, so every attempt picks alike)."""
+    by_id = {key.id: key for key in keys}
+    taken = set(assigned.values())
+    free: dict[str, list[KinguinKey]] = defaultdict(list)
+    for key in sorted(keys, key=lambda k: k.id):
+        if key.id not in taken:
+            free[key.product_id].append(key)
+    pairs, missing = [], 0
+    for item in order.items:
+        if item.delivered:
+            continue
+        key = by_id.get(assigned.get(item.id, ""))
+        if key is not None:
+            pairs.append((item, key, False))
+        elif free[item.kinguin_product_id]:
+            pairs.append((item, free[item.kinguin_product_id].pop(0), True))
+        else:
+            missing += 1
+    return KeyMatch(pairs, missing)
+
+
+def keys_still_missing(order: Order, missing: int) -> Stop:
+    delivered = len(order.items) - missing
+    return Stop(Outcome.WAITING_FOR_SUPPLIER, f"{delivered} of {len(order.items)} keys delivered by Kinguin so far")
+
+
+def undelivered_items(order: Order) -> Stop | None:
+    """`fulfilled` only when every item has its key stored and recorded."""
+    undelivered = [item.id for item in order.items if not item.delivered]
+    if undelivered:
+        return Stop(Outcome.WAITING_FOR_SUPPLIER, f"{len(undelivered)} item(s) still without a key")
+    return None
 
 
 @under_lease
@@ -301,9 +425,8 @@ def mark_fulfilled(store: Store, progress: Progress) -> Progress:
     order = _load(store, progress.order_id)
     if order.status == "fulfilled":
         return progress
-    undelivered = [item.id for item in order.items if not item.delivered]
-    if undelivered:
-        return progress.stop(Outcome.WAITING_FOR_SUPPLIER, f"{len(undelivered)} item(s) still without a key")
+    if waiting := undelivered_items(order):
+        return progress.stop(waiting.outcome, waiting.reason)
     moved = not store.mark_fulfilled(order.id, owner=progress.lease_owner)
     if moved and (current := _status_now(store, order.id)) != "fulfilled":
         return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
@@ -338,5 +461,8 @@ def send_completion_email(
     return progress
 
 
+FULFILLED_REASON = "keys stored and email sent"
+
+
 def final_outcome(progress: Progress) -> Progress:
-    return progress if progress.finished else progress.stop(Outcome.FULFILLED, "keys stored and email sent")
+    return progress if progress.finished else progress.stop(Outcome.FULFILLED, FULFILLED_REASON)

@@ -18,10 +18,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bitloot_reconcile.domain.fulfilment import under_lease
+from bitloot_reconcile.domain.fulfilment import refusal, under_lease
 from bitloot_reconcile.domain.outcomes import Outcome, Progress
-from bitloot_reconcile.domain.planning import admin_refusal
-from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.store.repository import EmailBounce, Order, Store
 from bitloot_reconcile.store.schema import SEEDED_FEATURE_FLAGS
 
 log = logging.getLogger(__name__)
@@ -84,18 +83,34 @@ def read_switches(store: Store) -> Switches:
     return Switches.from_rows(rows)
 
 
+def claim_hold(switches: Switches, order: Order, *, admin: bool) -> str | None:
+    """Why a run is held before it takes the lease. Requests that `load_and_claim` refuses (nothing to
+    recover) are left to it, so they still fail as input errors. A sensor-launched run also honours the
+    switches that stop the sweep."""
+    if refusal(order, admin=True) is not None:
+        return None
+    return switches.fulfilment_hold if admin else switches.sweep_hold
+
+
+def email_waits(why: str) -> str:
+    return f"keys delivered; completion email waits: {why}"
+
+
+def email_suppressed(bounce: EmailBounce) -> str:
+    said = f": {bounce.reason[:MAX_BOUNCE_REASON_CHARS]}" if bounce.reason else ""
+    return (
+        f"keys delivered; completion email suppressed: the address has a {bounce.type} bounce "
+        f"from {bounce.bounced_at:%Y-%m-%d}{said}"
+    )
+
+
 def hold_before_claim(store: Store, order_id: str, *, owner: str, admin: bool) -> Progress | None:
-    """A held run ends here, before it takes the lease: it uses no attempt and changes nothing. Requests that
-    `load_and_claim` refuses (unknown order, nothing to recover) are left to it, so they still fail as input
-    errors. A sensor-launched run also honours the switches that stop the sweep."""
-    switches = read_switches(store)
-    why = switches.fulfilment_hold if admin else switches.sweep_hold
-    if why is None:
-        return None
+    """A held run ends here, before it takes the lease: it uses no attempt and changes nothing."""
     order = store.load_order(order_id)
-    if order is None or admin_refusal(order) is not None:
+    if order is None:
         return None
-    return Progress(order_id=order.id, lease_owner=owner).stop(Outcome.PAUSED, why)
+    why = claim_hold(read_switches(store), order, admin=admin)
+    return Progress(order_id=order.id, lease_owner=owner).stop(Outcome.PAUSED, why) if why else None
 
 
 def hold_before_kinguin(store: Store, progress: Progress) -> Progress:
@@ -120,15 +135,10 @@ def hold_before_email(store: Store, progress: Progress) -> Progress:
         return progress
     why = read_switches(store).email_hold
     if why is not None:
-        return progress.stop(Outcome.PAUSED, f"keys delivered; completion email waits: {why}")
+        return progress.stop(Outcome.PAUSED, email_waits(why))
     bounce = store.email_suppression(order.email)
     if bounce is None:
         return progress
     # Flag the email as handled, as BitLoot does for a send it skips: the sweep never comes back for it.
     store.mark_email_sent(order.id, owner=progress.lease_owner)
-    said = f": {bounce.reason[:MAX_BOUNCE_REASON_CHARS]}" if bounce.reason else ""
-    return progress.stop(
-        Outcome.FULFILLED,
-        f"keys delivered; completion email suppressed: the address has a {bounce.type} bounce "
-        f"from {bounce.bounced_at:%Y-%m-%d}{said}",
-    )
+    return progress.stop(Outcome.FULFILLED, email_suppressed(bounce))

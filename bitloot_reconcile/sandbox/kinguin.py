@@ -11,6 +11,7 @@ Serves under `/esa/api` (`sim.base_url`), authenticates `X-Api-Key`, and impleme
 | `get_keys`        | GET  /v2/order/{orderId}/keys (paging)     |
 | `return_keys`     | POST /v2/order/{orderId}/keys/return       |
 | `balance`         | GET  /v1/balance                           |
+| `get_product`     | GET  /v2/products/{productId} (404 when out of stock) |
 
 Faults: `sim.inject("<route name>", Fault(...))` (latency, canned status, lost response). Canned bodies are
 Kinguin-shaped: 5xx -> kind `Error`, 429 -> kind `Http` / "Too Many Requests", 409 -> `ResourceLock`,
@@ -216,6 +217,7 @@ class KinguinSimulator(JsonServer):
         self.route("GET", f"{api}/v2/order/(?P<order_id>[^/]+)/keys", "get_keys", self._h_get_keys)
         self.route("POST", f"{api}/v2/order/(?P<order_id>[^/]+)/keys/return", "return_keys", self._h_return)
         self.route("GET", f"{api}/v1/balance", "balance", self._h_balance)
+        self.route("GET", f"{api}/v2/products/(?P<product_id>[^/]+)", "get_product", self._h_get_product)
 
     @property
     def base_url(self) -> str:
@@ -395,6 +397,18 @@ class KinguinSimulator(JsonServer):
 
     def _h_place_v2(self, body: Any, **_: Any) -> Response:
         return self._place(body, "productId", "/api/v2/order")
+
+    def _h_get_product(self, product_id: str, **_: Any) -> Response:
+        """The product with its one offer; out of stock or unknown answers 404, as Kinguin does."""
+        product = self.products.get(product_id)
+        if product is None or product.stock <= 0:
+            path = f"/api/v2/products/{product_id}"
+            return Response(404, self.error_body(404, "HttpClient", "Not Found", method="GET", path=path))
+        offer = {"offerId": product.offer_id, "name": product.name, "price": product.price, "qty": product.stock,
+                 "availableQty": product.stock, "isPreorder": product.is_preorder}
+        return Response(200, {"kinguinId": product.kinguin_id, "productId": product.product_id,
+                              "name": product.name, "price": product.price, "qty": product.stock,
+                              "isPreorder": product.is_preorder, "offers": [offer]})
 
     def _h_get_order(self, order_id: str, **_: Any) -> Response:
         order = self.orders.get(order_id)

@@ -11,18 +11,21 @@ from decimal import Decimal
 import pytest
 
 from bitloot_reconcile.adapters.errors import NotFoundError, TransientError
-from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOrder
+from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOffer, KinguinOrder, KinguinProduct
 from bitloot_reconcile.adapters.nowpayments import PaymentInfo
 from bitloot_reconcile.adapters.r2 import key_object_path
 from bitloot_reconcile.domain.planning import LEFT_ALONE, UNKNOWN, plan_order
-from bitloot_reconcile.store.repository import Item, Order, Payment, ReconcileState
+from bitloot_reconcile.domain.switches import Switches
+from bitloot_reconcile.store.repository import EmailBounce, Item, Order, Payment, ReconcileState
 
 NOW = dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.UTC)
 
 
 class Kinguin:
-    def __init__(self, *orders: KinguinOrder, keys: dict[str, list[KinguinKey]] | None = None, down: bool = False):
+    def __init__(self, *orders: KinguinOrder, keys: dict[str, list[KinguinKey]] | None = None, down: bool = False,
+                 offers: dict[str, tuple[float, int]] | None = None):
         self.orders, self.keys, self.down, self.calls = list(orders), keys or {}, down, []
+        self.offers = {"kp": (5.0, 100)} if offers is None else offers
 
     def get_order(self, order_id):
         self.calls.append(("get_order", order_id))
@@ -37,6 +40,14 @@ class Kinguin:
     def get_keys(self, order_id, *, expected=None):
         self.calls.append(("get_keys", order_id))
         return self.keys.get(order_id, [])
+
+    def get_product(self, product_id):
+        self.calls.append(("get_product", product_id))
+        price, qty = self.offers.get(product_id, (None, 0))
+        if not qty:
+            return None  # Kinguin answers 404 for a product without stock
+        return KinguinProduct(product_id=product_id, price=price, qty=qty,
+                              offers=[KinguinOffer(offer_id="o1", price=price, qty=qty)])
 
 
 class Payments:
@@ -86,19 +97,22 @@ def keys(n, kid_prefix="k"):
             for i in range(n)]
 
 
-def plan(o, *, state=None, assignments=None, kinguin=None, payments=None, vault=None, admin=False):
+def plan(o, *, state=None, assignments=None, kinguin=None, payments=None, vault=None, admin=False,
+         flags=None, bounce=None):
     return plan_order(o, state or ReconcileState(order_id=o.id), assignments or {}, kinguin=kinguin or Kinguin(),
-                      payments=payments or Payments(), vault=vault or Vault(), now=NOW, admin=admin)
+                      payments=payments or Payments(), vault=vault or Vault(), now=NOW, admin=admin,
+                      switches=Switches.from_rows(flags or {}), bounce=bounce)
 
 
 def test_paid_order_without_supplier_order_would_be_placed_without_any_call():
     o = order()
     kinguin = Kinguin()
     p = plan(o, kinguin=kinguin)
-    assert p.steps == ("place Kinguin order (2 x kp at <= 5.00)", "poll it", "collect and store keys",
+    assert p.steps == ("place Kinguin order (2 x kp at <= 5.00)",
+                       "poll it (waiting for supplier if Kinguin has not delivered yet)", "collect and store keys",
                        "mark fulfilled", "send completion email")
     assert p.outcome == "fulfilled"
-    assert kinguin.calls == []  # the happy path of a run does not search either
+    assert kinguin.calls == [("get_product", "kp")]  # only the offer check: the run's happy path does not search
 
 
 def test_unpaid_orders_pass_only_on_a_confirmed_payment():
@@ -153,8 +167,9 @@ def test_supplier_states(status, delivered, stored, outcome, why):
 def test_refusals_and_the_sweeps_holds():
     assert plan(order(source="custom")).why == "custom-inventory items are not handled here"
     assert plan(order(cost="0")).outcome == "needs_attention"
-    done = plan(order("fulfilled", delivered=2, emailed=True))
-    assert (done.outcome, done.why) == (LEFT_ALONE, "Order is already fulfilled")
+    done = order("fulfilled", delivered=2, emailed=True)
+    assert (plan(done, admin=True).outcome, plan(done, admin=True).why) == (LEFT_ALONE, "Order is already fulfilled")
+    assert (plan(done).outcome, plan(done).why) == ("already_fulfilled", "fulfilled and emailed before this run")
     assert "'expired'; only paid" in plan(order("expired")).why
     assert plan(order(items=0)).why.endswith("has no items")
 
@@ -185,3 +200,34 @@ def test_an_item_row_of_more_than_one_unit_would_need_a_person_before_any_call()
     assert (p.outcome, p.steps) == ("needs_attention", ())
     assert "one unit each (quantity 1)" in p.why
     assert kinguin.calls == []
+
+
+@pytest.mark.parametrize(("offers", "bought"), [({}, False), ({"kp": (6.0, 100)}, False), ({"kp": (5.0, 1)}, False),
+                                                ({"kp": (4.5, 2)}, True)],
+                         ids=["out-of-stock", "price-above-cost", "too-few", "cheaper-offer"])
+def test_a_placement_is_checked_against_kinguins_offers_first(offers, bought):
+    p = plan(order(), kinguin=Kinguin(offers=offers))
+    if bought:
+        assert (p.outcome, p.why) == ("fulfilled", "keys stored and email sent")
+    else:
+        assert (p.outcome, p.why) == ("needs_attention",
+                                      "product unavailable at Kinguin (out of stock or price above cost)")
+        assert p.steps == ("place Kinguin order (2 x kp at <= 5.00)",)
+
+
+def test_bitloots_switches_hold_the_plan_where_they_hold_the_run():
+    o = order()
+    assert (plan(o, flags={"auto_fulfill_enabled": False}).outcome, plan(o, admin=True,
+            flags={"auto_fulfill_enabled": False}).outcome) == ("paused", "fulfilled")
+    assert plan(o, admin=True, flags={"maintenance_mode": True}).why == "BitLoot is in maintenance mode"
+    kinguin = Kinguin()
+    held = plan(order("waiting", payments=("finished",)), kinguin=kinguin, flags={"kinguin_enabled": False})
+    assert (held.outcome, held.why) == ("paused", "Kinguin is switched off in BitLoot")
+    assert held.steps == ("verify payment (payment row confirmed) and mark paid",) and kinguin.calls == []
+    email_off = plan(order("fulfilled", delivered=2), flags={"email_notifications_enabled": False})
+    assert (email_off.outcome, email_off.why) == (
+        "paused", "keys delivered; completion email waits: email notifications are switched off in BitLoot")
+    bounce = EmailBounce(type="hard", reason="550 no such user", bounced_at=NOW)
+    suppressed = plan(o, bounce=bounce)
+    assert (suppressed.outcome, suppressed.steps[-1]) == ("fulfilled", "mark fulfilled")
+    assert suppressed.why.startswith("keys delivered; completion email suppressed: the address has a hard bounce")
