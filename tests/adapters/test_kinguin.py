@@ -385,3 +385,13 @@ def test_adapter_does_not_import_dagster():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name.split(".")[0] == "dagster" for name in imported)
+
+
+def test_product_read_gives_the_offers_and_none_when_out_of_stock(kinguin_sim, kinguin_client):
+    gif = kinguin_client.get_product(GIF_PRODUCT)
+    assert (gif.product_id, gif.price, gif.qty) == (GIF_PRODUCT, 3.25, 5)
+    assert [(o.price, o.qty) for o in gif.offers] == [(3.25, 5)]
+    kinguin_client.place_order(EID, [line(GIF_PRODUCT, 5, 3.25)])  # buys the whole stock
+    assert kinguin_client.get_product(GIF_PRODUCT) is None  # Kinguin answers 404 for a product out of stock
+    assert kinguin_client.get_product("000000000000000000000000") is None
+    assert [r.route for r in kinguin_sim.requests].count("get_product") == 3
