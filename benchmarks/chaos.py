@@ -608,11 +608,11 @@ class Chaos:
                 self.awaiting_repick.pop(oid).resolved = True
         return len(done) == len(self.plans)
 
-    def late_repicks(self) -> int:
+    def late_repicks(self) -> list[Kill]:
         """Kills after which the sweep asked for the order later than the bound, or never."""
         bound = self.settings.repick_bound
-        return sum(1 for k in self.kills
-                   if (k.repicked_after is None and not k.resolved) or (k.repicked_after or 0) > bound)
+        return [k for k in self.kills
+                if (k.repicked_after is None and not k.resolved) or (k.repicked_after or 0) > bound]
 
 
 @dataclass(frozen=True)
@@ -813,6 +813,7 @@ class Report:
     violations: dict[str, int]
     secrets: dict[str, Counter]
     not_converged: list[str]
+    late_repicks: list[str]
 
     @property
     def ok(self) -> bool:
@@ -860,7 +861,8 @@ def chaos_run(settings: Settings) -> Report:
             threading.Timer(rng.uniform(2, 20), proxy.outage_window, args=(rng.uniform(2, 4),)).start()
         seconds = chaos.run()
         repicks = [k.repicked_after for k in chaos.kills if k.repicked_after is not None]
-        observed = collect(stack, vault, plans, dagster_url, home, output_dir, chaos.late_repicks())
+        late = chaos.late_repicks()
+        observed = collect(stack, vault, plans, dagster_url, home, output_dir, len(late))
         violations = check(observed)
         return Report(
             settings=settings, seconds=seconds, kinds=Counter(p.kind for p in plans), faults=injector.served(),
@@ -869,6 +871,9 @@ def chaos_run(settings: Settings) -> Report:
             repick_seconds=repicks, violations=violations, secrets=secrets_found(observed),
             not_converged=[f"{oid} ({observed.kinds[oid]}: {observed.states[oid]})" for oid in observed.kinds
                            if not converged(observed.kinds[oid], observed.states[oid])],
+            late_repicks=[f"{k.order_id} ({observed.kinds[k.order_id]}, killed at {k.trigger}): "
+                          + (f"re-picked after {k.repicked_after:.0f} s" if k.repicked_after else "never re-picked")
+                          for k in late],
         )
 
 
@@ -895,6 +900,8 @@ def print_report(report: Report) -> None:
     print_table("Chaos run", ["", "count", "detail"], rows)
     for line in report.not_converged[:20]:
         console.print(f"not converged: {line}", highlight=False)
+    for line in report.late_repicks[:20]:
+        console.print(f"picked up late: {line}", highlight=False)
 
 
 def main() -> None:

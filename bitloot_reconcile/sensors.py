@@ -24,19 +24,22 @@ IN_FLIGHT = [
 def orders_in_flight(
     instance: dg.DagsterInstance, store: Store, *, lease_ttl: dt.timedelta, now: dt.datetime
 ) -> set[str]:
-    """Orders with a queued or running `fulfill_order` run. A started run whose worker is gone (see
-    `run_worker_gone`) is marked failed here, which frees its order for a new run in this same tick."""
+    """Orders with a queued or running `fulfill_order` run. A launched run whose worker is gone (see
+    `run_worker_gone`) is marked failed here, which frees its order for a new run in this same tick. Queued
+    runs are left alone: they wait for a slot, not for a worker."""
     records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
     tagged = [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
-    started = [r for r in tagged if r.dagster_run.status == dg.DagsterRunStatus.STARTED and r.start_time]
-    states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in started})
+    launched = [r for r in tagged if r.dagster_run.status != dg.DagsterRunStatus.QUEUED]
+    states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in launched})
     gone = set()
-    for record in started:
+    for record in launched:
         run = record.dagster_run
         order_id = run.tags[TAG_ORDER_ID]
         state = states.get(order_id) or ReconcileState(order_id=order_id)  # never claimed yet
-        started_at = dt.datetime.fromtimestamp(record.start_time, dt.UTC)
-        if run_worker_gone(run.run_id, started_at, state, lease_ttl=lease_ttl, now=now):
+        # Started: since its start; still starting (the worker died while loading): since its last change.
+        since = (dt.datetime.fromtimestamp(record.start_time, dt.UTC) if record.start_time
+                 else record.update_timestamp.astimezone(dt.UTC))
+        if run_worker_gone(run.run_id, since, state, lease_ttl=lease_ttl, now=now):
             instance.report_run_failed(
                 run,
                 message=f"run worker gone: it stopped renewing the lease on order {order_id}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import dagster as dg
 import pytest
@@ -160,6 +161,20 @@ def test_a_run_whose_worker_died_is_failed_and_its_order_taken_up_next_tick(swee
     assert "run worker gone" in failure[0].message
     for run in (dead_run, live_run, unclaimed_run, starting_run):
         dagster_instance.delete_run(run.run_id)
+
+
+def test_a_run_that_never_got_its_worker_started_is_failed_after_a_lease_period(sweep, dagster_instance):
+    order_id = sweep.order()
+    run = dagster_instance.create_run_for_job(
+        fulfill_order, run_config={"order_id": order_id, "reason": "x", "requested_by": "y"},
+        tags={"bitloot/order_id": order_id},
+    )
+    short = {"lease_seconds": 2, "max_retry_wait_seconds": 1, "supplier_poll_seconds": 1}
+    assert sweep.tick(**short) == []  # launched a moment ago: its worker may still be loading
+    time.sleep(3.1)
+    assert ids(sweep.tick(**short)) == [order_id]
+    assert dagster_instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    dagster_instance.delete_run(run.run_id)
 
 
 def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, store_url):
