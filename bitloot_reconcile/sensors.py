@@ -66,14 +66,15 @@ def stuck_orders_sensor(
         return dg.SkipReason(f"launching nothing: {held}")
     now = utcnow()
     repo = store.get_store()
+    in_flight = orders_in_flight(context.instance, repo, lease_ttl=policy.lease_ttl, now=now)
+    # Orders with a run in flight are still stuck in the store: read past them, so they never use up the tick.
     stuck = repo.find_stuck_orders(
         now=now,
         grace=dt.timedelta(minutes=policy.grace_minutes),
         max_age=dt.timedelta(days=policy.max_age_days),
-        limit=policy.max_runs_per_tick,
+        limit=policy.max_runs_per_tick + len(in_flight),
     )
-    in_flight = orders_in_flight(context.instance, repo, lease_ttl=policy.lease_ttl, now=now)
-    requests = plan_sweep(stuck, in_flight=in_flight, now=now, lease_ttl=policy.lease_ttl)
+    requests = plan_sweep(stuck, in_flight=in_flight, now=now, lease_ttl=policy.lease_ttl)[: policy.max_runs_per_tick]
     if not requests:
         return dg.SkipReason(f"no stuck orders due ({len(stuck)} found, all in flight)" if stuck else "no stuck orders")
     return dg.SensorResult(

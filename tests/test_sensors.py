@@ -177,6 +177,16 @@ def test_a_run_that_never_got_its_worker_started_is_failed_after_a_lease_period(
     dagster_instance.delete_run(run.run_id)
 
 
+def test_orders_in_flight_do_not_use_up_the_tick(sweep, dagster_instance):
+    oldest, older, young = (sweep.order(age=dt.timedelta(minutes=m)) for m in (50, 40, 30))
+    run = dagster_instance.create_run_for_job(
+        fulfill_order, run_config={"order_id": oldest, "reason": "x", "requested_by": "y"},
+        tags={"bitloot/order_id": oldest},
+    )
+    assert ids(sweep.tick(max_runs_per_tick=2)) == [older, young]
+    dagster_instance.delete_run(run.run_id)
+
+
 def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, store_url):
     context = dg.build_sensor_context(
         instance=dagster_instance,
