@@ -609,10 +609,14 @@ class Chaos:
         return len(done) == len(self.plans)
 
     def late_repicks(self) -> list[Kill]:
-        """Kills after which the sweep asked for the order later than the bound, or never."""
+        """Kills after which the sweep asked for the order later than the bound (a figure: it depends on the
+        machine's load), or never (a violation: the order was left blocked)."""
         bound = self.settings.repick_bound
-        return [k for k in self.kills
-                if (k.repicked_after is None and not k.resolved) or (k.repicked_after or 0) > bound]
+        return [k for k in self.kills if self.never_repicked(k) or (k.repicked_after or 0) > bound]
+
+    @staticmethod
+    def never_repicked(kill: Kill) -> bool:
+        return kill.repicked_after is None and not kill.resolved
 
 
 @dataclass(frozen=True)
@@ -669,7 +673,7 @@ class Observed:
     email_of: dict[str, str]                        # order id -> customer address
     documents: dict[str, list[str]] = field(default_factory=dict)  # place -> texts Dagster and runs wrote
     secrets: dict[str, list[str]] = field(default_factory=dict)  # kind -> values that must appear nowhere
-    late_repicks: int = 0
+    never_repicked: int = 0
 
 
 SECRET_PLACES = ("event log", "compute logs", "run storage", "op outputs", "run output")
@@ -709,7 +713,7 @@ def check(observed: Observed) -> dict[str, int]:
         "orders not converged": sum(
             1 for oid, kind in observed.kinds.items() if not converged(kind, observed.states[oid])
         ),
-        "killed orders picked up late": observed.late_repicks,
+        "killed orders never picked up": observed.never_repicked,
     }
     for place, found in secrets_found(observed).items():
         violations[f"secrets in {place}"] = sum(found.values())
@@ -733,7 +737,7 @@ def secrets_found(observed: Observed) -> dict[str, Counter]:
 
 # -- collecting -------------------------------------------------------------------------------------------
 def collect(stack: Stack, vault: KeyVault, plans: list[OrderPlan], dagster_url: str, home: Path,
-            output_dir: Path, late_repicks: int) -> Observed:
+            output_dir: Path, never_repicked: int) -> Observed:
     ids = [p.order_id for p in plans]
     with stack.engine.connect() as conn:
         item_rows = conn.execute(
@@ -760,7 +764,7 @@ def collect(stack: Stack, vault: KeyVault, plans: list[OrderPlan], dagster_url: 
         documents=dagster_documents(dagster_url, home, output_dir),
         secrets={"API key": [stack.kinguin.api_key, stack.nowpayments.api_key, stack.resend.api_key],
                  "R2 secret": [stack.s3.secret_access_key], "key serial": serials},
-        late_repicks=late_repicks,
+        never_repicked=never_repicked,
     )
 
 
@@ -862,7 +866,8 @@ def chaos_run(settings: Settings) -> Report:
         seconds = chaos.run()
         repicks = [k.repicked_after for k in chaos.kills if k.repicked_after is not None]
         late = chaos.late_repicks()
-        observed = collect(stack, vault, plans, dagster_url, home, output_dir, len(late))
+        observed = collect(stack, vault, plans, dagster_url, home, output_dir,
+                           sum(1 for k in late if chaos.never_repicked(k)))
         violations = check(observed)
         return Report(
             settings=settings, seconds=seconds, kinds=Counter(p.kind for p in plans), faults=injector.served(),

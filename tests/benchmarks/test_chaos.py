@@ -82,8 +82,8 @@ def with_unconverged_order(o: chaos.Observed) -> None:
     o.states[ids(o)[0]] = dataclasses.replace(o.states[ids(o)[0]], email_sent=False)
 
 
-def with_late_repick(o: chaos.Observed) -> None:
-    o.late_repicks = 1
+def with_order_never_repicked(o: chaos.Observed) -> None:
+    o.never_repicked = 1
 
 
 def with_secret(place: str, text: str):
@@ -101,7 +101,7 @@ CASES = [
     (with_missing_object, "fulfilled orders missing a key", 1),
     (with_undelivered_purchase, "keys bought but not delivered", 2),
     (with_unconverged_order, "orders not converged", 1),
-    (with_late_repick, "killed orders picked up late", 1),
+    (with_order_never_repicked, "killed orders never picked up", 1),
     (with_secret("event log", f"RetryRequested: kinguin said no (X-Api-Key {API_KEY})"), "secrets in event log", 1),
     (with_secret("compute logs", f"serial {SERIAL}"), "secrets in compute logs", 1),
     (with_secret("run storage", "https://r2/k?X-Amz-Signature=" + "ab" * 32), "secrets in run storage", 1),
