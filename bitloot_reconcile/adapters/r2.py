@@ -1,8 +1,7 @@
 """R2 key vault: store each delivered key once, read it back, presign downloads (botocore, no Dagster import).
 
-Layout (what BitLoot's reveal endpoint reads, `reference/bitloot.md` §3.7): one object per order item at
-`orders/{orderId}/key-{first 8 chars of item id}.{ext}`, with the key's content type. Downloads are presigned
-GETs with `Content-Disposition: attachment; filename="bitloot-key-{orderId}-{item8}.{ext}"`, 3 h by default,
+Paths and download names are given by the caller: BitLoot's layout (`orders/{orderId}/key-{item8}.{ext}`) lives
+in `domain.delivery`. Downloads are presigned GETs with `Content-Disposition: attachment`, 3 h by default,
 capped at 7 days like BitLoot.
 
 Never two different contents at one path: `put_key` is a conditional put (`If-None-Match: *`, honoured by R2,
@@ -45,15 +44,6 @@ SERVICE = "r2"
 DEFAULT_BUCKET = "bitloot-keys"
 DEFAULT_PRESIGN_SECONDS = 3 * 60 * 60          # every BitLoot fulfilment call site uses 3 h
 MAX_PRESIGN_SECONDS = 7 * 24 * 60 * 60         # SigV4 limit; BitLoot's client caps at 7 days too
-
-EXTENSIONS: dict[str, str] = {
-    "text/plain": "txt",
-    "image/jpeg": "jpg",
-    "image/png": "png",
-    "image/gif": "gif",
-    "application/octet-stream": "bin",
-}
-FALLBACK_EXTENSION = "bin"
 
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
@@ -103,37 +93,6 @@ def resolve_endpoint(endpoint: str | None, account_id: str | None) -> str:
     if not (account_id or "").strip():
         raise ValueError("set R2_ENDPOINT or R2_ACCOUNT_ID")
     return r2_endpoint(account_id or "")
-
-
-def _mime(content_type: str) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-def key_extension(content_type: str) -> str:
-    """File extension for a key's content type (`text/plain` -> `txt`, ...); unknown types -> `bin`."""
-    return EXTENSIONS.get(_mime(content_type), FALLBACK_EXTENSION)
-
-
-def _ids(order_id: str, order_item_id: str) -> tuple[str, str]:
-    oid, iid = str(order_id or "").strip(), str(order_item_id or "").strip()
-    for name, value in (("order_id", oid), ("order_item_id", iid)):
-        if not value:
-            raise ValueError(f"{name} must not be empty")
-        if "/" in value or "\\" in value or value in (".", ".."):
-            raise ValueError(f"{name} must not contain path separators")
-    return oid, iid[:8]
-
-
-def key_object_path(order_id: str, order_item_id: str, content_type: str) -> str:
-    """`orders/{orderId}/key-{first 8 chars of item id}.{ext}`: where BitLoot's reveal endpoint looks."""
-    oid, item8 = _ids(order_id, order_item_id)
-    return f"orders/{oid}/key-{item8}.{key_extension(content_type)}"
-
-
-def attachment_filename(order_id: str, order_item_id: str, content_type: str) -> str:
-    """Download name offered by the presigned URL: `bitloot-key-{orderId}-{item8}.{ext}`."""
-    oid, item8 = _ids(order_id, order_item_id)
-    return f"bitloot-key-{oid}-{item8}.{key_extension(content_type)}"
 
 
 def _safe_filename(filename: str) -> str:

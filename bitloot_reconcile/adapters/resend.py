@@ -1,8 +1,8 @@
 """Resend adapter: send the order-completed email once (`POST /emails` with an `Idempotency-Key`).
 
-BitLoot sends a random Idempotency-Key per call, so nothing dedupes across retries. Here the key is derived
-from the order id (`completion_idempotency_key`), so a retry after a lost response replays Resend's first
-answer instead of mailing the customer twice (Resend keeps keys for 24 h). Plain httpx, no Dagster import.
+A retry with the same key and body replays Resend's first answer instead of mailing twice (Resend keeps keys
+for 24 h); the key of a completion email is `domain.delivery.completion_idempotency_key`. Plain httpx, no
+Dagster import.
 
 Error taxonomy (adapters/errors.py), from the status and Resend's body `{"statusCode", "name", "message"}`:
 - 408, 429 (Retry-After honoured), 5xx, timeouts, connection errors, lost responses -> TransientError
@@ -29,19 +29,6 @@ log = logging.getLogger(__name__)
 SERVICE = "resend"
 DEFAULT_BASE_URL = "https://api.resend.com"
 MAX_IDEMPOTENCY_KEY_LENGTH = 256  # Resend: 1 to 256 characters
-COMPLETION_KEY_PREFIX = "order-completed/"
-
-
-def completion_idempotency_key(order_id: str) -> str:
-    """Idempotency-Key of an order's completion email: `order-completed/<order_id>`, stable across retries."""
-    oid = str(order_id).strip() if order_id is not None else ""
-    if not oid:
-        raise ValueError("order_id must not be empty")
-    key = f"{COMPLETION_KEY_PREFIX}{oid}"
-    if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise ValueError(f"idempotency key would be {len(key)} characters; Resend allows at most "
-                         f"{MAX_IDEMPOTENCY_KEY_LENGTH}")
-    return key
 
 
 class ResendClient:

@@ -16,8 +16,8 @@ from typing import Protocol
 from bitloot_reconcile.adapters.errors import ExternalServiceError
 from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentInfo, PaymentVerdict
-from bitloot_reconcile.adapters.r2 import key_object_path
 from bitloot_reconcile.domain import fulfilment
+from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.store.repository import Order, ReconcileState
 

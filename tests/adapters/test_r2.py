@@ -26,12 +26,10 @@ from bitloot_reconcile.adapters.r2 import (
     KeyConflictError,
     KeyVault,
     StoredObject,
-    attachment_filename,
-    key_extension,
-    key_object_path,
     r2_endpoint,
     resolve_endpoint,
 )
+from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.s3 import SeaweedS3
 from tests.fixtures.s3 import unique_bucket
@@ -68,31 +66,6 @@ def vault_for(s3: SeaweedS3, bucket: str, **kwargs) -> KeyVault:
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
-def test_key_object_path_follows_bitloot_layout():
-    assert key_object_path(ORDER_ID, ITEM_ID, "text/plain") == f"orders/{ORDER_ID}/key-a1b2c3d4.txt"
-    assert key_object_path(ORDER_ID, ITEM_ID, "image/jpeg") == f"orders/{ORDER_ID}/key-a1b2c3d4.jpg"
-    assert key_object_path(ORDER_ID, ITEM_ID, "image/png") == f"orders/{ORDER_ID}/key-a1b2c3d4.png"
-    assert key_object_path(ORDER_ID, ITEM_ID, "image/gif") == f"orders/{ORDER_ID}/key-a1b2c3d4.gif"
-    assert key_object_path(ORDER_ID, ITEM_ID, "application/octet-stream").endswith("/key-a1b2c3d4.bin")
-    # parameters and case do not change the extension; unknown types fall back to bin
-    assert key_extension("Text/Plain; charset=utf-8") == "txt"
-    assert key_extension("application/x-unknown") == "bin"
-    assert key_object_path(ORDER_ID, "short", "text/plain") == f"orders/{ORDER_ID}/key-short.txt"
-
-
-def test_attachment_filename():
-    assert attachment_filename(ORDER_ID, ITEM_ID, "text/plain") == f"bitloot-key-{ORDER_ID}-a1b2c3d4.txt"
-    assert attachment_filename(ORDER_ID, ITEM_ID, "image/png") == f"bitloot-key-{ORDER_ID}-a1b2c3d4.png"
-
-
-@pytest.mark.parametrize("order_id,item_id", [("", ITEM_ID), (ORDER_ID, ""), ("../x", ITEM_ID), (ORDER_ID, "a/b")])
-def test_path_helpers_reject_bad_ids(order_id, item_id):
-    with pytest.raises(ValueError):
-        key_object_path(order_id, item_id, "text/plain")
-    with pytest.raises(ValueError):
-        attachment_filename(order_id, item_id, "text/plain")
-
-
 def test_endpoint_from_account_id():
     assert r2_endpoint("0123abcd") == "https://0123abcd.r2.cloudflarestorage.com"
     assert resolve_endpoint("", "0123abcd") == "https://0123abcd.r2.cloudflarestorage.com"
