@@ -22,7 +22,6 @@ a presigned URL or an object's bytes.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Mapping
@@ -52,7 +51,6 @@ _TRANSIENT_CODES = frozenset({
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 _BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
-_LOCATION_CODES = frozenset({"IllegalLocationConstraintException", "InvalidLocationConstraint"})
 _ACCOUNT_ID = re.compile(r"^[A-Za-z0-9-]+$")
 _FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -139,22 +137,9 @@ class KeyVault:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = self._make_client(region)
+        self._client = self._make_client()
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> KeyVault:
-        """From BitLoot's variables: R2_ENDPOINT (or R2_ACCOUNT_ID), R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY,
-        R2_BUCKET (default `bitloot-keys`)."""
-        env = os.environ if environ is None else environ
-        return cls(
-            resolve_endpoint(env.get("R2_ENDPOINT"), env.get("R2_ACCOUNT_ID")),
-            env.get("R2_ACCESS_KEY_ID", ""),
-            env.get("R2_SECRET_ACCESS_KEY", ""),
-            env.get("R2_BUCKET") or DEFAULT_BUCKET,
-            **kwargs,
-        )
-
-    def _make_client(self, region: str) -> Any:
+    def _make_client(self) -> Any:
         global _session
         with _session_lock:
             if _session is None:
@@ -164,7 +149,7 @@ class KeyVault:
                 endpoint_url=self.endpoint_url,
                 aws_access_key_id=self._access_key_id,
                 aws_secret_access_key=self._secret_access_key,
-                region_name=region,
+                region_name=self.region,
                 config=self._config,
             )
 
@@ -228,9 +213,6 @@ class KeyVault:
         """Create the bucket if it is missing. True when created now, False when it already existed.
 
         For the sandbox, the demo and tests: production R2 tokens scoped to objects cannot create buckets.
-
-        moto refuses CreateBucket from a client in region `auto` without a location constraint
-        (IllegalLocationConstraintException); the bucket is then created from a us-east-1 client.
         """
         try:
             self._client.head_bucket(Bucket=self.bucket)
@@ -246,22 +228,9 @@ class KeyVault:
         except ClientError as exc:
             if _code(exc) in _BUCKET_EXISTS_CODES:
                 return False
-            if _code(exc) not in _LOCATION_CODES or self.region == "us-east-1":
-                raise _map_error(exc, "create bucket", self.bucket) from exc
-        except BotoCoreError as exc:
-            raise _map_error(exc, "create bucket", self.bucket) from exc
-        client = self._make_client("us-east-1")
-        try:
-            client.create_bucket(Bucket=self.bucket)
-            return True
-        except ClientError as exc:
-            if _code(exc) in _BUCKET_EXISTS_CODES:
-                return False
             raise _map_error(exc, "create bucket", self.bucket) from exc
         except BotoCoreError as exc:
             raise _map_error(exc, "create bucket", self.bucket) from exc
-        finally:
-            client.close()
 
     # ------------------------------------------------------------------------------------------ reads
     def read(self, path: str) -> StoredObject:
