@@ -62,7 +62,8 @@ from _harness import (
 )
 
 from bitloot_reconcile.adapters.kinguin import KinguinClient
-from bitloot_reconcile.adapters.r2 import KeyVault, attachment_filename, key_object_path
+from bitloot_reconcile.adapters.r2 import KeyVault
+from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.sandbox.httpserver import Fault, RecordedRequest
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy, Outage

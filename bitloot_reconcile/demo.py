@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
-from bitloot_reconcile.adapters.r2 import attachment_filename, key_object_path
+from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.seed import (
     SeedProduct,

@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from bitloot_reconcile import operator as op
-from bitloot_reconcile.adapters.r2 import key_object_path
 from bitloot_reconcile.cli import main
+from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.schema import orders
 from tests.assets.test_reconciliation_report import NOON, plant

@@ -1,7 +1,7 @@
 """Client for the Kinguin eCommerce API (ESA): place or recover an order, poll it, download its keys.
 
-Plain httpx, no Dagster. Every call goes through `KinguinClient._request`, which maps failures onto the
-shared taxonomy in `adapters.errors`:
+Plain httpx, no Dagster. Every call goes through `HttpAdapter._send` (adapters/http.py), which maps failures
+onto the shared taxonomy in `adapters.errors`; what differs for Kinguin is below (its `kind`s, the duplicate):
 
 - `TransientError`: 5xx, 408, 429 (numeric or HTTP-date `Retry-After` -> `retry_after` seconds), timeouts,
   connection / read / protocol errors (including a connection dropped with no answer), kind `ResourceLock`.
@@ -12,8 +12,8 @@ shared taxonomy in `adapters.errors`:
   Preorder, 401/403 ...), and client-side validation failures before any call.
 
 The API key travels only in the `X-Api-Key` header; it is never logged and never put in an exception. Key
-serials are `SecretStr`, so they stay out of reprs and logs; the module logger records method, path, status
-and elapsed time only.
+serials are `SecretStr`, so they stay out of reprs and logs; the log records method, path, status and elapsed
+time only.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import time
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -38,7 +36,7 @@ from bitloot_reconcile.adapters.errors import (
     PermanentError,
     TransientError,
 )
-from bitloot_reconcile.adapters.http import build_client, parse_retry_after
+from bitloot_reconcile.adapters.http import HttpAdapter, json_error_fields
 
 log = logging.getLogger(__name__)
 
@@ -143,28 +141,20 @@ def _fmt_time(value: datetime | str | None) -> str | None:
     return value.isoformat(timespec="seconds")
 
 
-class KinguinClient:
+class KinguinClient(HttpAdapter):
     """Synchronous Kinguin client. Use as a context manager or call `close()`."""
+
+    service = SERVICE
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 20.0,
                  transport: httpx.BaseTransport | None = None):
         if not api_key:
             raise ValueError("Kinguin API key is empty")
-        self._http = build_client(base_url.rstrip("/") + "/", {"X-Api-Key": api_key}, timeout=timeout,
-                                  transport=transport)
+        super().__init__(base_url.rstrip("/") + "/", {"X-Api-Key": api_key}, timeout=timeout, transport=transport,
+                         secret=api_key)
 
     def __repr__(self) -> str:
         return f"KinguinClient(base_url={str(self._http.base_url)!r})"
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> KinguinClient:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- orders ------------------------------------------------------------------------------------------
     def place_order(self, order_external_id: str, lines: list[OrderLine]) -> KinguinOrder:
@@ -242,41 +232,37 @@ class KinguinClient:
                 break
         return list(keys.values())
 
-    # -- account -----------------------------------------------------------------------------------------
-    def balance(self) -> float:
-        """GET /v1/balance, in EUR."""
-        body = self._request("GET", "v1/balance")
-        try:
-            return float(body["balance"])
-        except (TypeError, KeyError, ValueError):
-            raise PermanentError(SERVICE, "GET /v1/balance: answer has no balance", kind="BadResponse") from None
-
     # -- plumbing ----------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                  json: Any = None) -> Any:
-        shown = "/" + path
-        started = time.monotonic()
-        try:
-            response = self._http.request(method, path, params=params, json=json)
-        except httpx.TimeoutException as exc:
-            log.warning("kinguin %s %s timed out after %.0f ms", method, shown, _ms(started))
-            raise TransientError(SERVICE, f"{method} {shown}: timed out ({type(exc).__name__})",
-                                 kind="Timeout") from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-            log.warning("kinguin %s %s failed after %.0f ms: %s", method, shown, _ms(started),
-                        type(exc).__name__)
-            raise TransientError(SERVICE, f"{method} {shown}: connection failed ({type(exc).__name__}: {exc})",
-                                 kind="Connection") from exc
-        except httpx.HTTPError as exc:
-            raise PermanentError(SERVICE, f"{method} {shown}: {type(exc).__name__}", kind="Client") from exc
-        log.info("kinguin %s %s -> %d in %.0f ms", method, shown, response.status_code, _ms(started))
-        if response.is_success:
-            try:
-                return response.json()
-            except ValueError:
-                raise TransientError(SERVICE, f"{method} {shown}: answer is not JSON",
-                                     status=response.status_code, kind="BadResponse") from None
-        raise _error(method, shown, response)
+        where = f"{method} /{path}"
+        return self._json(self._send(method, path, where=where, params=params, json=json), where)
+
+    # -- what Kinguin's errors mean ----------------------------------------------------------------------
+    def _kind(self, kind: str) -> str:
+        return "BadResponse" if kind == "malformed_response" else kind.capitalize()
+
+    def _error_fields(self, response: httpx.Response) -> tuple[str | None, str | None]:
+        kind, detail = json_error_fields(response, ("kind",), ("detail", "title", "type"))
+        return kind, detail or response.reason_phrase or "error"
+
+    def _error_message(self, where: str, status: int, kind: str | None, detail: str | None) -> str:
+        return f"{where} -> {status} {kind or 'error'}: {detail}"
+
+    def _error_class(self, response: httpx.Response, kind: str | None,
+                     detail: str | None) -> type[ExternalServiceError]:
+        # A used orderExternalId is a duplicate whatever the status: the caller searches and adopts the order.
+        if (kind == "ConstraintViolation" and _property_path(response) == "orderExternalId") \
+                or "already used" in (detail or "").lower():
+            return DuplicateExternalIdError
+        if kind == "ResourceLock":
+            return TransientError
+        if kind == "OrderNotFound":
+            return NotFoundError
+        return super()._error_class(response, kind, detail)
+
+    def _error_kind(self, status: int, kind: str | None, error_class: type[ExternalServiceError]) -> str | None:
+        return kind
 
 
 def _parse(model: type[_M], raw: Any) -> _M:
@@ -287,10 +273,6 @@ def _parse(model: type[_M], raw: Any) -> _M:
         fields = sorted({".".join(str(p) for p in err["loc"]) or "<root>" for err in exc.errors()})
         raise PermanentError(SERVICE, f"unexpected {model.__name__} shape (fields: {', '.join(fields)})",
                              kind="BadResponse") from None
-
-
-def _ms(started: float) -> float:
-    return (time.monotonic() - started) * 1000
 
 
 def _segment(value: str) -> str:
@@ -317,23 +299,9 @@ def _check_lines(order_external_id: str, lines: list[OrderLine]) -> str | None:
     return None
 
 
-def _error(method: str, path: str, response: httpx.Response) -> ExternalServiceError:
-    status = response.status_code
+def _property_path(response: httpx.Response) -> Any:
     try:
         body = response.json()
     except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = {}
-    kind = body.get("kind") if isinstance(body.get("kind"), str) else None
-    detail = str(body.get("detail") or body.get("title") or body.get("type") or response.reason_phrase or "error")
-    message = f"{method} {path} -> {status} {kind or 'error'}: {detail}"
-    if (kind == "ConstraintViolation" and body.get("propertyPath") == "orderExternalId") \
-            or "already used" in detail.lower():
-        return DuplicateExternalIdError(SERVICE, message, status=status, kind=kind)
-    if status >= 500 or status in (408, 429) or kind == "ResourceLock":
-        return TransientError(SERVICE, message, status=status, kind=kind,
-                              retry_after=parse_retry_after(response.headers.get("Retry-After")))
-    if status == 404 or kind == "OrderNotFound":
-        return NotFoundError(SERVICE, message, status=status, kind=kind)
-    return PermanentError(SERVICE, message, status=status, kind=kind)
+        return None
+    return body.get("propertyPath") if isinstance(body, dict) else None

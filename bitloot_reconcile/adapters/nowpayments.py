@@ -1,7 +1,7 @@
 """NOWPayments adapter: read one payment's status (`GET /v1/payment/{id}`) and classify it.
 
 Used to re-check orders stuck in `waiting`/`confirming`/`failed`: an order only counts as paid when
-NOWPayments now says `finished` or `confirmed` (see DESIGN §4 step 2). Plain httpx, no Dagster import.
+NOWPayments now says `finished` or `confirmed` (`docs/design.md`, section 4 step 2). Plain httpx, no Dagster import.
 
 Error taxonomy (adapters/errors.py):
 - 404 -> NotFoundError (unknown payment id; BitLoot's invoice flow stores an *invoice* id in
@@ -17,18 +17,15 @@ of the key in case the remote side ever echoes it.
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import time
 from decimal import Decimal
-from typing import Any
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bitloot_reconcile.adapters.errors import NotFoundError, PermanentError, TransientError
-from bitloot_reconcile.adapters.http import build_client, parse_retry_after
+from bitloot_reconcile.adapters.errors import ExternalServiceError, NotFoundError, PermanentError
+from bitloot_reconcile.adapters.http import HttpAdapter, json_error_fields
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +104,14 @@ class PaymentInfo(BaseModel):
         return classify_payment_status(self.payment_status)
 
 
-class NowPaymentsClient:
+class NowPaymentsClient(HttpAdapter):
     """Synchronous NOWPayments API client. `base_url` is the API root; the client appends `/v1/...`.
 
     A base that already ends in `/v1` (BitLoot's own `.env` uses `https://api.nowpayments.io/v1`) is accepted
     and not doubled.
     """
+
+    service = SERVICE
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str = "", *, timeout: float = 15.0,
                  transport: httpx.BaseTransport | None = None):
@@ -122,107 +121,40 @@ class NowPaymentsClient:
         if root.endswith("/v1"):
             root = root[: -len("/v1")]
         self.base_url = root
-        self.timeout = timeout
-        self._api_key = api_key
-        self._http = build_client(root, {"x-api-key": api_key}, timeout=timeout, transport=transport)
+        super().__init__(root, {"x-api-key": api_key}, timeout=timeout, transport=transport, secret=api_key)
 
     def __repr__(self) -> str:  # never show the key
         return f"NowPaymentsClient(base_url={self.base_url!r}, timeout={self.timeout})"
 
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> NowPaymentsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- API ---------------------------------------------------------------------------------------------
     def get_payment(self, payment_id: str | int) -> PaymentInfo:
         """GET /v1/payment/{payment_id}: the payment's current status and amounts."""
         pid = str(payment_id).strip()
         if not pid:
             raise ValueError("payment_id must not be empty")
         path = f"/v1/payment/{quote(pid, safe='')}"
-        response = self._request("GET", path)
-        body = self._json(response, path)
+        where = f"GET {path}"
+        response = self._send("GET", path, where=where)
+        # Decimal for floats: amounts keep the digits NOWPayments sent.
+        body = self._json(response, where, parse_float=Decimal)
         if not isinstance(body, dict):
-            raise PermanentError(SERVICE, f"GET {path}: expected a payment object, got {type(body).__name__}",
+            raise PermanentError(SERVICE, f"{where}: expected a payment object, got {type(body).__name__}",
                                  status=response.status_code, kind="malformed_response")
         try:
             info = PaymentInfo.model_validate(body)
         except ValidationError as exc:
             fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors())
-            raise PermanentError(SERVICE, f"GET {path}: payment object lacks or mistypes: {fields}",
+            raise PermanentError(SERVICE, f"{where}: payment object lacks or mistypes: {fields}",
                                  status=response.status_code, kind="malformed_response") from None
         log.debug("nowpayments payment %s status=%s order_id=%s", info.payment_id, info.payment_status,
                   info.order_id)
         return info
 
-    # -- plumbing ----------------------------------------------------------------------------------------
-    def _scrub(self, text: str) -> str:
-        """Drop the key from remote text, in case the remote side ever echoes it (real keys are long)."""
-        if len(self._api_key) >= 8 and text:
-            return text.replace(self._api_key, "***")
-        return text
+    # -- what NOWPayments' errors mean -------------------------------------------------------------------
+    def _error_fields(self, response: httpx.Response) -> tuple[str | None, str | None]:
+        """The body looks like {"status": false, "statusCode": 404, "code": "PAYMENT_NOT_FOUND", "message": "..."}."""
+        return json_error_fields(response, ("code", "name"), ("message", "error_message", "error"))
 
-    def _request(self, method: str, path: str) -> httpx.Response:
-        started = time.monotonic()
-        try:
-            response = self._http.request(method, path)
-        except httpx.TimeoutException as exc:
-            log.debug("nowpayments %s %s timed out after %.2fs", method, path, time.monotonic() - started)
-            raise TransientError(SERVICE, f"{method} {path}: timed out after {self.timeout:g}s "
-                                          f"({type(exc).__name__})", kind="timeout") from None
-        except httpx.UnsupportedProtocol:
-            raise PermanentError(SERVICE, f"{method} {path}: base URL {self.base_url!r} is not http(s)",
-                                 kind="configuration") from None
-        except httpx.TransportError as exc:
-            # Connection refused/reset, or the connection died before any answer (a lost response).
-            log.debug("nowpayments %s %s transport error %s", method, path, type(exc).__name__)
-            raise TransientError(SERVICE, f"{method} {path}: connection error ({type(exc).__name__})",
-                                 kind="connection") from None
-        elapsed_ms = (time.monotonic() - started) * 1000
-        log.debug("nowpayments %s %s -> %s in %.0f ms", method, path, response.status_code, elapsed_ms)
-        if response.is_success:
-            return response
-        raise self._error(method, path, response)
-
-    def _json(self, response: httpx.Response, path: str) -> Any:
-        try:
-            # Decimal for floats: amounts keep the digits NOWPayments sent.
-            return json.loads(response.content, parse_float=Decimal)
-        except ValueError:
-            # A 2xx with a garbled body is most likely a proxy or truncation problem: worth another try.
-            raise TransientError(SERVICE, f"GET {path}: {response.status_code} answer is not JSON",
-                                 status=response.status_code, kind="malformed_response") from None
-
-    def _error(self, method: str, path: str, response: httpx.Response) -> Exception:
-        status = response.status_code
-        code, detail = _error_fields(response)
-        kind = code or f"http_{status}"
-        message = self._scrub(f"{method} {path}: {status} {kind}" + (f": {detail}" if detail else ""))
-        if status == 404:
-            return NotFoundError(SERVICE, message, status=status, kind=code or "not_found")
-        if status == 429 or status == 408 or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            return TransientError(SERVICE, message, status=status, kind=kind, retry_after=retry_after)
-        return PermanentError(SERVICE, message, status=status, kind=kind)
-
-
-def _error_fields(response: httpx.Response) -> tuple[str | None, str | None]:
-    """(code, message) of a NOWPayments error body.
-
-    The body looks like {"status": false, "statusCode": 404, "code": "PAYMENT_NOT_FOUND", "message": "..."}.
-    """
-    try:
-        body = response.json()
-    except ValueError:
-        return None, None
-    if not isinstance(body, dict):
-        return None, None
-    code = body.get("code") or body.get("name")
-    detail = body.get("message") or body.get("error_message") or body.get("error")
-    return (str(code) if code else None), (str(detail)[:300] if detail else None)
+    def _error_kind(self, status: int, kind: str | None, error_class: type[ExternalServiceError]) -> str | None:
+        if kind is None and error_class is NotFoundError:
+            return "not_found"
+        return super()._error_kind(status, kind, error_class)

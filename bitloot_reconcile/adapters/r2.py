@@ -1,8 +1,7 @@
 """R2 key vault: store each delivered key once, read it back, presign downloads (botocore, no Dagster import).
 
-Layout (what BitLoot's reveal endpoint reads, `reference/bitloot.md` §3.7): one object per order item at
-`orders/{orderId}/key-{first 8 chars of item id}.{ext}`, with the key's content type. Downloads are presigned
-GETs with `Content-Disposition: attachment; filename="bitloot-key-{orderId}-{item8}.{ext}"`, 3 h by default,
+Paths and download names are given by the caller: BitLoot's layout (`orders/{orderId}/key-{item8}.{ext}`) lives
+in `domain.delivery`. Downloads are presigned GETs with `Content-Disposition: attachment`, 3 h by default,
 capped at 7 days like BitLoot.
 
 Never two different contents at one path: `put_key` is a conditional put (`If-None-Match: *`, honoured by R2,
@@ -23,7 +22,6 @@ a presigned URL or an object's bytes.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Mapping
@@ -46,15 +44,6 @@ DEFAULT_BUCKET = "bitloot-keys"
 DEFAULT_PRESIGN_SECONDS = 3 * 60 * 60          # every BitLoot fulfilment call site uses 3 h
 MAX_PRESIGN_SECONDS = 7 * 24 * 60 * 60         # SigV4 limit; BitLoot's client caps at 7 days too
 
-EXTENSIONS: dict[str, str] = {
-    "text/plain": "txt",
-    "image/jpeg": "jpg",
-    "image/png": "png",
-    "image/gif": "gif",
-    "application/octet-stream": "bin",
-}
-FALLBACK_EXTENSION = "bin"
-
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
     "TooManyRequests", "RequestLimitExceeded", "ConditionalRequestConflict", "OperationAborted",
@@ -62,7 +51,6 @@ _TRANSIENT_CODES = frozenset({
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 _BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
-_LOCATION_CODES = frozenset({"IllegalLocationConstraintException", "InvalidLocationConstraint"})
 _ACCOUNT_ID = re.compile(r"^[A-Za-z0-9-]+$")
 _FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -103,37 +91,6 @@ def resolve_endpoint(endpoint: str | None, account_id: str | None) -> str:
     if not (account_id or "").strip():
         raise ValueError("set R2_ENDPOINT or R2_ACCOUNT_ID")
     return r2_endpoint(account_id or "")
-
-
-def _mime(content_type: str) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-def key_extension(content_type: str) -> str:
-    """File extension for a key's content type (`text/plain` -> `txt`, ...); unknown types -> `bin`."""
-    return EXTENSIONS.get(_mime(content_type), FALLBACK_EXTENSION)
-
-
-def _ids(order_id: str, order_item_id: str) -> tuple[str, str]:
-    oid, iid = str(order_id or "").strip(), str(order_item_id or "").strip()
-    for name, value in (("order_id", oid), ("order_item_id", iid)):
-        if not value:
-            raise ValueError(f"{name} must not be empty")
-        if "/" in value or "\\" in value or value in (".", ".."):
-            raise ValueError(f"{name} must not contain path separators")
-    return oid, iid[:8]
-
-
-def key_object_path(order_id: str, order_item_id: str, content_type: str) -> str:
-    """`orders/{orderId}/key-{first 8 chars of item id}.{ext}`: where BitLoot's reveal endpoint looks."""
-    oid, item8 = _ids(order_id, order_item_id)
-    return f"orders/{oid}/key-{item8}.{key_extension(content_type)}"
-
-
-def attachment_filename(order_id: str, order_item_id: str, content_type: str) -> str:
-    """Download name offered by the presigned URL: `bitloot-key-{orderId}-{item8}.{ext}`."""
-    oid, item8 = _ids(order_id, order_item_id)
-    return f"bitloot-key-{oid}-{item8}.{key_extension(content_type)}"
 
 
 def _safe_filename(filename: str) -> str:
@@ -180,22 +137,9 @@ class KeyVault:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = self._make_client(region)
+        self._client = self._make_client()
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> KeyVault:
-        """From BitLoot's variables: R2_ENDPOINT (or R2_ACCOUNT_ID), R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY,
-        R2_BUCKET (default `bitloot-keys`)."""
-        env = os.environ if environ is None else environ
-        return cls(
-            resolve_endpoint(env.get("R2_ENDPOINT"), env.get("R2_ACCOUNT_ID")),
-            env.get("R2_ACCESS_KEY_ID", ""),
-            env.get("R2_SECRET_ACCESS_KEY", ""),
-            env.get("R2_BUCKET") or DEFAULT_BUCKET,
-            **kwargs,
-        )
-
-    def _make_client(self, region: str) -> Any:
+    def _make_client(self) -> Any:
         global _session
         with _session_lock:
             if _session is None:
@@ -205,7 +149,7 @@ class KeyVault:
                 endpoint_url=self.endpoint_url,
                 aws_access_key_id=self._access_key_id,
                 aws_secret_access_key=self._secret_access_key,
-                region_name=region,
+                region_name=self.region,
                 config=self._config,
             )
 
@@ -269,9 +213,6 @@ class KeyVault:
         """Create the bucket if it is missing. True when created now, False when it already existed.
 
         For the sandbox, the demo and tests: production R2 tokens scoped to objects cannot create buckets.
-
-        moto refuses CreateBucket from a client in region `auto` without a location constraint
-        (IllegalLocationConstraintException); the bucket is then created from a us-east-1 client.
         """
         try:
             self._client.head_bucket(Bucket=self.bucket)
@@ -287,22 +228,9 @@ class KeyVault:
         except ClientError as exc:
             if _code(exc) in _BUCKET_EXISTS_CODES:
                 return False
-            if _code(exc) not in _LOCATION_CODES or self.region == "us-east-1":
-                raise _map_error(exc, "create bucket", self.bucket) from exc
-        except BotoCoreError as exc:
-            raise _map_error(exc, "create bucket", self.bucket) from exc
-        client = self._make_client("us-east-1")
-        try:
-            client.create_bucket(Bucket=self.bucket)
-            return True
-        except ClientError as exc:
-            if _code(exc) in _BUCKET_EXISTS_CODES:
-                return False
             raise _map_error(exc, "create bucket", self.bucket) from exc
         except BotoCoreError as exc:
             raise _map_error(exc, "create bucket", self.bucket) from exc
-        finally:
-            client.close()
 
     # ------------------------------------------------------------------------------------------ reads
     def read(self, path: str) -> StoredObject:

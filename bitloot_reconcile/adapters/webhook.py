@@ -1,7 +1,7 @@
 """Slack-compatible incoming webhook: POST one JSON message (plain httpx, no Dagster import).
 
 The webhook URL is itself the credential (Slack's holds a token), so it never appears in errors or logs.
-Error taxonomy (adapters/errors.py): timeouts, connection errors, 429 and 5xx -> TransientError; any other
+Error taxonomy (adapters/errors.py): timeouts, connection errors, 408, 429 and 5xx -> TransientError; any other
 non-2xx -> PermanentError. Either way the caller keeps the alert and tries again on its next tick.
 """
 
@@ -12,57 +12,34 @@ from typing import Any
 
 import httpx
 
-from bitloot_reconcile.adapters.errors import PermanentError, TransientError
+from bitloot_reconcile.adapters.http import HttpAdapter
 
-SERVICE = "webhook"
 # Slack answers errors with short codes (`invalid_payload`, `no_service`); anything longer is not quoted.
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 
 
-class WebhookClient:
+class WebhookClient(HttpAdapter):
     """Posts JSON messages to one webhook URL. Use as a context manager to reuse the connection."""
+
+    service = "webhook"
+    objects_can_be_missing = False  # a 404 is a wrong or revoked URL
 
     def __init__(self, url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None):
         if not url:
             raise ValueError("WebhookClient needs a URL")
-        if timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        # No base URL: httpx would add a trailing slash to the webhook's path.
+        super().__init__("", {}, timeout=timeout, transport=transport, secret=url)
         self._url = url
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            follow_redirects=False,
-            headers={"User-Agent": "bitloot-reconcile"},
-        )
 
     def __repr__(self) -> str:  # never show the URL
         return "WebhookClient(url=***)"
 
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> WebhookClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def post(self, message: dict[str, Any]) -> None:
-        try:
-            response = self._http.post(self._url, json=message)
-        except httpx.TimeoutException as exc:
-            raise TransientError(SERVICE, f"POST timed out ({type(exc).__name__})", kind="timeout") from None
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-            raise PermanentError(SERVICE, "webhook URL is not a valid http(s) URL", kind="configuration") from None
-        except httpx.TransportError as exc:
-            raise TransientError(SERVICE, f"connection error ({type(exc).__name__})", kind="connection") from None
-        if response.is_success:
-            return
-        status = response.status_code
+        self._send("POST", self._url, where="POST", json=message)
+
+    def _error_fields(self, response: httpx.Response) -> tuple[str | None, str | None]:
         code = response.text.strip()
-        detail = f"POST answered {status}" + (f" {code}" if _ERROR_CODE.match(code) else "")
-        if status == 429 or status >= 500:
-            retry_after = response.headers.get("Retry-After", "")
-            raise TransientError(SERVICE, detail, status=status, kind=f"http_{status}",
-                                 retry_after=float(retry_after) if retry_after.isdigit() else None)
-        raise PermanentError(SERVICE, detail, status=status, kind=f"http_{status}")
+        return None, (code if _ERROR_CODE.match(code) else None)
+
+    def _error_message(self, where: str, status: int, kind: str | None, detail: str | None) -> str:
+        return f"{where} answered {status}" + (f" {detail}" if detail else "")

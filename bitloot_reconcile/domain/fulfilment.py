@@ -34,9 +34,10 @@ from bitloot_reconcile.adapters.nowpayments import (
     PaymentVerdict,
     classify_payment_status,
 )
-from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault, attachment_filename, key_object_path
-from bitloot_reconcile.adapters.resend import ResendClient, completion_idempotency_key
+from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault
+from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
+from bitloot_reconcile.domain.delivery import attachment_filename, completion_idempotency_key, key_object_path
 from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, InvalidRequest, Outcome, Progress
 from bitloot_reconcile.store.repository import Item, LeaseLost, Order, ReconcileState, Store
 

@@ -14,8 +14,8 @@ from typing import Protocol
 
 from bitloot_reconcile.adapters.errors import ExternalServiceError
 from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOrder, KinguinProduct
-from bitloot_reconcile.adapters.r2 import key_object_path
 from bitloot_reconcile.domain import fulfilment
+from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.domain.fulfilment import PaymentReader, PlaceSupplierOrder, Stop, UseSupplierOrder
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.domain.switches import Switches, claim_hold, email_suppressed, email_waits

@@ -1,4 +1,5 @@
-"""Kinguin eCommerce API (ESA) simulator, faithful to `reference/kinguin-api.md`.
+"""Kinguin eCommerce API (ESA) simulator, faithful to the API as the adapter (adapters/kinguin.py) and
+`docs/design.md` section 9 describe it.
 
 Serves under `/esa/api` (`sim.base_url`), authenticates `X-Api-Key`, and implements:
 
@@ -10,14 +11,13 @@ Serves under `/esa/api` (`sim.base_url`), authenticates `X-Api-Key`, and impleme
 | `search_orders`   | GET  /v1/order            (filters, paging)|
 | `get_keys`        | GET  /v2/order/{orderId}/keys (paging)     |
 | `return_keys`     | POST /v2/order/{orderId}/keys/return       |
-| `balance`         | GET  /v1/balance                           |
 | `get_product`     | GET  /v2/products/{productId} (404 when out of stock) |
 
 Faults: `sim.inject("<route name>", Fault(...))` (latency, canned status, lost response). Canned bodies are
 Kinguin-shaped: 5xx -> kind `Error`, 429 -> kind `Http` / "Too Many Requests", 409 -> `ResourceLock`,
 422 -> `OrderFailed`; any other body can be given with `Fault(body=sim.error_body(...))`.
 
-Behaviour worth knowing (choices where the docs are silent are marked ASSUMPTION in the reference):
+Behaviour worth knowing (choices where Kinguin's docs are silent are marked ASSUMPTION):
 - Placement validates like the API (1..10 lines, qty 1..9, price > 0, keyType only "text", unique offerId),
   then the unique orderExternalId (duplicate -> `duplicate_status`, 422 by default, kind ConstraintViolation,
   propertyPath orderExternalId, detail "... already used"), then pre-order rules, then offers (price ceiling,
@@ -216,7 +216,6 @@ class KinguinSimulator(JsonServer):
         self.route("GET", f"{api}/v1/order/(?P<order_id>[^/]+)", "get_order", self._h_get_order)
         self.route("GET", f"{api}/v2/order/(?P<order_id>[^/]+)/keys", "get_keys", self._h_get_keys)
         self.route("POST", f"{api}/v2/order/(?P<order_id>[^/]+)/keys/return", "return_keys", self._h_return)
-        self.route("GET", f"{api}/v1/balance", "balance", self._h_balance)
         self.route("GET", f"{api}/v2/products/(?P<product_id>[^/]+)", "get_product", self._h_get_product)
 
     @property
@@ -489,9 +488,6 @@ class KinguinSimulator(JsonServer):
             key.status = "RETURNED"
             self._credit(order, line.price)
         return Response(200, [{"id": key.id, "status": key.status} for _, key in eligible])
-
-    def _h_balance(self, **_: Any) -> Response:
-        return Response(200, {"balance": self._balance})
 
     # ===================================================================================== placement
     def _place(self, body: Any, id_field: str, path: str) -> Response:

@@ -47,7 +47,7 @@ def test_place_poll_and_collect_keys(kinguin_sim, kinguin_client):
     text = placed.products[0]
     assert (text.price, text.request_price, text.total_price) == (5.0, 6.0, 10.0)
     assert (placed.total_price, placed.request_total_price, placed.payment_price) == (17.5, 19.5, 17.5)
-    assert kinguin_sim.balance == 10_000 - 17.5 == kinguin_client.balance()
+    assert kinguin_sim.balance == 10_000 - 17.5
 
     order = kinguin_client.get_order(placed.order_id)
     assert order.status == "completed" and order.delivered_count == 3
@@ -57,7 +57,7 @@ def test_place_poll_and_collect_keys(kinguin_sim, kinguin_client):
     assert keys[0].content() == f"KEY-{order.order_id}-1".encode()
     assert keys[0].kinguin_id == 1949 and keys[0].name == "Text Game" and keys[0].offer_id
     # three calls on the happy path: place, status, one keys page
-    routes = [r.route for r in kinguin_sim.requests if r.route != "balance"]
+    routes = [r.route for r in kinguin_sim.requests]
     assert routes == ["place_order_v2", "get_order", "get_keys"]
     assert kinguin_sim.requests_to("get_keys")[0].query == {"page": "1", "limit": "100"}
     assert kinguin_sim.requests[0].headers["x-api-key"] == KINGUIN_TEST_KEY
@@ -188,17 +188,17 @@ def test_canceled_order(kinguin_sim, kinguin_client):
     order = kinguin_client.get_order(order_id)
     assert order.status == "canceled" and {k.status for k in order.products[0].keys} == {"CANCELED"}
     assert kinguin_client.get_keys(order_id) == []
-    assert kinguin_client.balance() == 10_000 - 10.0
+    assert kinguin_sim.balance == 10_000 - 10.0
 
 
 def test_refunded_order_credits_the_balance(kinguin_sim, kinguin_client):
     order_id = kinguin_client.place_order(EID, [line(qty=2)]).order_id
-    assert kinguin_client.balance() == 10_000 - 10.0
+    assert kinguin_sim.balance == 10_000 - 10.0
     kinguin_sim.refund(order_id)
     order = kinguin_client.get_order(order_id)
     assert order.status == "refunded" and {k.status for k in order.products[0].keys} == {"REFUNDED"}
     assert kinguin_client.get_keys(order_id) == []
-    assert kinguin_client.balance() == 10_000.0
+    assert kinguin_sim.balance == 10_000.0
 
 
 # -- errors ----------------------------------------------------------------------------------------------
@@ -226,10 +226,10 @@ def test_429_honours_retry_after(kinguin_sim, kinguin_client):
 
 
 def test_timeout_is_transient(kinguin_sim):
-    kinguin_sim.inject("balance", Fault(latency=1.0))
+    kinguin_sim.inject("search_orders", Fault(latency=1.0))
     with KinguinClient(kinguin_sim.base_url, KINGUIN_TEST_KEY, timeout=0.2) as client, \
             pytest.raises(TransientError) as info:
-        client.balance()
+        client.search_orders(order_external_id=EID)
     assert info.value.kind == "Timeout"
 
 
@@ -239,7 +239,7 @@ def test_connection_refused_is_transient():
         port = sock.getsockname()[1]
     with KinguinClient(f"http://127.0.0.1:{port}/esa/api", KINGUIN_TEST_KEY, timeout=1) as client, \
             pytest.raises(TransientError) as info:
-        client.balance()
+        client.search_orders(order_external_id=EID)
     assert info.value.kind == "Connection"
 
 
@@ -252,7 +252,7 @@ def test_lost_response_then_duplicate_then_adopt(kinguin_sim, kinguin_client):
         kinguin_client.place_order(EID, [line()])
     [found] = kinguin_client.search_orders(order_external_id=EID)
     assert found.order_id == created.order_id
-    assert kinguin_client.balance() == 10_000 - 5.0
+    assert kinguin_sim.balance == 10_000 - 5.0
 
 
 @pytest.mark.parametrize("status", [422, 400])
@@ -319,7 +319,7 @@ def test_order_failed(kinguin_sim, kinguin_client):
 def test_bad_api_key(kinguin_sim):
     with KinguinClient(kinguin_sim.base_url, "wrong-key-XYZ", timeout=2) as client, \
             pytest.raises(PermanentError) as info:
-        client.balance()
+        client.search_orders(order_external_id=EID)
     assert (info.value.status, info.value.kind) == (401, "Authorization")
     assert "Invalid authentication data." in str(info.value) and "wrong-key-XYZ" not in str(info.value)
 
@@ -376,7 +376,7 @@ def test_resource_builds_a_client(kinguin_sim):
 
     resource = KinguinResource(base_url=kinguin_sim.base_url, api_key=KINGUIN_TEST_KEY, timeout_seconds=2)
     with resource.get_client() as client:
-        assert client.balance() == 10_000.0
+        assert client.search_orders(order_external_id=EID) == []
     assert KinguinResource(api_key="k").base_url == "https://gateway.kinguin.net/esa/api"
 
 

@@ -26,12 +26,10 @@ from bitloot_reconcile.adapters.r2 import (
     KeyConflictError,
     KeyVault,
     StoredObject,
-    attachment_filename,
-    key_extension,
-    key_object_path,
     r2_endpoint,
     resolve_endpoint,
 )
+from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.s3 import SeaweedS3
 from tests.fixtures.s3 import unique_bucket
@@ -68,31 +66,6 @@ def vault_for(s3: SeaweedS3, bucket: str, **kwargs) -> KeyVault:
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
-def test_key_object_path_follows_bitloot_layout():
-    assert key_object_path(ORDER_ID, ITEM_ID, "text/plain") == f"orders/{ORDER_ID}/key-a1b2c3d4.txt"
-    assert key_object_path(ORDER_ID, ITEM_ID, "image/jpeg") == f"orders/{ORDER_ID}/key-a1b2c3d4.jpg"
-    assert key_object_path(ORDER_ID, ITEM_ID, "image/png") == f"orders/{ORDER_ID}/key-a1b2c3d4.png"
-    assert key_object_path(ORDER_ID, ITEM_ID, "image/gif") == f"orders/{ORDER_ID}/key-a1b2c3d4.gif"
-    assert key_object_path(ORDER_ID, ITEM_ID, "application/octet-stream").endswith("/key-a1b2c3d4.bin")
-    # parameters and case do not change the extension; unknown types fall back to bin
-    assert key_extension("Text/Plain; charset=utf-8") == "txt"
-    assert key_extension("application/x-unknown") == "bin"
-    assert key_object_path(ORDER_ID, "short", "text/plain") == f"orders/{ORDER_ID}/key-short.txt"
-
-
-def test_attachment_filename():
-    assert attachment_filename(ORDER_ID, ITEM_ID, "text/plain") == f"bitloot-key-{ORDER_ID}-a1b2c3d4.txt"
-    assert attachment_filename(ORDER_ID, ITEM_ID, "image/png") == f"bitloot-key-{ORDER_ID}-a1b2c3d4.png"
-
-
-@pytest.mark.parametrize("order_id,item_id", [("", ITEM_ID), (ORDER_ID, ""), ("../x", ITEM_ID), (ORDER_ID, "a/b")])
-def test_path_helpers_reject_bad_ids(order_id, item_id):
-    with pytest.raises(ValueError):
-        key_object_path(order_id, item_id, "text/plain")
-    with pytest.raises(ValueError):
-        attachment_filename(order_id, item_id, "text/plain")
-
-
 def test_endpoint_from_account_id():
     assert r2_endpoint("0123abcd") == "https://0123abcd.r2.cloudflarestorage.com"
     assert resolve_endpoint("", "0123abcd") == "https://0123abcd.r2.cloudflarestorage.com"
@@ -101,9 +74,6 @@ def test_endpoint_from_account_id():
         resolve_endpoint("", "")
     with pytest.raises(ValueError):
         r2_endpoint("evil.com/x?")
-    env = {"R2_ACCOUNT_ID": "0123abcd", "R2_ACCESS_KEY_ID": "ak", "R2_SECRET_ACCESS_KEY": "sk"}
-    vault = KeyVault.from_env(env)
-    assert (vault.endpoint_url, vault.bucket) == ("https://0123abcd.r2.cloudflarestorage.com", "bitloot-keys")
 
 
 def test_resource_builds_vault_and_hides_secret():
@@ -390,16 +360,6 @@ def test_errors_never_show_secrets_signatures_or_keys(seaweed: SeaweedS3, key_va
         for needle in (seaweed.secret_access_key, wrong_secret, "X-Amz-Signature", signature,
                        "SECRET-SERIAL", "OTHER-SERIAL", url):
             assert needle not in text, (type(exc).__name__, needle)
-
-
-# ------------------------------------------------------------------------------------------ moto quirk
-def test_ensure_bucket_in_region_auto_on_moto(moto_s3: str):
-    vault = KeyVault(moto_s3, "ak", "sk", unique_bucket("moto"), region="auto")
-    assert vault.ensure_bucket() is True
-    assert vault.ensure_bucket() is False
-    assert vault.put_key("orders/x/key-1.txt", TEXT_KEY, "text/plain") is True
-    assert vault.put_key("orders/x/key-1.txt", TEXT_KEY, "text/plain") is False
-    assert vault.read("orders/x/key-1.txt").data == TEXT_KEY
 
 
 def test_resource_vault_talks_to_seaweed(seaweed: SeaweedS3):

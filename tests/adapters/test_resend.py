@@ -10,7 +10,8 @@ import time
 import pytest
 
 from bitloot_reconcile.adapters.errors import ExternalServiceError, PermanentError, TransientError
-from bitloot_reconcile.adapters.resend import ResendClient, completion_idempotency_key
+from bitloot_reconcile.adapters.resend import ResendClient
+from bitloot_reconcile.domain.delivery import completion_idempotency_key
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.resend import ResendSimulator
@@ -47,19 +48,6 @@ def _wait_until_answered(sim: ResendSimulator, route: str, count: int, timeout: 
             return
         time.sleep(0.02)
     raise AssertionError(f"{route}: fewer than {count} requests answered in {timeout}s")
-
-
-# -- idempotency key (pure) ----------------------------------------------------------------------------------
-def test_completion_idempotency_key_is_deterministic():
-    assert completion_idempotency_key(ORDER_ID) == f"order-completed/{ORDER_ID}"
-    assert completion_idempotency_key(ORDER_ID) == completion_idempotency_key(f" {ORDER_ID} ")
-    assert completion_idempotency_key("a") != completion_idempotency_key("b")
-
-
-@pytest.mark.parametrize("bad", ["", "   ", None, "x" * 250])
-def test_completion_idempotency_key_refuses_bad_ids(bad):
-    with pytest.raises(ValueError):
-        completion_idempotency_key(bad)
 
 
 # -- happy path ----------------------------------------------------------------------------------------------

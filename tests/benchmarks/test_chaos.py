@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import chaos  # noqa: E402  (benchmarks/ is not a package; its scripts import each other by name)
 
-from bitloot_reconcile.adapters.r2 import key_object_path  # noqa: E402
+from bitloot_reconcile.domain.delivery import key_object_path  # noqa: E402
 
 API_KEY = "kinguin-api-key-SECRET"
 SERIAL = "KEY-ABCDEF123456-1"

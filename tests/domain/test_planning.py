@@ -13,7 +13,7 @@ import pytest
 from bitloot_reconcile.adapters.errors import NotFoundError, TransientError
 from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOffer, KinguinOrder, KinguinProduct
 from bitloot_reconcile.adapters.nowpayments import PaymentInfo
-from bitloot_reconcile.adapters.r2 import key_object_path
+from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.domain.planning import LEFT_ALONE, UNKNOWN, plan_order
 from bitloot_reconcile.domain.switches import Switches
 from bitloot_reconcile.store.repository import EmailBounce, Item, Order, Payment, ReconcileState
