@@ -1,4 +1,4 @@
-"""Kinguin calls per order (DESIGN section 7: 3 on the happy path, recovery adds one search).
+"""Kinguin calls per order (docs/design.md section 10: 3 on the happy path, recovery adds one search).
 
 Each order is a one-item paid order run through `fulfill_order` against the Kinguin simulator, SeaweedFS, the
 NOWPayments and Resend simulators and a fresh PostgreSQL store. Calls are counted from the simulator's request

@@ -1,4 +1,4 @@
-"""Sensor tick cost on PostgreSQL with 10k and with 1M orders (DESIGN section 7: 1M within 1.2x of 10k).
+"""Sensor tick cost on PostgreSQL with 10k and with 1M orders (docs/design.md section 10: 1M within 1.2x of 10k).
 
 Each size gets its own database: the project's migrations on an empty database (BitLoot's tables and the
 project's indexes), a bulk `INSERT ... SELECT generate_series` of two years of order history, the same fixed set

@@ -1,4 +1,4 @@
-"""Run tags every `fulfill_order` run carries (DESIGN section 3), whoever launched it."""
+"""Run tags every `fulfill_order` run carries (docs/design.md section 3), whoever launched it."""
 
 from __future__ import annotations
 

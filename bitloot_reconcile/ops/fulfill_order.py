@@ -1,4 +1,4 @@
-"""The `fulfill_order` job's ops: thin shells over `domain.fulfilment`, one op per step of DESIGN section 4.
+"""The `fulfill_order` job's ops: thin shells over `domain.fulfilment`, one op per step of docs/design.md section 4.
 
 Ops pass a `Progress` (ids and verdicts only) from one to the next. Transient outside failures are retried by
 Dagster's RetryPolicy (exponential backoff with jitter); bad input fails the run at once without retries.
