@@ -67,7 +67,7 @@ from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.sandbox.httpserver import Fault, RecordedRequest
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy, Outage
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
-from bitloot_reconcile.sensors import IN_FLIGHT
+from bitloot_reconcile.sensors.sweep import IN_FLIGHT
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import keys as keys_table
 from bitloot_reconcile.store.schema import order_items, orders, reconcile_state
