@@ -438,11 +438,12 @@ class Chaos:
     def __init__(self, settings: Settings, stack: Stack, proxy: FaultyS3Proxy, instance: dg.DagsterInstance,
                  runs: Runs, plans: list[OrderPlan], rng: random.Random):
         from bitloot_reconcile.definitions import build_resources
+        from bitloot_reconcile.settings import load_settings
 
         self.settings, self.stack, self.proxy, self.instance, self.runs = settings, stack, proxy, instance, runs
         self.plans = {p.order_id: p for p in plans}
         self.rng = rng
-        self.resources = build_resources()
+        self.resources = build_resources(load_settings())  # from the environment chaos_run sets up
         self.run_keys: set[str] = set()
         self.queue: deque[tuple[str, dict, dict, str]] = deque()
         self.kills: list[Kill] = []
