@@ -68,7 +68,7 @@ from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.sandbox.httpserver import Fault, RecordedRequest
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy, Outage
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
-from bitloot_reconcile.sensors import IN_FLIGHT
+from bitloot_reconcile.sensors.sweep import IN_FLIGHT
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import keys as keys_table
 from bitloot_reconcile.store.schema import order_items, orders, reconcile_state
@@ -439,11 +439,12 @@ class Chaos:
     def __init__(self, settings: Settings, stack: Stack, proxy: FaultyS3Proxy, instance: dg.DagsterInstance,
                  runs: Runs, plans: list[OrderPlan], rng: random.Random):
         from bitloot_reconcile.definitions import build_resources
+        from bitloot_reconcile.settings import load_settings
 
         self.settings, self.stack, self.proxy, self.instance, self.runs = settings, stack, proxy, instance, runs
         self.plans = {p.order_id: p for p in plans}
         self.rng = rng
-        self.resources = build_resources()
+        self.resources = build_resources(load_settings())  # from the environment chaos_run sets up
         self.run_keys: set[str] = set()
         self.queue: deque[tuple[str, dict, dict, str]] = deque()
         self.kills: list[Kill] = []

@@ -1,5 +1,5 @@
-"""The `bitloot-reconcile` command line. The work is in `operator.py`; this module parses, prints and turns bad
-input or missing settings into a usage error (never a traceback).
+"""The `bitloot-reconcile` command line. The work is in `commands.py`; this module parses, prints and turns bad
+input or missing or malformed settings into a usage error (never a traceback).
 
 Heavy imports (pandas, Dagster, the HTTP clients) happen inside the commands, so `--help` and `db upgrade`
 start quickly.
@@ -24,15 +24,23 @@ def main() -> None:
 @contextmanager
 def usage_errors() -> Iterator[None]:
     from bitloot_reconcile.domain.outcomes import InvalidRequest
-    from bitloot_reconcile.operator import MissingSetting
+    from bitloot_reconcile.settings import SettingsError
     from bitloot_reconcile.store.repository import ProjectTablesMissing
 
     try:
         yield
-    except (InvalidRequest, MissingSetting) as exc:
+    except (InvalidRequest, SettingsError) as exc:
         raise click.UsageError(str(exc)) from None
     except ProjectTablesMissing as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _settings():
+    """The environment's settings; a missing or malformed variable is a usage error."""
+    from bitloot_reconcile.settings import load_settings
+
+    with usage_errors():
+        return load_settings()
 
 
 def _console():
@@ -52,15 +60,16 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--database-url", envvar="DATABASE_URL", help="Store database URL (default: $DATABASE_URL).")
+@click.option("--database-url", help="Store database URL (default: $DATABASE_URL).")
 def db_upgrade(database_url: str | None) -> None:
     """Create the project's tables and indexes (and BitLoot's tables on an empty database)."""
     from bitloot_reconcile.store.engine import create_store_engine
     from bitloot_reconcile.store.migrate import upgrade
 
-    if not database_url:
+    settings = _settings()
+    if not database_url and not settings.database_url:
         raise click.UsageError("environment variable DATABASE_URL is not set (or pass --database-url)")
-    engine = create_store_engine(database_url)
+    engine = create_store_engine(database_url or settings.secret("database_url"))
     upgrade(engine)
     click.echo(f"store database at {engine.url.render_as_string(hide_password=True)} is up to date")
 
@@ -76,10 +85,11 @@ def plan_cmd(order_ids: tuple[str, ...], limit: int) -> None:
     """
     from rich.table import Table
 
-    from bitloot_reconcile import operator as op
+    from bitloot_reconcile import commands
 
-    with usage_errors(), op.open_readers() as readers:
-        plans = op.plan(readers, order_ids=order_ids, limit=limit)
+    settings = _settings()
+    with usage_errors(), commands.open_readers(settings) as readers:
+        plans = commands.plan(readers, settings.reconcile, order_ids=order_ids, limit=limit)
     if not plans:
         click.echo("no stuck orders")
         return
@@ -96,10 +106,10 @@ def history_cmd(order_id: str) -> None:
     """Every reconcile action on ORDER_ID (from the audit table) and its reconcile state now."""
     from rich.table import Table
 
-    from bitloot_reconcile import operator as op
+    from bitloot_reconcile import commands
 
-    with usage_errors(), op.open_store() as store:
-        found = op.history(store, order_id)
+    with usage_errors(), commands.open_store(_settings()) as store:
+        found = commands.history(store, order_id)
     console = _console()
     timeline = Table("time (UTC)", "action", "trigger", "actor", "reason", "run id", "outcome", "detail",
                      title=f"order {found.state.order_id}")
@@ -131,24 +141,26 @@ def history_cmd(order_id: str) -> None:
 @click.argument("order_id")
 @click.option("--reason", required=True, help="Why this order is being retried (recorded in the audit table).")
 @click.option("--by", "requested_by", required=True, help="Who asks, e.g. admin@bitloot.io.")
-@click.option("--dagster-url", envvar="DAGSTER_WEBSERVER_URL",
+@click.option("--dagster-url",
               help="Submit to this Dagster webserver (default: $DAGSTER_WEBSERVER_URL); unset: run here.")
 def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | None) -> None:
     """Run `fulfill_order` for ORDER_ID as an admin retry, after the launchpad's checks."""
-    from bitloot_reconcile import operator as op
+    from bitloot_reconcile import commands
 
-    with usage_errors(), op.open_store() as store:
-        order_id = op.validate_retry(store, order_id, reason, requested_by)
+    settings = _settings()
+    dagster_url = dagster_url or settings.dagster_webserver_url
+    with usage_errors(), commands.open_store(settings) as store:
+        order_id = commands.validate_retry(store, order_id, reason, requested_by)
         if dagster_url:
             from dagster_graphql import DagsterGraphQLClientError
 
             try:
-                run_id = op.submit_retry(dagster_url, order_id, reason, requested_by)
+                run_id = commands.submit_retry(dagster_url, order_id, reason, requested_by)
             except DagsterGraphQLClientError as exc:
                 raise click.ClickException(f"Dagster at {dagster_url} did not take the run: {exc}") from None
             click.echo(f"submitted fulfill_order run {run_id} for order {order_id}")
             return
-        result = op.run_retry(store, order_id, reason, requested_by)
+        result = commands.run_retry(settings, store, order_id, reason, requested_by)
     click.echo(f"run {result.run_id}: {result.outcome or 'no outcome recorded'}"
                + (f" ({result.reason})" if result.reason else ""))
     if not result.success:
@@ -167,10 +179,10 @@ def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: s
     The same report as the daily `reconciliation_report` asset; only reads.
     """
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import Progress as ProgressBar
     from rich.table import Table
 
-    from bitloot_reconcile import operator as op
+    from bitloot_reconcile import commands
     from bitloot_reconcile.domain import reconciliation
 
     since, until = (moment.replace(tzinfo=dt.UTC) if moment else None for moment in (since, until))
@@ -179,7 +191,8 @@ def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: s
     since = since or until - dt.timedelta(days=1)
     if since >= until:
         raise click.UsageError("--since must be before --until")
-    with usage_errors(), op.open_readers() as readers, Progress(console=Console(stderr=True)) as bar:
+    settings = _settings()
+    with usage_errors(), commands.open_readers(settings) as readers, ProgressBar(console=Console(stderr=True)) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -187,7 +200,7 @@ def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: s
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        frame = op.report(readers, since, until, progress=progress)
+        frame = commands.report(readers, since, until, progress=progress)
     counts = reconciliation.class_counts(frame)
     click.echo(f"{len(frame)} rows: orders created from {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC "
                "and Kinguin orders without a store order")
@@ -205,8 +218,8 @@ def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: s
 @click.option("--port", default=3000, show_default=True, help="Port of the UI with --ui.")
 @click.option("--dir", "base_dir", default=".demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo keeps its SQLite store, Dagster home and S3 data (wiped at start).")
-@click.option("--database-url", envvar="DATABASE_URL", default=None,
-              help="A scratch store database to seed instead of the embedded SQLite one.")
+@click.option("--database-url", help="A scratch store database to seed instead of the embedded SQLite one "
+              "(default: $DATABASE_URL).")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for every order to settle.")
 def demo(ui: bool, port: int, base_dir: str, database_url: str | None, timeout: float) -> None:
     """Seed stuck orders of every kind and let the real sensor and jobs recover them."""
@@ -214,6 +227,8 @@ def demo(ui: bool, port: int, base_dir: str, database_url: str | None, timeout: 
 
     from bitloot_reconcile.demo import run_demo
 
+    settings = _settings()
+    database_url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
     raise SystemExit(run_demo(base_dir=Path(base_dir), database_url=database_url, ui=ui, port=port, timeout=timeout))
 
 

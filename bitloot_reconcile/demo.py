@@ -35,24 +35,24 @@ from bitloot_reconcile.sandbox.seed import (
     set_feature_flag,
 )
 from bitloot_reconcile.sandbox.standins import StandIns
+from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import reconcile_audit
 
 # Short clocks so that the whole story plays out in a couple of minutes.
-DEMO_TUNING = {
-    "RECONCILE_SWEEP_INTERVAL_SECONDS": "5",
-    "RECONCILE_GRACE_MINUTES": "0.05",
-    "RECONCILE_BACKOFF_BASE_SECONDS": "3",
-    "RECONCILE_BACKOFF_CAP_SECONDS": "10",
-    "RECONCILE_SUPPLIER_POLL_ATTEMPTS": "2",
-    "RECONCILE_SUPPLIER_POLL_SECONDS": "2",
-    "RECONCILE_LEASE_SECONDS": "120",
-    "RECONCILE_HOLD_RECHECK_SECONDS": "3",
-    "FRONTEND_URL": "https://bitloot.example",
-    "EMAIL_FROM": "orders@bitloot.example",
-}
+DEMO_TUNING = Tunables(
+    sweep_interval_seconds=5,
+    grace_minutes=0.05,
+    backoff_base_seconds=3,
+    backoff_cap_seconds=10,
+    supplier_poll_attempts=2,
+    supplier_poll_seconds=2,
+    lease_seconds=120,
+    hold_recheck_seconds=3,
+)
+DEMO_SHOP = {"FRONTEND_URL": "https://bitloot.example", "EMAIL_FROM": "orders@bitloot.example"}
 SEEDED_AGE = dt.timedelta(minutes=20)  # past the grace period: every order is stuck from the first tick
 DAGSTER_YAML = """\
 telemetry: {enabled: false}
@@ -244,8 +244,8 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
         world = DemoWorld(engine, standins)
         seeded = [(scenario, scenario.seed(world)) for scenario in SCENARIOS]
         before = {order_id: store.load_order(order_id).status for _, order_id in seeded}
-        env = {**os.environ, **standins.env(), **DEMO_TUNING, "DATABASE_URL": database_url,
-               "DAGSTER_HOME": str(dagster_home.resolve())}
+        env = {**os.environ, **standins.env(), **DEMO_TUNING.as_environment(), **DEMO_SHOP,
+               "DATABASE_URL": database_url, "DAGSTER_HOME": str(dagster_home.resolve())}
         _init_instance(env)
         command = (["dagster", "dev", "-m", "bitloot_reconcile.definitions", "-p", str(port)] if ui
                    else ["dagster-daemon", "run", "-m", "bitloot_reconcile.definitions"])

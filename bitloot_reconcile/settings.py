@@ -1,22 +1,97 @@
-"""Environment variables, under BitLoot's own names so one `.env` serves both systems (DESIGN section 3)."""
+"""Every environment variable the project reads, typed and with its default, in one object.
+
+BitLoot's own names, so one `.env` serves both systems (the contract, docs/design.md section 3), plus the
+`RECONCILE_<NAME>` tunables. The code location, the sensors, the command line and the demo all read the
+environment through `load_settings`; a value of the wrong type stops them with the variable's name.
+
+Secrets are held as `SecretStr` (never printed); Dagster resources get them as `EnvVar` by name instead, so
+the UI shows the names only. `DAGSTER_PG_URL` is not here: only Dagster's own `dagster.yaml` reads it.
+"""
 
 from __future__ import annotations
 
-import os
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULTS = {
-    "KINGUIN_BASE_URL": "https://gateway.kinguin.net/esa/api",
-    "NOWPAYMENTS_BASE": "https://api.nowpayments.io",
-    "RESEND_BASE_URL": "https://api.resend.com",
-    "R2_BUCKET": "bitloot-keys",
-    "EMAIL_FROM": "orders@bitloot.io",
-    "FRONTEND_URL": "https://bitloot.io",
-}
+DEFAULT_FRONTEND_URL = "https://bitloot.io"
+# What a `fulfill_order` run needs that has no default (the code location passes them on as EnvVar).
+RUN_SECRETS = ("database_url", "kinguin_api_key", "nowpayments_api_key", "r2_access_key_id", "r2_secret_access_key",
+               "resend_api_key")
 
 
-def env(name: str) -> str:
-    """The variable's value, BitLoot's default where it has one, else a clear error naming the variable."""
-    value = os.environ.get(name) or DEFAULTS.get(name)
-    if not value:
-        raise RuntimeError(f"environment variable {name} is not set")
-    return value
+class SettingsError(ValueError):
+    """A variable is missing or has a value of the wrong type; the message names it."""
+
+
+class PolicyValues(BaseModel):
+    """How the recovery and the sweep behave. The `ReconcilePolicy` resource carries these fields."""
+
+    lease_seconds: int = 900
+    supplier_poll_attempts: int = 2
+    supplier_poll_seconds: float = 10.0
+    # The longest a run parks between two attempts of a step (a service's Retry-After is capped to it). Every
+    # attempt renews the lease, so a wait must stay well inside it or another run could take the order.
+    max_retry_wait_seconds: float = 60.0
+    grace_minutes: float = 10.0
+    max_age_days: float = 30.0
+    max_runs_per_tick: int = 25
+    max_attempts: int = 8
+    backoff_base_seconds: float = 60.0
+    backoff_cap_seconds: float = 3600.0
+    supplier_deadline_hours: float = 72.0
+    hold_recheck_seconds: float = 300.0
+
+
+class Tunables(PolicyValues):
+    """The `RECONCILE_<NAME>` variables: the policy, and the sensors' floors between ticks (read when the code
+    location loads, as Dagster fixes them then)."""
+
+    # A misspelt RECONCILE_ variable would otherwise be ignored without a word.
+    model_config = ConfigDict(extra="forbid")
+
+    sweep_interval_seconds: int = 30
+    alert_interval_seconds: int = 60
+
+    def as_environment(self) -> dict[str, str]:
+        """The values set on this object as variables, for the processes a caller starts (the demo's)."""
+        return {f"RECONCILE_{name.upper()}": str(value) for name, value in self.model_dump(exclude_unset=True).items()}
+
+
+class Settings(BaseSettings):
+    # RECONCILE_GRACE_MINUTES -> reconcile.grace_minutes; an empty variable counts as unset, as BitLoot's do.
+    model_config = SettingsConfigDict(env_nested_delimiter="_", env_nested_max_split=1, env_ignore_empty=True)
+
+    database_url: SecretStr | None = None
+    kinguin_base_url: str = "https://gateway.kinguin.net/esa/api"
+    kinguin_api_key: SecretStr | None = None
+    nowpayments_base: str = "https://api.nowpayments.io"
+    nowpayments_api_key: SecretStr | None = None
+    r2_account_id: str = ""
+    r2_endpoint: str = ""  # empty: derived from r2_account_id
+    r2_access_key_id: SecretStr | None = None
+    r2_secret_access_key: SecretStr | None = None
+    r2_bucket: str = "bitloot-keys"
+    resend_base_url: str = "https://api.resend.com"
+    resend_api_key: SecretStr | None = None
+    email_from: str = "orders@bitloot.io"
+    frontend_url: str = DEFAULT_FRONTEND_URL
+    alert_webhook_url: SecretStr | None = None  # unset: alerts are only logged
+    dagster_webserver_url: str | None = None  # links in alerts; the command line submits retries there
+    dagster_home: str | None = None  # Dagster reads it itself; the command line only asks whether it is set
+    reconcile: Tunables = Field(default_factory=Tunables)
+
+    def secret(self, name: str) -> str:
+        """The value of a secret the caller cannot do without."""
+        value: SecretStr | None = getattr(self, name)
+        if value is None:
+            raise SettingsError(f"environment variable {name.upper()} is not set")
+        return value.get_secret_value()
+
+
+def load_settings() -> Settings:
+    """The settings from the environment now; a bad value raises `SettingsError` naming each variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"bad environment: {problems}") from None

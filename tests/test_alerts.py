@@ -10,37 +10,18 @@ from collections.abc import Iterator
 import dagster as dg
 import pytest
 
-from bitloot_reconcile import alerts as alerts_module
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.webhook import WebhookClient
-from bitloot_reconcile.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.httpserver import Fault, JsonServer, Response
+from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.sensors import alerts as alerts_module
+from bitloot_reconcile.sensors.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
 from bitloot_reconcile.store.repository import Store
+from tests.fixtures.webhook import HOOK_PATH, Receiver
 from tests.fixtures.world import World
 
 DAGSTER_URL = "http://dagster.test"
-HOOK_PATH = "/services/T000/B000/hook-secret-token"
-
-
-class Receiver(JsonServer):
-    """A Slack-style incoming webhook: answers 200 "ok" and keeps what it was sent."""
-
-    name = "webhook"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.route("POST", HOOK_PATH, "hook", lambda **_: Response(200, "ok"))
-        self._httpd.handle_error = lambda *_: None  # a client that timed out is expected, not worth a traceback
-
-    @property
-    def hook_url(self) -> str:
-        return self.url + HOOK_PATH
-
-    @property
-    def texts(self) -> list[str]:
-        return [r.body["text"] for r in self.requests_to("hook") if r.status == 200]
 
 
 @pytest.fixture

@@ -25,14 +25,15 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from bitloot_reconcile import operator as op
+from bitloot_reconcile import commands
 from bitloot_reconcile.cli import main
 from bitloot_reconcile.domain.delivery import key_object_path
+from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.schema import orders
-from tests.assets.test_reconciliation_report import NOON, plant
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
+from tests.fixtures.report import NOON, plant
 from tests.fixtures.world import FRONTEND, World
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,8 @@ def test_plan_says_what_each_stuck_order_needs_and_changes_nothing(world: World)
     result = invoke(world, "plan")
     resources = world.resources()
     with resources["kinguin"].get_client() as kinguin, resources["nowpayments"].get_client() as payments:
-        plans = {p.order_id: p for p in op.plan(op.Readers(world.store, kinguin, payments, world.vault))}
+        readers = commands.Readers(world.store, kinguin, payments, world.vault)
+        plans = {p.order_id: p for p in commands.plan(readers, Tunables())}
 
     assert result.exit_code == 0, result.output
     assert tables(world) == before
@@ -151,6 +153,16 @@ def test_plan_says_what_each_stuck_order_needs_and_changes_nothing(world: World)
     assert steps["email"] == ("send completion email",)
     assert steps["adopt"][0] == f"adopt Kinguin order {adopted} (found by orderExternalId after an earlier attempt)"
     assert "store 2 key(s) in R2, 1 already in R2 from an earlier attempt" in steps["resume"]
+
+
+def test_plan_picks_stuck_orders_with_the_sweeps_grace_period(world: World):
+    recent = world.order([world.product()], age=dt.timedelta(minutes=5))
+
+    default = invoke(world, "plan")
+    short_grace = invoke(world, "plan", RECONCILE_GRACE_MINUTES="1")
+
+    assert default.exit_code == 0 and "no stuck orders" in default.output
+    assert short_grace.exit_code == 0 and recent in short_grace.output
 
 
 # ------------------------------------------------------------------------------------------------- history
@@ -331,4 +343,11 @@ def test_a_missing_database_url_is_a_usage_error(command):
     result = invoke(None, *command, DATABASE_URL=None)
     assert result.exit_code == 2
     assert "DATABASE_URL is not set" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_malformed_tunable_is_a_usage_error_naming_the_variable():
+    result = invoke(None, "plan", RECONCILE_GRACE_MINUTES="abc")
+    assert result.exit_code == 2
+    assert "RECONCILE_GRACE_MINUTES" in result.output
     assert "Traceback" not in result.output

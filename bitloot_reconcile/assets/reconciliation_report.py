@@ -2,10 +2,13 @@
 
 A thin shell over `domain.reconciliation`: it reads (never writes) the three systems, stores the full table as
 CSV in the R2 bucket under `reports/reconciliation/{day}.csv`, and reports one asset check per mismatch class
-(ERROR for money spent for nothing or twice and for fulfilled orders missing keys, WARN for the rest).
+(ERROR for money spent for nothing or twice and for fulfilled orders missing keys, WARN for the rest). The
+worst rows and the class counts are shown as Markdown in the materialisation's metadata.
 """
 
 import datetime as dt
+import math
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -15,6 +18,9 @@ from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 
+if TYPE_CHECKING:  # as in domain.reconciliation: run workers of other jobs never load pandas
+    import pandas as pd
+
 # end_offset=1: today's partial day can be reported on demand; the schedule reports the day just ended.
 DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC", end_offset=1)
 CHECKED = [cls for cls in rec.Mismatch if cls is not rec.Mismatch.OK]
@@ -23,6 +29,30 @@ SAMPLE_IDS = 10
 
 def report_path(partition_key: str) -> str:
     return f"reports/reconciliation/{partition_key}.csv"
+
+
+def worst_rows_markdown(report: "pd.DataFrame", limit: int = 20) -> str:
+    bad = report[report["class"] != rec.Mismatch.OK.value].head(limit)
+    if bad.empty:
+        return "No mismatches: every order is ok."
+    head = "| class | order | store status | Kinguin orders | detail |\n|---|---|---|---|---|\n"
+    return head + "\n".join(
+        "| " + " | ".join(_cell(row[c]) for c in ("class", "order_id", "store_status", "kinguin_orders", "detail"))
+        + " |"
+        for _, row in bad.iterrows()
+    )
+
+
+def bar_chart(counts: dict[str, int], width: int = 30) -> str:
+    """A text bar chart in a code block: renders in Dagster's markdown metadata with nothing extra."""
+    top = max(counts.values(), default=0) or 1
+    label = max(map(len, counts), default=0)
+    lines = [f"{name:<{label}} {'█' * math.ceil(n / top * width)} {n}" for name, n in counts.items()]
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def _cell(value: object) -> str:
+    return "" if value is None or value != value else str(value).replace("|", "/").replace("\n", " ")
 
 
 @dg.asset(
@@ -54,8 +84,8 @@ def reconciliation_report(
         report,
         metadata={
             "counts": dg.MetadataValue.json(counts),
-            "worst_rows": dg.MetadataValue.md(rec.worst_rows_markdown(report)),
-            "chart": dg.MetadataValue.md(rec.bar_chart(counts)),
+            "worst_rows": dg.MetadataValue.md(worst_rows_markdown(report)),
+            "chart": dg.MetadataValue.md(bar_chart(counts)),
             "dagster/row_count": dg.MetadataValue.int(len(report)),
             "report_path": dg.MetadataValue.path(f"{vault.bucket}/{path}"),
         },

@@ -1,33 +1,22 @@
-"""Behaviour settings of the recovery and the sweep, in one resource so operators tune them in one place."""
+"""Behaviour settings of the recovery and the sweep, in one resource so operators tune them in one place.
+
+The fields and their defaults are `settings.PolicyValues`; the code location fills them from the
+`RECONCILE_<NAME>` variables (`ReconcilePolicy.from_settings`).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-from collections.abc import Mapping
 
 import dagster as dg
 from pydantic import model_validator
 
 from bitloot_reconcile.domain.schedule import RetrySchedule
+from bitloot_reconcile.settings import DEFAULT_FRONTEND_URL, PolicyValues, Settings
 
 
-class ReconcilePolicy(dg.ConfigurableResource):
-    frontend_url: str = "https://bitloot.io"
-    lease_seconds: int = 900
-    supplier_poll_attempts: int = 2
-    supplier_poll_seconds: float = 10.0
-    # The longest a run parks between two attempts of a step (a service's Retry-After is capped to it). Every
-    # attempt renews the lease, so a wait must stay well inside it or another run could take the order.
-    max_retry_wait_seconds: float = 60.0
-    grace_minutes: float = 10.0
-    max_age_days: float = 30.0
-    max_runs_per_tick: int = 25
-    max_attempts: int = 8
-    backoff_base_seconds: float = 60.0
-    backoff_cap_seconds: float = 3600.0
-    supplier_deadline_hours: float = 72.0
-    hold_recheck_seconds: float = 300.0
+class ReconcilePolicy(dg.ConfigurableResource, PolicyValues):
+    frontend_url: str = DEFAULT_FRONTEND_URL
 
     @model_validator(mode="after")
     def _waits_fit_in_the_lease(self) -> ReconcilePolicy:
@@ -41,11 +30,8 @@ class ReconcilePolicy(dg.ConfigurableResource):
         return self
 
     @classmethod
-    def overrides_from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Tunables from `RECONCILE_<FIELD>` variables (e.g. RECONCILE_GRACE_MINUTES), for the demo and ops."""
-        environ = os.environ if environ is None else environ
-        names = (name for name in cls.model_fields if name != "frontend_url")
-        return {name: environ[f"RECONCILE_{name.upper()}"] for name in names if f"RECONCILE_{name.upper()}" in environ}
+    def from_settings(cls, settings: Settings) -> ReconcilePolicy:
+        return cls(frontend_url=settings.frontend_url, **settings.reconcile.model_dump(include=set(cls.model_fields)))
 
     @property
     def lease_ttl(self) -> dt.timedelta:

@@ -15,24 +15,15 @@ import pandas as pd
 import sqlalchemy as sa
 
 from bitloot_reconcile.assets import reconciliation_report
+from bitloot_reconcile.assets.reconciliation_report import bar_chart, worst_rows_markdown
 from bitloot_reconcile.domain import reconciliation
 from bitloot_reconcile.sandbox.seed import set_feature_flag
 from bitloot_reconcile.store.schema import keys, orders, products
+from tests.fixtures.report import NOON, order, plant
 from tests.fixtures.world import World
 
 DAY = "2026-03-10"
-NOON = dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC)
 ERROR = {"orphan_supplier_order", "duplicate_supplier_orders", "fulfilled_missing_keys"}
-
-
-def plant(world: World, external_id: str, product, status: str = "completed", *, created_at=NOON,
-          reserve: bool = True) -> str:
-    """A Kinguin order put straight into the simulator (and, with `reserve`, saved on the store order)."""
-    planted = world.kinguin.plant_order(external_id, [(product.kinguin_product_id, 1)], status=status,
-                                        created_at=created_at)
-    if reserve:
-        world.store.save_reservation_id(external_id, planted.order_id)
-    return planted.order_id
 
 
 def fulfilled(world: World, products) -> str:
@@ -199,3 +190,19 @@ def test_schedule_reports_the_day_just_ended_and_today_is_available_on_demand():
     assert request.partition_key == "2026-11-26"
     with dg.instance_for_test(), dg.partition_loading_context(effective_dt=moment):
         assert DAILY.get_last_partition_key() == "2026-11-27"
+
+
+def test_worst_rows_and_counts_render_as_markdown():
+    empty = reconciliation.classify(reconciliation.Evidence(orders=[]))
+    assert worst_rows_markdown(empty) == "No mismatches: every order is ok."
+
+    stuck = order("paid")
+    report = reconciliation.classify(reconciliation.Evidence(orders=[stuck, order("fulfilled", emailed=True)]))
+    table = worst_rows_markdown(report)
+    assert table.splitlines()[0] == "| class | order | store status | Kinguin orders | detail |"
+    assert f"| paid_not_placed | {stuck.id} | paid |  | paid; no Kinguin order |" in table
+    assert len(table.splitlines()) == 3  # header, rule, the one non-ok row
+
+    chart = bar_chart({"ok": 4, "paid_not_placed": 1, "price_mismatch": 0}, width=8)
+    assert chart.splitlines() == ["```", "ok              ████████ 4", "paid_not_placed ██ 1",
+                                  "price_mismatch   0", "```"]

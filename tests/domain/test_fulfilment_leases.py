@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, Outcome, Progress
 from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.store.schema import keys, order_items
+from bitloot_reconcile.store.schema import order_items
+from tests.fixtures.runs import key_rows
 from tests.fixtures.world import World
 
 SHORT_LEASE = dt.timedelta(seconds=1)
@@ -41,14 +42,6 @@ def in_thread(target, *args) -> tuple[threading.Thread, list]:
     thread = threading.Thread(target=lambda: result.append(target(*args)), daemon=True)
     thread.start()
     return thread, result
-
-
-def key_rows(world: World, order_id: str) -> list:
-    with world.engine.connect() as conn:
-        return list(conn.execute(
-            sa.select(keys.c.orderItemId).join(order_items, order_items.c.id == keys.c.orderItemId)
-            .where(order_items.c.orderId == order_id)
-        ))
 
 
 def test_a_run_stalled_past_its_lease_stops_as_busy_before_its_next_write(world: World):

@@ -15,7 +15,7 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.demo import SCENARIOS, DemoWorld, Scenario
 from bitloot_reconcile.jobs import fulfill_order
-from bitloot_reconcile.operator import Readers, plan
+from bitloot_reconcile.commands import Readers, plan
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -23,6 +23,7 @@ from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
+from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.repository import Store
 
 
@@ -58,7 +59,7 @@ def test_plan_and_run_end_alike(scenario: Scenario, standins: StandIns, store_en
     store = Store(store_engine)
     with (KinguinClient(standins.kinguin.base_url, KINGUIN_KEY) as kinguin,
           NowPaymentsClient(standins.nowpayments.url, NOWPAYMENTS_KEY) as nowpayments):
-        (planned,) = plan(Readers(store, kinguin, nowpayments, standins.vault()), order_ids=(order_id,))
+        (planned,) = plan(Readers(store, kinguin, nowpayments, standins.vault()), Tunables(), order_ids=(order_id,))
 
     result = fulfill_order.execute_in_process(
         run_config={"order_id": order_id, "reason": "parity", "requested_by": "ops@bitloot.io"},

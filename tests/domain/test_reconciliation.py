@@ -1,35 +1,13 @@
 """Pure classification of the reconciliation report: one class per order, the most serious first."""
 
-import datetime as dt
 import uuid
-from decimal import Decimal
 
 import pytest
 
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
 from bitloot_reconcile.domain import reconciliation as rec
 from bitloot_reconcile.domain.reconciliation import Evidence, Mismatch
-from bitloot_reconcile.store.repository import Item, Order, Payment
-
-CREATED = dt.datetime(2026, 3, 10, 12, 0)
-
-
-def order(status: str = "paid", *, items: int = 1, keys: int | None = None, cost: str = "5.00",
-          reservation: str | None = None, emailed: bool = False, payments: tuple[str, ...] = ("finished",)) -> Order:
-    oid = str(uuid.uuid4())
-    keyed = items if keys is None else keys
-    return Order(
-        id=oid, email="c@example.com", status=status, source_type="kinguin", total=Decimal("9.99"),
-        kinguin_reservation_id=reservation, completion_email_sent=emailed, created_at=CREATED, updated_at=CREATED,
-        items=tuple(
-            Item(id=str(uuid.uuid4()), product_id="p", quantity=1, unit_price=Decimal("9.99"), source_type="kinguin",
-                 signed_url="u" if n < keyed else None, product_title="Game", product_source_type="kinguin",
-                 kinguin_product_id="kp", kinguin_offer_id=None, product_cost=Decimal(cost), is_preorder=False,
-                 key_refs=(f"orders/{oid}/key-{n}.txt",) if n < keyed else ())
-            for n in range(items)
-        ),
-        payments=tuple(Payment(external_id=f"pay-{n}", status=s) for n, s in enumerate(payments)),
-    )
+from tests.fixtures.report import order
 
 
 def supplier(external_id: str | None, status: str = "completed", *, price: float = 5.0, kid: str | None = None,
@@ -132,19 +110,7 @@ def test_reservation_unknown_to_kinguin_is_paid_not_placed_and_a_supplier_order_
     assert len(report) == 2  # KBYID belongs to its store order: no orphan row
 
 
-def test_empty_window_and_presentation():
+def test_empty_window():
     empty = rec.classify(Evidence(orders=[]))
     assert empty.empty and list(empty.columns) == rec.COLUMNS
     assert set(rec.class_counts(empty).values()) == {0}
-    assert rec.worst_rows_markdown(empty) == "No mismatches: every order is ok."
-
-    stuck = order("paid")
-    report = rec.classify(Evidence(orders=[stuck, order("fulfilled", emailed=True)]))
-    table = rec.worst_rows_markdown(report)
-    assert table.splitlines()[0] == "| class | order | store status | Kinguin orders | detail |"
-    assert f"| paid_not_placed | {stuck.id} | paid |  | paid; no Kinguin order |" in table
-    assert len(table.splitlines()) == 3  # header, rule, the one non-ok row
-
-    chart = rec.bar_chart({"ok": 4, "paid_not_placed": 1, "price_mismatch": 0}, width=8)
-    assert chart.splitlines() == ["```", "ok              ████████ 4", "paid_not_placed ██ 1",
-                                  "price_mismatch   0", "```"]

@@ -39,8 +39,8 @@ from bitloot_reconcile.store.repository import Store
 from tests.fixtures.db import PG_SERVER_URL
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
+from tests.fixtures.webhook import Receiver
 from tests.fixtures.world import FRONTEND, World
-from tests.test_alerts import Receiver
 
 pytestmark = pytest.mark.e2e
 

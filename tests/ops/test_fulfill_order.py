@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import multiprocessing
 import re
@@ -21,17 +20,9 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.store.schema import keys, order_items, orders, reconcile_audit, reconcile_state
+from bitloot_reconcile.store.schema import order_items, orders, reconcile_audit, reconcile_state
+from tests.fixtures.runs import assert_fully_delivered, key_bytes, key_rows, outcome_of, reason_of
 from tests.fixtures.world import FRONTEND, World
-
-
-def outcome_of(result: dg.ExecuteInProcessResult) -> str:
-    assert result.success, [e.message for e in result.all_events if e.is_failure]
-    return result.output_for_node("record_outcome")
-
-
-def reason_of(world: World, order_id: str) -> str:
-    return world.store.get_state(order_id).last_reason or ""
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
@@ -39,43 +30,6 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return " | ".join(
         e.step_failure_data.error.message for e in result.all_events if e.is_step_failure and e.step_failure_data
     )
-
-
-def key_rows(world: World, order_id: str) -> list[dict]:
-    with world.engine.connect() as conn:
-        return [
-            dict(r)
-            for r in conn.execute(
-                sa.select(keys, order_items.c.signedUrl)
-                .join(order_items, order_items.c.id == keys.c.orderItemId)
-                .where(order_items.c.orderId == order_id)
-            ).mappings()
-        ]
-
-
-def key_bytes(key) -> bytes:
-    """What the customer must get for a key Kinguin sold: image keys decoded from base64."""
-    return base64.b64decode(key.serial) if key.type.startswith("image/") else key.serial.encode()
-
-
-def assert_fully_delivered(world: World, order_id: str) -> None:
-    """Exactly one stored object and one keys row per unit, each holding the key Kinguin sold for that unit."""
-    order = world.store.load_order(order_id)
-    assert order.status == "fulfilled"
-    rows = key_rows(world, order_id)
-    assert sorted(r["orderItemId"] for r in rows) == sorted(i.id for i in order.items)
-    (supplier_order,) = world.kinguin.orders_for_external_id(order_id)
-    stored_contents = []
-    for item in order.items:
-        (row,) = [r for r in rows if r["orderItemId"] == item.id]
-        stored = world.vault.read(row["storageRef"])
-        assert row["storageRef"] == key_object_path(order_id, item.id, stored.content_type)
-        assert row["encryptionKey"] == f"raw:{stored.content_type}"
-        assert row["contentType"] == stored.content_type
-        assert row["signedUrl"] and item.signed_url == row["signedUrl"]
-        stored_contents.append(stored.data)
-    expected = sorted(key_bytes(k) for k in supplier_order.keys)
-    assert sorted(stored_contents) == expected  # every sold key stored once, none twice
 
 
 # -- happy paths -------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
-"""Sensors: thin shells over `domain.sweep` and the store's stuck-orders query."""
+"""The sweep sensor: a thin shell over `domain.sweep` and the store's stuck-orders query."""
 
 import datetime as dt
-import os
 
 import dagster as dg
 
@@ -10,6 +9,7 @@ from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.settings import load_settings
 from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import TAG_ORDER_ID
 
@@ -49,8 +49,8 @@ def orders_in_flight(
     return {r.dagster_run.tags[TAG_ORDER_ID] for r in tagged if r.dagster_run.run_id not in gone}
 
 
-# The daemon's floor between ticks; the demo shortens it through the environment.
-SWEEP_INTERVAL_SECONDS = int(os.environ.get("RECONCILE_SWEEP_INTERVAL_SECONDS", "30"))
+# The daemon's floor between ticks, fixed when the code location loads; the demo shortens it.
+SWEEP_INTERVAL_SECONDS = load_settings().reconcile.sweep_interval_seconds
 
 
 @dg.sensor(

@@ -1,9 +1,9 @@
 """Alerting sensors: tell a person when an order needs one, once per state change, and when a run fails.
 
 - `run_failure_alert_sensor` posts one message per failed `fulfill_order` run.
-- `needs_attention_alert_sensor` posts one message per order that entered an alerting outcome (DESIGN
-  section 5: every order ends fulfilled or in a recorded "needs attention" state with a reason and an alert),
-  and re-sends run-failure alerts that did not go out.
+- `needs_attention_alert_sensor` posts one message per order that entered an alerting outcome (every order
+  ends fulfilled or in a recorded "needs attention" state with a reason and an alert: docs/design.md
+  section 5), and re-sends run-failure alerts that did not go out.
 
 A run status sensor moves its cursor past a run even when the sensor raises, so a failed post could not be
 retried from there. Instead the failed run carries the tag `bitloot/alert=pending` until its alert went out
@@ -14,7 +14,6 @@ between posting and marking repeats one message, never loses it.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +25,7 @@ from bitloot_reconcile.domain.alerting import ALERT_OUTCOMES, RUN_FAILED, Alert,
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.settings import load_settings
 from bitloot_reconcile.store.repository import utcnow
 from bitloot_reconcile.tags import TAG_ORDER_ID
 
@@ -34,8 +34,8 @@ ALERT_PENDING, ALERT_SENT = "pending", "sent"
 MAX_ALERTS_PER_TICK = 20
 # Sensor evaluations time out after 60 s; stop posting well before, the rest goes out next tick.
 TICK_BUDGET_SECONDS = 30.0
-# Floor between needs-attention ticks; the demo and the end-to-end test shorten it through the environment.
-ALERT_INTERVAL_SECONDS = int(os.environ.get("RECONCILE_ALERT_INTERVAL_SECONDS", "60"))
+# Floor between needs-attention ticks, fixed when the code location loads; the end-to-end test shortens it.
+ALERT_INTERVAL_SECONDS = load_settings().reconcile.alert_interval_seconds
 # A run tagged pending this recently may still be in the failure sensor's hands (sensors run in parallel).
 RETRY_PENDING_AFTER = dt.timedelta(seconds=60)
 

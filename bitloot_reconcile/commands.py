@@ -1,14 +1,14 @@
 """The operator's commands as plain functions (plan, history, retry, report); `cli.py` only parses and prints.
 
-Settings come from the environment under the names of DESIGN section 3, the same ones the code location reads.
-`plan`, `history` and `report` only read: Kinguin, NOWPayments and R2 see GET/HEAD requests, the store sees
-SELECTs. `retry` validates like the launchpad before anything is submitted or run.
+Every command reads the environment through `settings.load_settings`, the same object the code location
+uses, so `plan` sees the sweep's `RECONCILE_*` tunables. `plan`, `history` and `report` only read: Kinguin,
+NOWPayments and R2 see GET/HEAD requests, the store sees SELECTs. `retry` validates like the launchpad before
+anything is submitted or run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,42 +23,27 @@ from bitloot_reconcile.domain.fulfilment import parse_order_id, refusal, validat
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.planning import Plan, plan_order
 from bitloot_reconcile.domain.switches import read_switches
-from bitloot_reconcile.resources.policy import ReconcilePolicy
-from bitloot_reconcile.settings import env
+from bitloot_reconcile.settings import RUN_SECRETS, Settings, SettingsError, Tunables
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.repository import Order, ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import TRIGGER_ADMIN, request_tags
 
-# What a `fulfill_order` run needs besides the defaults (definitions.build_resources reads the same names).
-RUN_SETTINGS = ("DATABASE_URL", "KINGUIN_API_KEY", "NOWPAYMENTS_API_KEY", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
-                "RESEND_API_KEY")
 GRAPHQL_TIMEOUT_SECONDS = 30
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-class MissingSetting(RuntimeError):
-    """An environment variable the command needs is not set."""
-
-
-def setting(name: str) -> str:
+def r2_endpoint(settings: Settings) -> str:
     try:
-        return env(name)
-    except RuntimeError as exc:
-        raise MissingSetting(str(exc)) from None
-
-
-def r2_endpoint() -> str:
-    try:
-        return resolve_endpoint(os.environ.get("R2_ENDPOINT"), os.environ.get("R2_ACCOUNT_ID"))
+        return resolve_endpoint(settings.r2_endpoint, settings.r2_account_id)
     except ValueError as exc:
-        raise MissingSetting(f"{exc} (the R2 endpoint)") from None
+        raise SettingsError(f"{exc} (the R2 endpoint)") from None
 
 
 @contextmanager
-def open_store() -> Iterator[Store]:
-    engine = create_store_engine(setting("DATABASE_URL"))
+def open_store(settings: Settings) -> Iterator[Store]:
+    engine = create_store_engine(settings.secret("database_url"))
     try:
         yield Store(engine)
     finally:
@@ -76,33 +61,33 @@ class Readers:
 
 
 @contextmanager
-def open_readers() -> Iterator[Readers]:
+def open_readers(settings: Settings) -> Iterator[Readers]:
     with ExitStack() as stack:
-        store = stack.enter_context(open_store())
-        kinguin = stack.enter_context(KinguinClient(setting("KINGUIN_BASE_URL"), setting("KINGUIN_API_KEY")))
+        store = stack.enter_context(open_store(settings))
+        kinguin = stack.enter_context(KinguinClient(settings.kinguin_base_url, settings.secret("kinguin_api_key")))
         nowpayments = stack.enter_context(
-            NowPaymentsClient(setting("NOWPAYMENTS_BASE"), setting("NOWPAYMENTS_API_KEY"))
+            NowPaymentsClient(settings.nowpayments_base, settings.secret("nowpayments_api_key"))
         )
         vault = stack.enter_context(
-            KeyVault(r2_endpoint(), setting("R2_ACCESS_KEY_ID"), setting("R2_SECRET_ACCESS_KEY"), setting("R2_BUCKET"))
+            KeyVault(r2_endpoint(settings), settings.secret("r2_access_key_id"),
+                     settings.secret("r2_secret_access_key"), settings.r2_bucket)
         )
         yield Readers(store, kinguin, nowpayments, vault)
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def plan(readers: Readers, *, order_ids: tuple[str, ...] = (), limit: int = 100,
+def plan(readers: Readers, tunables: Tunables, *, order_ids: tuple[str, ...] = (), limit: int = 100,
          now: dt.datetime | None = None) -> list[Plan]:
-    """The next run of every stuck order the sweep would pick (policy defaults), or of the given orders as an
-    admin retry would run them. Nothing is written anywhere."""
+    """The next run of every stuck order the sweep would pick (with the sweep's grace period and age window),
+    or of the given orders as an admin retry would run them. Nothing is written anywhere."""
     now = now or utcnow()
     store = readers.store
     if order_ids:
         ids = [parse_order_id(raw) for raw in order_ids]
     else:
-        policy = ReconcilePolicy()
         stuck = store.find_stuck_orders(
-            now=now, grace=dt.timedelta(minutes=policy.grace_minutes),
-            max_age=dt.timedelta(days=policy.max_age_days), limit=limit,
+            now=now, grace=dt.timedelta(minutes=tunables.grace_minutes),
+            max_age=dt.timedelta(days=tunables.max_age_days), limit=limit,
         )
         ids = [order.id for order in stuck]
     switches = read_switches(store)
@@ -179,7 +164,7 @@ class RunResult:
     errors: tuple[str, ...] = ()
 
 
-def run_retry(store: Store, order_id: str, reason: str, requested_by: str) -> RunResult:
+def run_retry(settings: Settings, store: Store, order_id: str, reason: str, requested_by: str) -> RunResult:
     """Run `fulfill_order` in this process with the code location's resources (from the environment) on the
     instance of DAGSTER_HOME, or an ephemeral one when it is unset."""
     import dagster as dg
@@ -187,14 +172,15 @@ def run_retry(store: Store, order_id: str, reason: str, requested_by: str) -> Ru
     from bitloot_reconcile.definitions import build_resources
     from bitloot_reconcile.jobs import fulfill_order
 
-    for name in RUN_SETTINGS:
-        setting(name)
-    r2_endpoint()
+    for name in RUN_SECRETS:  # the resources read them as EnvVar only when the run starts: check first
+        settings.secret(name)
+    r2_endpoint(settings)
     config, tags = _run_request(order_id, reason, requested_by)
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.get() if settings.dagster_home else dg.DagsterInstance.ephemeral()
     with instance:
         result = fulfill_order.execute_in_process(
-            run_config=config, resources=build_resources(), instance=instance, tags=tags, raise_on_error=False
+            run_config=config, resources=build_resources(settings), instance=instance, tags=tags,
+            raise_on_error=False,
         )
     state = store.get_state(order_id)
     if result.success:
@@ -211,7 +197,7 @@ def run_retry(store: Store, order_id: str, reason: str, requested_by: str) -> Ru
 
 # ------------------------------------------------------------------------------------------------- report
 def report(readers: Readers, since: dt.datetime, until: dt.datetime, *,
-           progress: reconciliation.Progress | None = None) -> pd.DataFrame:
+           progress: reconciliation.ReportProgress | None = None) -> pd.DataFrame:
     """The same report as the `reconciliation_report` asset, for any window."""
     return reconciliation.build_report(readers.store, readers.kinguin, readers.nowpayments, readers.vault,
                                        since, until, progress=progress)
