@@ -27,7 +27,7 @@ from bitloot_reconcile.adapters.errors import (
     PermanentError,
     TransientError,
 )
-from bitloot_reconcile.adapters.kinguin import KinguinClient, KinguinKey, KinguinOrder, OrderLine
+from bitloot_reconcile.adapters.kinguin import MAX_LINES, MAX_QTY, KinguinClient, KinguinKey, KinguinOrder, OrderLine
 from bitloot_reconcile.adapters.nowpayments import (
     NowPaymentsClient,
     PaymentInfo,
@@ -40,12 +40,9 @@ from bitloot_reconcile.domain.completion_email import completion_html, completio
 from bitloot_reconcile.domain.delivery import attachment_filename, completion_idempotency_key, key_object_path
 from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, InvalidRequest, Outcome, Progress
 from bitloot_reconcile.store.repository import Item, LeaseLost, Order, ReconcileState, Store
+from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
 
-RECOVERABLE_STATUSES = ("paid", "waiting", "confirming", "failed")
-UNPAID_STATUSES = ("waiting", "confirming", "failed")
 PAID_PAYMENT_ROWS = ("finished", "confirmed")
-MAX_UNITS_PER_LINE = 9
-MAX_LINES = 10
 # Kinguin permanent errors, in words an operator reads in the needs-attention alert.
 KINGUIN_REFUSALS = {
     "InsufficientBalance": "insufficient Kinguin balance",
@@ -135,15 +132,15 @@ def refusal(order: Order, *, admin: bool) -> str | None:
     """Why a run refuses this order as an input error (nothing is changed), or None."""
     if not order.items:
         return f"Order {order.id} has no items"
-    if order.status == "fulfilled" and order.completion_email_sent:
+    if order.status == OrderStatus.FULFILLED and order.completion_email_sent:
         return "Order is already fulfilled" if admin else None
-    if order.status not in (*RECOVERABLE_STATUSES, "fulfilled"):
+    if order.status not in (*RECOVERABLE, OrderStatus.FULFILLED):
         return f"Order {order.id} is {order.status!r}; only paid, waiting, confirming or failed orders are recovered"
     return None
 
 
 def already_done(order: Order) -> Stop | None:
-    if order.status == "fulfilled" and order.completion_email_sent:
+    if order.status == OrderStatus.FULFILLED and order.completion_email_sent:
         return Stop(Outcome.ALREADY_FULFILLED, "fulfilled and emailed before this run")
     return None
 
@@ -184,7 +181,7 @@ def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:
 
 def decide_payment(order: Order, nowpayments: PaymentReader) -> Stop | PaymentConfirmed | None:
     """`paid` (or later) needs no check (None); waiting/confirming/failed pass only on a confirmed payment."""
-    if order.status not in UNPAID_STATUSES:
+    if order.status not in UNPAID:
         return None
     if not order.payments:
         return Stop(Outcome.PAYMENT_NOT_CONFIRMED, "no payment recorded for this order")
@@ -204,7 +201,7 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
     if isinstance(decision, Stop):
         return progress.stop(decision.outcome, decision.reason)
     moved = not store.mark_paid(order.id, owner=progress.lease_owner)
-    if moved and (current := _status_now(store, order.id)) != "paid":
+    if moved and (current := _status_now(store, order.id)) != OrderStatus.PAID:
         return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
     return progress
 
@@ -244,8 +241,8 @@ def kinguin_lines(order: Order) -> list[OrderLine] | str:
         if not item.product_cost or item.product_cost <= 0:
             return f"product {item.product_id} has no cost to send to Kinguin"
         units[(item.kinguin_product_id, item.kinguin_offer_id, float(item.product_cost))] += item.quantity
-    if len(units) > MAX_LINES or any(qty > MAX_UNITS_PER_LINE for qty in units.values()):
-        return f"order exceeds Kinguin's limits ({MAX_LINES} lines, {MAX_UNITS_PER_LINE} units per product)"
+    if len(units) > MAX_LINES or any(qty > MAX_QTY for qty in units.values()):
+        return f"order exceeds Kinguin's limits ({MAX_LINES} lines, {MAX_QTY} units per product)"
     return [
         OrderLine(product_id=product, qty=qty, price=price, offer_id=offer)
         for (product, offer, price), qty in sorted(units.items(), key=lambda kv: kv[0][0])
@@ -257,7 +254,7 @@ def decide_supplier_order(
 ) -> Stop | UseSupplierOrder | PlaceSupplierOrder | None:
     """Exactly one Kinguin order per BitLoot order: reuse the saved one, adopt one an earlier attempt placed
     (searched only after a recorded intent), or place one. None: the order is fulfilled, nothing to buy."""
-    if order.status == "fulfilled":
+    if order.status == OrderStatus.FULFILLED:
         return None
     if bad_data := undeliverable_items(order):
         return Stop(Outcome.NEEDS_ATTENTION, bad_data)
@@ -320,7 +317,7 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
     if progress.kinguin_order_id is None:
         return progress
     order = _load(store, progress.order_id)
-    if order.status == "fulfilled":
+    if order.status == OrderStatus.FULFILLED:
         return progress
     supplier_order = read_supplier_order(kinguin, progress.kinguin_order_id)
     decision = decide_after_poll(order, progress.kinguin_order_id, supplier_order)
@@ -359,7 +356,7 @@ def store_keys(
         return progress
     order = _load(store, progress.order_id)
     pending = [item for item in order.items if not item.delivered]
-    if order.status == "fulfilled" or not pending:
+    if order.status == OrderStatus.FULFILLED or not pending:
         return progress
     keys = kinguin.get_keys(progress.kinguin_order_id, expected=len(order.items))
     match = match_keys(order, keys, store.key_assignments(order.id))
@@ -424,12 +421,12 @@ def undelivered_items(order: Order) -> Stop | None:
 def mark_fulfilled(store: Store, progress: Progress) -> Progress:
     """Only when every item has its key stored and recorded; never over refunded/cancelled."""
     order = _load(store, progress.order_id)
-    if order.status == "fulfilled":
+    if order.status == OrderStatus.FULFILLED:
         return progress
     if waiting := undelivered_items(order):
         return progress.stop(waiting.outcome, waiting.reason)
     moved = not store.mark_fulfilled(order.id, owner=progress.lease_owner)
-    if moved and (current := _status_now(store, order.id)) != "fulfilled":
+    if moved and (current := _status_now(store, order.id)) != OrderStatus.FULFILLED:
         return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
     return progress
 
@@ -442,7 +439,7 @@ def send_completion_email(
     Resend refusing the message itself (422, e.g. an invalid address) needs a person, once: retrying the
     same message cannot help."""
     order = _load(store, progress.order_id)
-    if order.status != "fulfilled" or order.completion_email_sent:
+    if order.status != OrderStatus.FULFILLED or order.completion_email_sent:
         return progress
     try:
         mailer.send_email(

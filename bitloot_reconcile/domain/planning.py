@@ -20,6 +20,7 @@ from bitloot_reconcile.domain.fulfilment import PaymentReader, PlaceSupplierOrde
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.domain.switches import Switches, claim_hold, email_suppressed, email_waits
 from bitloot_reconcile.store.repository import EmailBounce, Order, ReconcileState
+from bitloot_reconcile.store.statuses import OrderStatus
 
 LEFT_ALONE = "left_alone"  # no run would start (or it would refuse the order at once)
 UNKNOWN = "unknown"        # an outside system did not answer the plan's own read
@@ -93,7 +94,7 @@ def _walk(order: Order, state: ReconcileState, assignments: dict[str, str], step
         return payment
     if payment is not None:
         steps.append(f"verify payment ({payment.evidence}) and mark paid")
-    if order.status != "fulfilled":
+    if order.status != OrderStatus.FULFILLED:
         if held := switches.kinguin_hold:
             return Stop(Outcome.PAUSED, held)
         supplier = fulfilment.decide_supplier_order(order, state, kinguin)

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from bitloot_reconcile.store.repository import ReconcileState, StuckOrder
+from bitloot_reconcile.store.statuses import OrderStatus
 from bitloot_reconcile.tags import TAG_ATTEMPT, TRIGGER_SENSOR, request_tags
 
 SENSOR_ACTOR = "stuck_orders_sensor"
@@ -24,7 +25,7 @@ class SweepRequest:
 
 
 def describe(order: StuckOrder, now: dt.datetime) -> str:
-    if order.status == "fulfilled":
+    if order.status == OrderStatus.FULFILLED:
         return "fulfilled but the completion email was never sent"
     minutes = int((now.replace(tzinfo=None) - order.updated_at).total_seconds() // 60)
     return f"stuck in {order.status} for {minutes} min"

@@ -22,6 +22,7 @@ from bitloot_reconcile.domain.fulfilment import refusal, under_lease
 from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.store.repository import EmailBounce, Order, Store
 from bitloot_reconcile.store.schema import SEEDED_FEATURE_FLAGS
+from bitloot_reconcile.store.statuses import OrderStatus
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def hold_before_kinguin(store: Store, progress: Progress) -> Progress:
     if why is None:
         return progress
     order = store.load_order(progress.order_id)
-    if order is None or order.status == "fulfilled":
+    if order is None or order.status == OrderStatus.FULFILLED:
         return progress
     return progress.stop(Outcome.PAUSED, why)
 
@@ -131,7 +132,7 @@ def hold_before_email(store: Store, progress: Progress) -> Progress:
     """Before the completion email: a switch holds it (the order stays email pending); a hard bounce or
     complaint for the address suppresses it for good, recorded once through `completionEmailSent`."""
     order = store.load_order(progress.order_id)
-    if order is None or order.status != "fulfilled" or order.completion_email_sent:
+    if order is None or order.status != OrderStatus.FULFILLED or order.completion_email_sent:
         return progress
     why = read_switches(store).email_hold
     if why is not None:

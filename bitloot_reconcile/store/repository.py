@@ -17,7 +17,6 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from bitloot_reconcile.store.schema import (
-    STUCK_STATUSES,
     email_bounces,
     feature_flags,
     order_items,
@@ -29,10 +28,11 @@ from bitloot_reconcile.store.schema import (
     reconcile_state,
 )
 from bitloot_reconcile.store.schema import keys as keys_table
+from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
 
 # Rendered into the SQL text, not bound: a generic plan (plan_cache_mode) can then still match the partial
 # indexes whose predicates name these values.
-FULFILLED = sa.literal("fulfilled", literal_execute=True)
+FULFILLED = sa.literal(OrderStatus.FULFILLED.value, literal_execute=True)
 NEEDS_ATTENTION = sa.literal("needs_attention", literal_execute=True)
 
 
@@ -307,7 +307,7 @@ class Store:
             sa.select(orders.c.id, orders.c.status, orders.c.updatedAt, orders.c.completionEmailSent)
             .where(
                 sa.or_(
-                    sa.and_(orders.c.status.in_(STUCK_STATUSES), recent),
+                    sa.and_(orders.c.status.in_([s.value for s in RECOVERABLE]), recent),
                     sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(False), recent),
                 ),
                 ~held_back,
@@ -389,21 +389,21 @@ class Store:
     # -- writes to BitLoot's tables (each fenced by the writing run's lease) ----------------------------
     def mark_paid(self, order_id: str, *, owner: str | None = None) -> bool:
         """waiting/confirming/failed -> paid, only after the payment was confirmed."""
-        return self._set_order_status(order_id, "paid", ("waiting", "confirming", "failed"), owner)
+        return self._set_order_status(order_id, OrderStatus.PAID, UNPAID, owner)
 
     def mark_fulfilled(self, order_id: str, *, owner: str | None = None) -> bool:
         """paid -> fulfilled; never touches an order an admin moved to refunded or cancelled meanwhile."""
-        return self._set_order_status(order_id, "fulfilled", ("paid",), owner)
+        return self._set_order_status(order_id, OrderStatus.FULFILLED, (OrderStatus.PAID,), owner)
 
     def _set_order_status(
-        self, order_id: str, status: str, allowed_from: tuple[str, ...], owner: str | None
+        self, order_id: str, status: OrderStatus, allowed_from: tuple[OrderStatus, ...], owner: str | None
     ) -> bool:
         with self.engine.begin() as conn:
             self._fence(conn, order_id, owner)
             return conn.execute(
                 sa.update(orders)
-                .where(orders.c.id == order_id, orders.c.status.in_(allowed_from))
-                .values(status=status, updatedAt=naive_utc(utcnow()))
+                .where(orders.c.id == order_id, orders.c.status.in_([s.value for s in allowed_from]))
+                .values(status=status.value, updatedAt=naive_utc(utcnow()))
             ).rowcount == 1
 
     def save_reservation_id(self, order_id: str, kinguin_order_id: str, *, owner: str | None = None) -> None:

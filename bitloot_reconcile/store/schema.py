@@ -15,6 +15,8 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from bitloot_reconcile.store.statuses import OrderStatus
+
 metadata = sa.MetaData()
 
 
@@ -230,13 +232,12 @@ reconcile_key_assignment = sa.Table(
 PROJECT_TABLES = (reconcile_state, reconcile_audit, reconcile_key_assignment)
 
 # Indexes the project adds to BitLoot's tables (the sweep reads them; BitLoot has neither).
-STUCK_STATUSES = ("paid", "failed", "waiting", "confirming")
 sweep_index = sa.Index("ix_reconcile_orders_status_updated", orders.c.status, orders.c.updatedAt)
 email_pending_index = sa.Index(
     "ix_reconcile_orders_email_pending",
     orders.c.updatedAt,
-    postgresql_where=sa.and_(orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(False)),
-    sqlite_where=sa.and_(orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(False)),
+    postgresql_where=sa.and_(orders.c.status == OrderStatus.FULFILLED.value, orders.c.completionEmailSent.is_(False)),
+    sqlite_where=sa.and_(orders.c.status == OrderStatus.FULFILLED.value, orders.c.completionEmailSent.is_(False)),
 )
 reservation_index = sa.Index("ix_reconcile_orders_kinguin_reservation", orders.c.kinguinReservationId)
 PROJECT_INDEXES = (sweep_index, email_pending_index, reservation_index)

@@ -13,9 +13,9 @@ import pytest
 
 from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
+from bitloot_reconcile.commands import Readers, plan
 from bitloot_reconcile.demo import SCENARIOS, DemoWorld, Scenario
 from bitloot_reconcile.jobs import fulfill_order
-from bitloot_reconcile.commands import Readers, plan
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy

@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 
 from bitloot_reconcile.domain import fulfilment
-from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource

@@ -10,8 +10,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
-from bitloot_reconcile.domain.reconciliation.collecting import LOOKS_UNPAID, Evidence, created_at
+from bitloot_reconcile.domain.reconciliation.collecting import Evidence, created_at
 from bitloot_reconcile.store.repository import Order
+from bitloot_reconcile.store.statuses import LOOKS_UNPAID, OrderStatus
 
 if TYPE_CHECKING:  # pandas is imported where a report is built, so run workers of other jobs never load it
     import pandas as pd
@@ -89,7 +90,7 @@ def _store_row(order: Order, suppliers: list[KinguinOrder], evidence: Evidence) 
     found: dict[Mismatch, str] = {}
     primary = next((s for s in suppliers if s.order_id == order.kinguin_reservation_id), None)
     primary = primary or (suppliers[0] if suppliers else None)
-    fulfilled = order.status == "fulfilled"
+    fulfilled = order.status == OrderStatus.FULFILLED
     if len(suppliers) > 1:
         found[Mismatch.DUPLICATE] = f"{len(suppliers)} Kinguin orders for one store order"
     if fulfilled:
@@ -109,7 +110,7 @@ def _store_row(order: Order, suppliers: list[KinguinOrder], evidence: Evidence) 
             found[Mismatch.PLACED_NOT_DELIVERED] = f"Kinguin {primary.order_id} still processing"
     if order.id in evidence.held:
         found[Mismatch.HELD_BY_SWITCH] = f"held by a BitLoot switch: {evidence.held[order.id]}"
-    if order.status == "paid" and primary is None:
+    if order.status == OrderStatus.PAID and primary is None:
         unknown = order.kinguin_reservation_id in evidence.unknown_reservations
         found[Mismatch.PAID_NOT_PLACED] = (
             f"kinguinReservationId {order.kinguin_reservation_id} unknown to Kinguin" if unknown

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from bitloot_reconcile.adapters.errors import NotFoundError
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentVerdict
-from bitloot_reconcile.domain.fulfilment import UNPAID_STATUSES, parse_order_id, payment_verdict
+from bitloot_reconcile.domain.fulfilment import parse_order_id, payment_verdict
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome
 from bitloot_reconcile.store.repository import Order, Store
+from bitloot_reconcile.store.statuses import LOOKS_UNPAID, OrderStatus
 
 # BitLoot's store statuses that say "not paid yet"; `created` is only ever left by an IPN.
-LOOKS_UNPAID = (*UNPAID_STATUSES, "created")
 ReportProgress = Callable[[str, int, int], None]  # (stage, done, total), for a progress bar
 
 
@@ -57,7 +57,7 @@ def collect(store: Store, kinguin, nowpayments, vault, start: dt.datetime, end: 
         verdict, seen = payment_verdict(order, nowpayments)
         evidence.payments_seen[order.id] = (verdict is PaymentVerdict.PAID, seen)
         tick("NOWPayments", n, len(unpaid))
-    fulfilled = [o for o in evidence.orders if o.status == "fulfilled"]
+    fulfilled = [o for o in evidence.orders if o.status == OrderStatus.FULFILLED]
     for n, order in enumerate(fulfilled, 1):
         refs = [item.key_refs[0] for item in order.items if item.key_refs]
         missing = sum(1 for ref in refs if not ref or (vault is not None and not vault.exists(ref)))
