@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as dt
 import multiprocessing
 import os
@@ -363,7 +364,8 @@ class Runs:
     def kill(self, worker: Worker) -> None:
         with self.lock:
             if worker.killed_at is None and worker.process.pid:
-                os.kill(worker.process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
+                    os.kill(worker.process.pid, signal.SIGKILL)
                 worker.killed_at = time.monotonic()
 
     def reap(self) -> list[Worker]:
