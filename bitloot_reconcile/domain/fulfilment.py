@@ -58,6 +58,10 @@ class PaymentReader(Protocol):
     def get_payment(self, payment_id: str) -> PaymentInfo: ...
 
 
+class OrderReader(Protocol):
+    def get_order(self, order_id: str) -> KinguinOrder: ...
+
+
 class OrderSearch(Protocol):
     def search_orders(self, *, order_external_id: str | None = None) -> list[KinguinOrder]: ...
 
@@ -324,7 +328,7 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
     return progress.stop(decision.outcome, decision.reason) if decision else progress
 
 
-def read_supplier_order(kinguin, kinguin_order_id: str) -> KinguinOrder | None:
+def read_supplier_order(kinguin: OrderReader, kinguin_order_id: str) -> KinguinOrder | None:
     """The Kinguin order, or None when Kinguin does not know it."""
     try:
         return kinguin.get_order(kinguin_order_id)

@@ -124,8 +124,8 @@ def verify_payment(
 def ensure_supplier_order(
     progress: Progress, store: StoreResource, kinguin: KinguinResource, policy: ReconcilePolicy
 ) -> Progress:
-    progress = switches.hold_before_kinguin(store.get_store(), progress)
     with step_errors(policy), kinguin.get_client() as client:
+        progress = switches.hold_before_kinguin(store.get_store(), progress)
         return fulfilment.ensure_supplier_order(store.get_store(), client, progress)
 
 
@@ -138,8 +138,8 @@ def poll_supplier(
     policy: ReconcilePolicy,
 ) -> Progress:
     """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
-    progress = switches.hold_before_kinguin(store.get_store(), progress)
     with step_errors(policy), kinguin.get_client() as client:
+        progress = switches.hold_before_kinguin(store.get_store(), progress)
         result = fulfilment.poll_supplier(store.get_store(), client, progress)
     if result.outcome is Outcome.WAITING_FOR_SUPPLIER and context.retry_number < policy.supplier_poll_attempts:
         raise dg.RetryRequested(
@@ -158,8 +158,8 @@ def store_keys(
     policy: ReconcilePolicy,
 ) -> Progress:
     """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
-    progress = switches.hold_before_kinguin(store.get_store(), progress)
     with step_errors(policy), kinguin.get_client() as client:
+        progress = switches.hold_before_kinguin(store.get_store(), progress)
         result = fulfilment.store_keys(
             store.get_store(), client, r2.get_vault(), progress, presign_seconds=r2.presign_expiry_seconds
         )
@@ -182,8 +182,8 @@ def send_completion_email(
     policy: ReconcilePolicy,
 ) -> Progress:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
-    progress = switches.hold_before_email(store.get_store(), progress)
     with step_errors(policy):
+        progress = switches.hold_before_email(store.get_store(), progress)
         try:
             with mailer.get_client() as client:
                 return fulfilment.send_completion_email(
