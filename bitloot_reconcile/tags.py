@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-TAG_ORDER_ID = "bitloot/order_id"
+TAG_ORDER_ID = "bitloot/order_id"  # always the canonical lower-case uuid
 TAG_TRIGGER = "bitloot/trigger"
 TAG_REASON = "bitloot/reason"
 TAG_REQUESTED_BY = "bitloot/requested_by"
 TAG_ATTEMPT = "bitloot/attempt"
+# How the run ended for its order: an `Outcome` value, or `refused` for an operator's input error (nothing
+# was changed, nobody is paged). Filter the Runs page by it: `bitloot/outcome=needs_attention`.
+TAG_OUTCOME = "bitloot/outcome"
+# A re-executed run's parent (Dagster's "Re-execute"): the run it repeats.
+TAG_PARENT_RUN = "bitloot/parent_run_id"
 TRIGGER_SENSOR = "sensor"
 TRIGGER_ADMIN = "admin"
+TRIGGER_REEXECUTION = "reexecution"
+OUTCOME_REFUSED = "refused"
 MAX_TAG_CHARS = 200  # tags are indexed and listed; the full reason lives in the audit table
 
 
 def request_tags(order_id: str, *, trigger: str, reason: str, requested_by: str) -> dict[str, str]:
+    """`order_id` must already be canonical (`fulfilment.parse_order_id`)."""
     return {
-        TAG_ORDER_ID: order_id.strip()[:MAX_TAG_CHARS],
+        TAG_ORDER_ID: order_id,
         TAG_TRIGGER: trigger,
         TAG_REASON: reason.strip()[:MAX_TAG_CHARS],
         TAG_REQUESTED_BY: requested_by.strip()[:MAX_TAG_CHARS],
