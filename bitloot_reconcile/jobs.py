@@ -18,7 +18,8 @@ from bitloot_reconcile.ops.fulfill_order import (
 
 @dg.config_mapping
 def flat_request(request: FulfillOrderRequest) -> dg.RunConfig:
-    """The launchpad asks for three fields: order_id, reason, requested_by."""
+    """The launchpad asks for three fields: order_id, reason, requested_by. They are checked here, when the
+    run is launched: a malformed id or an empty field is refused before a run exists."""
     return dg.RunConfig(ops={"load_and_claim": request})
 
 
@@ -31,11 +32,14 @@ def flat_request(request: FulfillOrderRequest) -> dg.RunConfig:
     "mark it fulfilled and send the completion email once.",
 )
 def fulfill_order() -> None:
-    progress = load_and_claim()
-    progress = verify_payment(progress)
-    progress = ensure_supplier_order(progress)
-    progress = poll_supplier(progress)
-    progress = store_keys(progress)
-    progress = mark_fulfilled(progress)
-    progress = send_completion_email(progress)
-    record_outcome(progress)
+    progress, stopped_at_claim = load_and_claim()
+    progress, stopped_at_payment = verify_payment(progress)
+    progress, stopped_at_supplier_order = ensure_supplier_order(progress)
+    progress, stopped_at_poll = poll_supplier(progress)
+    progress, stopped_at_keys = store_keys(progress)
+    progress, stopped_at_fulfilled = mark_fulfilled(progress)
+    emailed, stopped_at_email = send_completion_email(progress)
+    record_outcome([
+        stopped_at_claim, stopped_at_payment, stopped_at_supplier_order, stopped_at_poll, stopped_at_keys,
+        stopped_at_fulfilled, stopped_at_email, emailed,
+    ])

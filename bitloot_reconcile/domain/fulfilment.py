@@ -38,7 +38,13 @@ from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
 from bitloot_reconcile.domain.delivery import attachment_filename, completion_idempotency_key, key_object_path
-from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, InvalidRequest, Outcome, Progress
+from bitloot_reconcile.domain.outcomes import (
+    LEASE_LOST_REASON,
+    TERMINAL_OUTCOMES,
+    InvalidRequest,
+    Outcome,
+    Progress,
+)
 from bitloot_reconcile.store.repository import Item, LeaseLost, Order, ReconcileState, Store
 from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
 
@@ -120,6 +126,15 @@ def validate_admin_request(reason: str, requested_by: str) -> None:
         raise InvalidRequest("requested_by must not be empty: say who asks for this retry")
 
 
+def refuse_quarantined(state: ReconcileState) -> None:
+    """A run nobody gave a reason for (a re-execution of a sweep run) leaves a quarantined order to a person."""
+    if state.last_outcome in TERMINAL_OUTCOMES:
+        raise InvalidRequest(
+            f"order {state.order_id} is quarantined ({state.last_outcome}: {state.last_reason or 'no reason'}); "
+            "re-executing a sweep run does not work it: launch fulfill_order with a reason and requested_by"
+        )
+
+
 def _load(store: Store, order_id: str) -> Order:
     order = store.load_order(order_id)
     if order is None:
@@ -159,7 +174,7 @@ def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.tim
         return progress.stop(done.outcome, done.reason)
     if not store.claim(order.id, owner, lease_ttl):
         return progress.stop(Outcome.BUSY, "another run holds this order's lease")
-    return progress
+    return progress.noted(f"lease taken on the {order.status} order")
 
 
 def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:
@@ -201,13 +216,13 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
     order = _load(store, progress.order_id)
     decision = decide_payment(order, nowpayments)
     if decision is None:
-        return progress
+        return progress.noted(f"no check needed: the order is {order.status}")
     if isinstance(decision, Stop):
         return progress.stop(decision.outcome, decision.reason)
     moved = not store.mark_paid(order.id, owner=progress.lease_owner)
     if moved and (current := _status_now(store, order.id)) != OrderStatus.PAID:
         return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
-    return progress
+    return progress.noted(f"payment confirmed ({decision.evidence}); order moved from {order.status} to paid")
 
 
 def payment_verdict(order: Order, nowpayments: PaymentReader) -> tuple[PaymentVerdict, str]:
@@ -280,13 +295,18 @@ def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progre
     order = _load(store, progress.order_id)
     decision = decide_supplier_order(order, store.get_state(order.id), kinguin)
     if decision is None:
-        return progress
+        return progress.noted("nothing to buy: the order is already fulfilled")
     if isinstance(decision, Stop):
         return progress.stop(decision.outcome, decision.reason)
     if isinstance(decision, UseSupplierOrder):
         if decision.found_by_search:
             store.save_reservation_id(order.id, decision.kinguin_order_id, owner=progress.lease_owner)
-        return progress.with_supplier_order(decision.kinguin_order_id)
+            return progress.with_supplier_order(
+                decision.kinguin_order_id, f"adopted Kinguin order {decision.kinguin_order_id}: {decision.why}"
+            )
+        return progress.with_supplier_order(
+            decision.kinguin_order_id, f"Kinguin order {decision.kinguin_order_id} already placed ({decision.why})"
+        )
     lines = decision.lines
     store.record_placement_intent(order.id, owner=progress.lease_owner)
     try:
@@ -299,7 +319,8 @@ def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progre
     except PermanentError as exc:
         return progress.stop(Outcome.NEEDS_ATTENTION, KINGUIN_REFUSALS.get(exc.kind or "", f"Kinguin refused: {exc}"))
     store.save_reservation_id(order.id, placed.order_id, owner=progress.lease_owner)
-    return progress.with_supplier_order(placed.order_id)
+    units = sum(line.qty for line in lines)
+    return progress.with_supplier_order(placed.order_id, f"placed Kinguin order {placed.order_id} for {units} key(s)")
 
 
 def choose_supplier_order(found: list[KinguinOrder]) -> KinguinOrder:
@@ -311,7 +332,8 @@ def choose_supplier_order(found: list[KinguinOrder]) -> KinguinOrder:
 def _adopt(store: Store, progress: Progress, found: list[KinguinOrder]) -> Progress:
     chosen = choose_supplier_order(found)
     store.save_reservation_id(progress.order_id, chosen.order_id, owner=progress.lease_owner)
-    return progress.with_supplier_order(chosen.order_id)
+    why = "Kinguin reported the orderExternalId as used: an earlier attempt placed it"
+    return progress.with_supplier_order(chosen.order_id, f"adopted Kinguin order {chosen.order_id}: {why}")
 
 
 @under_lease
@@ -319,13 +341,19 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
     """completed -> go on; processing -> waiting for supplier (after storing any keys delivered so far);
     canceled/refunded, or an order id Kinguin does not know -> needs a human, never re-placed automatically."""
     if progress.kinguin_order_id is None:
-        return progress
+        return progress.noted("nothing to poll: no Kinguin order needed")
     order = _load(store, progress.order_id)
     if order.status == OrderStatus.FULFILLED:
-        return progress
+        return progress.noted("nothing to poll: the order is already fulfilled")
     supplier_order = read_supplier_order(kinguin, progress.kinguin_order_id)
     decision = decide_after_poll(order, progress.kinguin_order_id, supplier_order)
-    return progress.stop(decision.outcome, decision.reason) if decision else progress
+    if decision:
+        return progress.stop(decision.outcome, decision.reason)
+    assert supplier_order is not None  # decide_after_poll stops on an unknown order
+    return progress.noted(
+        f"Kinguin order {progress.kinguin_order_id} is {supplier_order.status}, "
+        f"{supplier_order.delivered_count} key(s) delivered"
+    )
 
 
 def read_supplier_order(kinguin: OrderReader, kinguin_order_id: str) -> KinguinOrder | None:
@@ -357,11 +385,11 @@ def store_keys(
 ) -> Progress:
     """Page all keys, match them to items by Kinguin productId, store one object and one `keys` row per item."""
     if progress.kinguin_order_id is None:
-        return progress
+        return progress.noted("no keys to store: no Kinguin order needed")
     order = _load(store, progress.order_id)
     pending = [item for item in order.items if not item.delivered]
     if order.status == OrderStatus.FULFILLED or not pending:
-        return progress
+        return progress.noted(f"no keys to store: all {len(order.items)} already stored")
     keys = kinguin.get_keys(progress.kinguin_order_id, expected=len(order.items))
     match = match_keys(order, keys, store.key_assignments(order.id))
     for item, key, newly_assigned in match.pairs:
@@ -381,8 +409,12 @@ def store_keys(
         store.record_stored_key(order.id, item.id, path, key.type, url, owner=progress.lease_owner)
     if match.missing:
         waiting = keys_still_missing(order, match.missing)
-        return progress.stop(waiting.outcome, waiting.reason)
-    return progress
+        stopped = progress.stop(waiting.outcome, waiting.reason)
+        return stopped.noted(f"{waiting.reason}; {len(match.pairs)} stored by this run")
+    before = len(order.items) - len(pending)
+    return progress.noted(
+        f"stored {len(match.pairs)} of {len(order.items)} key(s)" + (f" ({before} stored before)" if before else "")
+    )
 
 
 def match_keys(order: Order, keys: list[KinguinKey], assigned: dict[str, str]) -> KeyMatch:
@@ -426,13 +458,13 @@ def mark_fulfilled(store: Store, progress: Progress) -> Progress:
     """Only when every item has its key stored and recorded; never over refunded/cancelled."""
     order = _load(store, progress.order_id)
     if order.status == OrderStatus.FULFILLED:
-        return progress
+        return progress.noted("already fulfilled")
     if waiting := undelivered_items(order):
         return progress.stop(waiting.outcome, waiting.reason)
     moved = not store.mark_fulfilled(order.id, owner=progress.lease_owner)
     if moved and (current := _status_now(store, order.id)) != OrderStatus.FULFILLED:
         return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
-    return progress
+    return progress.noted(f"order moved from {order.status} to fulfilled")
 
 
 @under_lease
@@ -443,8 +475,10 @@ def send_completion_email(
     Resend refusing the message itself (422, e.g. an invalid address) needs a person, once: retrying the
     same message cannot help."""
     order = _load(store, progress.order_id)
-    if order.status != OrderStatus.FULFILLED or order.completion_email_sent:
-        return progress
+    if order.status != OrderStatus.FULFILLED:
+        return progress.noted(f"no completion email: the order is {order.status}")
+    if order.completion_email_sent:
+        return progress.noted("completion email already sent")
     try:
         mailer.send_email(
             sender=sender,
@@ -460,7 +494,7 @@ def send_completion_email(
             Outcome.NEEDS_ATTENTION, f"keys delivered; completion email undeliverable, Resend refused it ({exc})"
         )
     store.mark_email_sent(order.id, owner=progress.lease_owner)
-    return progress
+    return progress.noted("completion email sent")
 
 
 FULFILLED_REASON = "keys stored and email sent"

@@ -42,13 +42,18 @@ class Progress:
     kinguin_order_id: str | None = None
     outcome: Outcome | None = None
     reason: str | None = None
+    # What the last step did, in words for the run's log and metadata (no secrets).
+    note: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.outcome is not None
 
     def stop(self, outcome: Outcome, reason: str | None = None) -> Progress:
-        return replace(self, outcome=outcome, reason=reason)
+        return replace(self, outcome=outcome, reason=reason, note=reason)
 
-    def with_supplier_order(self, kinguin_order_id: str) -> Progress:
-        return replace(self, kinguin_order_id=kinguin_order_id)
+    def noted(self, note: str) -> Progress:
+        return replace(self, note=note)
+
+    def with_supplier_order(self, kinguin_order_id: str, note: str) -> Progress:
+        return replace(self, kinguin_order_id=kinguin_order_id, note=note)

@@ -4,12 +4,12 @@ Ops pass a `Progress` (ids and verdicts only) from one to the next. Transient ou
 Dagster's RetryPolicy (exponential backoff with jitter); bad input fails the run at once without retries.
 """
 
-
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import fulfilment, switches
@@ -23,22 +23,46 @@ from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import (
+    OUTCOME_REFUSED,
     TAG_ATTEMPT,
     TAG_ORDER_ID,
+    TAG_OUTCOME,
+    TAG_PARENT_RUN,
     TAG_REASON,
     TAG_REQUESTED_BY,
     TAG_TRIGGER,
     TRIGGER_ADMIN,
+    TRIGGER_REEXECUTION,
     request_tags,
 )
 
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+# Every step has two optional outputs: `progress` when the order goes on to the next step, `stopped` when the
+# order's run ends here. Dagster skips a step whose input was never produced, so the run's timeline shows
+# where the order stopped; `record_outcome` collects whichever `stopped` (or the last `progress`) exists.
+STEP_OUTS = {
+    "progress": dg.Out(Progress, is_required=False, description="The order goes on to the next step."),
+    "stopped": dg.Out(Progress, is_required=False, description="The order's run ends here, with an outcome."),
+}
 
 
 class FulfillOrderRequest(dg.Config):
+    """Checked when the run is launched, before it exists: a malformed id or an empty field is refused there."""
+
     order_id: str = Field(description="BitLoot order uuid (orders.id)")
     reason: str = Field(description="Why this order is being retried (required for admin runs)")
     requested_by: str = Field(description="Who asks for this run, e.g. admin@bitloot.io (required for admin runs)")
+
+    @field_validator("order_id")
+    @classmethod
+    def _canonical_order_id(cls, value: str) -> str:
+        return fulfilment.parse_order_id(value)
+
+    @model_validator(mode="after")
+    def _request_text(self) -> "FulfillOrderRequest":
+        fulfilment.validate_request_text(self.reason, self.requested_by)
+        fulfilment.validate_admin_request(self.reason, self.requested_by)
+        return self
 
 
 class StepError(Exception):
@@ -69,86 +93,160 @@ def step_errors(policy: ReconcilePolicy) -> Iterator[None]:
         raise StepError(describe_error(exc)) from None
 
 
-def _current_tags(context: dg.OpExecutionContext) -> dict[str, str]:
+def step_result(context: dg.OpExecutionContext, progress: Progress) -> Iterator[dg.Output]:
+    """The step's one output, and what it did in the run's log and the output's metadata (ids and words only)."""
+    said = progress.note or "nothing to do"
+    metadata: dict[str, str] = {"order_id": progress.order_id, "did": said}
+    if progress.kinguin_order_id:
+        metadata["kinguin_order_id"] = progress.kinguin_order_id
+    if progress.finished:
+        metadata["outcome"] = str(progress.outcome)
+        context.log.info(f"order {progress.order_id}: stops here, {progress.outcome}: {said}")
+        yield dg.Output(progress, "stopped", metadata=metadata)
+    else:
+        context.log.info(f"order {progress.order_id}: {said}")
+        yield dg.Output(progress, "progress", metadata=metadata)
+
+
+def _run_tags(context: dg.OpExecutionContext) -> dict[str, str]:
     run = context.instance.get_run_by_id(context.run_id)
     return dict(run.tags) if run else dict(context.run.tags)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+def _set_tags(context: dg.OpExecutionContext, tags: dict[str, str]) -> None:
+    context.instance.add_run_tags(context.run_id, tags)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Who and what started this run, as recorded in its tags and audit rows."""
+
+    trigger: str
+    actor: str | None
+    reason: str | None
+    parent_run_id: str | None = None
+
+    @property
+    def admin(self) -> bool:
+        """A person's run with a reason: it may work a quarantined order and ignores the sweep's switches."""
+        return self.trigger == TRIGGER_ADMIN or (self.trigger == TRIGGER_REEXECUTION and self.reason is not None)
+
+
+def who_launched(context: dg.OpExecutionContext, config: FulfillOrderRequest) -> Launch:
+    """A run Dagster re-executed (it has a parent) is a person's act, whatever tags it copied from its parent:
+    it keeps a reason only when the chain started with an admin's run, whose config (and reason) it repeats."""
+    run = context.dagster_run
+    if run.parent_run_id:
+        root = context.instance.get_run_by_id(run.root_run_id or run.parent_run_id)
+        root_trigger = (root.tags if root else {}).get(TAG_TRIGGER, TRIGGER_ADMIN)
+        reason = config.reason if root_trigger == TRIGGER_ADMIN else None
+        actor = config.requested_by if root_trigger == TRIGGER_ADMIN else None
+        return Launch(TRIGGER_REEXECUTION, actor, reason, run.parent_run_id)
+    trigger = _run_tags(context).get(TAG_TRIGGER, TRIGGER_ADMIN)
+    return Launch(trigger, config.requested_by, config.reason)
+
+
+def launch_tags(order_id: str, launch: Launch) -> dict[str, str]:
+    tags = request_tags(order_id, trigger=launch.trigger, reason=launch.reason or REEXECUTED_SENSOR_RUN,
+                        requested_by=launch.actor or UNKNOWN_PERSON)
+    if launch.parent_run_id:
+        tags[TAG_PARENT_RUN] = launch.parent_run_id
+    return tags
+
+
+# How a re-execution of a sensor run is tagged: a person started it, Dagster does not say who, nor why.
+UNKNOWN_PERSON = "unknown (re-executed in Dagster)"
+REEXECUTED_SENSOR_RUN = "re-execution of a sensor run"
+
+
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
 def load_and_claim(
     context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
-) -> Progress:
-    """Tag the run, check the request, take the order's lease."""
-    with step_errors(policy):  # before tagging: Dagster's storage refuses a NUL byte in a tag
-        fulfilment.validate_request_text(config.reason, config.requested_by)
-    existing = _current_tags(context)
-    trigger = existing.get(TAG_TRIGGER, TRIGGER_ADMIN)
-    wanted = request_tags(config.order_id, trigger=trigger, reason=config.reason, requested_by=config.requested_by)
-    missing = {k: v for k, v in wanted.items() if k not in existing}
-    if missing:
-        context.instance.add_run_tags(context.run_id, missing)
+) -> Iterator[dg.Output]:
+    """Tag the run (canonical order id, who, why), check the request against the store, take the order's lease."""
+    order_id = config.order_id  # canonical: the config's validator parsed it
+    launch = who_launched(context, config)
+    _set_tags(context, launch_tags(order_id, launch))
     repo = store.get_store()
-    with step_errors(policy):
-        order_id = fulfilment.parse_order_id(config.order_id)
-        if trigger == TRIGGER_ADMIN:
-            fulfilment.validate_admin_request(config.reason, config.requested_by)
-        progress = switches.hold_before_claim(
-            repo, order_id, owner=context.run_id, admin=trigger == TRIGGER_ADMIN
-        ) or fulfilment.load_and_claim(
-            repo, order_id, owner=context.run_id, lease_ttl=policy.lease_ttl, admin=trigger == TRIGGER_ADMIN
-        )
-    if TAG_ATTEMPT not in existing:
-        context.instance.add_run_tags(context.run_id, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
+    try:
+        with step_errors(policy):
+            if launch.trigger == TRIGGER_REEXECUTION and not launch.admin:
+                fulfilment.refuse_quarantined(repo.get_state(order_id))
+            progress = switches.hold_before_claim(
+                repo, order_id, owner=context.run_id, admin=launch.admin
+            ) or fulfilment.load_and_claim(
+                repo, order_id, owner=context.run_id, lease_ttl=policy.lease_ttl, admin=launch.admin
+            )
+    except dg.Failure as failure:
+        if failure.allow_retries is False:  # an input error: recorded as refused, and nobody is paged
+            _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
+            repo.append_audit(order_id=order_id, action="refused", trigger=launch.trigger, actor=launch.actor,
+                              reason=launch.reason, run_id=context.run_id, outcome=OUTCOME_REFUSED,
+                              detail=failure.description)
+        raise
+    _set_tags(context, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
     repo.append_audit(
         order_id=order_id,
         action="requested",
-        trigger=trigger,
-        actor=config.requested_by or None,
-        reason=config.reason or None,
+        trigger=launch.trigger,
+        actor=launch.actor,
+        reason=launch.reason,
         run_id=context.run_id,
         outcome=progress.outcome.value if progress.outcome else None,
+        detail=f"re-execution of run {launch.parent_run_id}" if launch.parent_run_id else None,
     )
-    context.log.info(f"order {order_id}: {trigger} run, {progress.outcome or 'lease taken'}")
-    return progress
+    yield from step_result(context, progress)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
 def verify_payment(
-    progress: Progress, store: StoreResource, nowpayments: NowPaymentsResource, policy: ReconcilePolicy
-) -> Progress:
+    context: dg.OpExecutionContext,
+    progress: Progress,
+    store: StoreResource,
+    nowpayments: NowPaymentsResource,
+    policy: ReconcilePolicy,
+) -> Iterator[dg.Output]:
     with step_errors(policy), nowpayments.get_client() as client:
-        return fulfilment.verify_payment(store.get_store(), client, progress)
+        progress = fulfilment.verify_payment(store.get_store(), client, progress)
+    yield from step_result(context, progress)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
 def ensure_supplier_order(
-    progress: Progress, store: StoreResource, kinguin: KinguinResource, policy: ReconcilePolicy
-) -> Progress:
+    context: dg.OpExecutionContext,
+    progress: Progress,
+    store: StoreResource,
+    kinguin: KinguinResource,
+    policy: ReconcilePolicy,
+) -> Iterator[dg.Output]:
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
-        return fulfilment.ensure_supplier_order(store.get_store(), client, progress)
+        progress = fulfilment.ensure_supplier_order(store.get_store(), client, progress)
+    yield from step_result(context, progress)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
 def poll_supplier(
     context: dg.OpExecutionContext,
     progress: Progress,
     store: StoreResource,
     kinguin: KinguinResource,
     policy: ReconcilePolicy,
-) -> Progress:
+) -> Iterator[dg.Output]:
     """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         result = fulfilment.poll_supplier(store.get_store(), client, progress)
     if result.outcome is Outcome.WAITING_FOR_SUPPLIER and context.retry_number < policy.supplier_poll_attempts:
+        wait = policy.supplier_poll_seconds
+        context.log.info(f"order {progress.order_id}: {result.reason}; polling again in {wait} s")
         raise dg.RetryRequested(
-            max_retries=policy.supplier_poll_attempts, seconds_to_wait=policy.supplier_poll_seconds
+            max_retries=policy.supplier_poll_attempts, seconds_to_wait=wait
         )
-    return result
+    yield from step_result(context, result)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
 def store_keys(
     context: dg.OpExecutionContext,
     progress: Progress,
@@ -156,60 +254,66 @@ def store_keys(
     kinguin: KinguinResource,
     r2: R2Resource,
     policy: ReconcilePolicy,
-) -> Progress:
+) -> Iterator[dg.Output]:
     """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
-        result = fulfilment.store_keys(
+        progress = fulfilment.store_keys(
             store.get_store(), client, r2.get_vault(), progress, presign_seconds=r2.presign_expiry_seconds
         )
-    context.log.info(f"order {progress.order_id}: keys stored under orders/{progress.order_id}/")
-    return result
+    yield from step_result(context, progress)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
-def mark_fulfilled(progress: Progress, store: StoreResource, policy: ReconcilePolicy) -> Progress:
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
+def mark_fulfilled(
+    context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
+) -> Iterator[dg.Output]:
     with step_errors(policy):
-        return fulfilment.mark_fulfilled(store.get_store(), progress)
+        progress = fulfilment.mark_fulfilled(store.get_store(), progress)
+    yield from step_result(context, progress)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
 def send_completion_email(
     context: dg.OpExecutionContext,
     progress: Progress,
     store: StoreResource,
     mailer: ResendResource,
     policy: ReconcilePolicy,
-) -> Progress:
+) -> Iterator[dg.Output]:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
     with step_errors(policy):
         progress = switches.hold_before_email(store.get_store(), progress)
         try:
             with mailer.get_client() as client:
-                return fulfilment.send_completion_email(
+                progress = fulfilment.send_completion_email(
                     store.get_store(), client, progress, sender=mailer.sender, frontend_url=policy.frontend_url
                 )
         except TransientError as exc:
             if context.retry_number < TRANSIENT_RETRY.max_retries:
                 raise  # retried by the policy (or after Retry-After) like every other step
-            return progress.stop(Outcome.FULFILLED, f"keys delivered; completion email not sent yet ({exc})")
+            progress = progress.stop(Outcome.FULFILLED, f"keys delivered; completion email not sent yet ({exc})")
+    yield from step_result(context, progress)
 
 
-@dg.op
+@dg.op(ins={"ends": dg.In(list[Progress], description="The one step output where the order's run ended.")})
 def record_outcome(
-    context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
+    context: dg.OpExecutionContext, ends: list[Progress], store: StoreResource, policy: ReconcilePolicy
 ) -> dg.Output[str]:
-    """One outcome per run: into the reconcile state, the audit table and this run's metadata."""
-    tags = _current_tags(context)
+    """One outcome per run: into the reconcile state, the audit table, this run's metadata and its
+    `bitloot/outcome` tag."""
+    (end,) = ends  # each step yields exactly one of its two outputs, so exactly one end reaches here
+    tags = _run_tags(context)
     final = record_outcome_step(
         store.get_store(),
-        fulfilment.final_outcome(progress),
+        fulfilment.final_outcome(end),
         run_id=context.run_id,
         trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
-        actor=tags.get(TAG_REQUESTED_BY),
-        reason=tags.get(TAG_REASON),
+        actor=_recorded_actor(tags),
+        reason=_recorded_reason(tags),
         schedule=policy.retry_schedule(),
     )
+    _set_tags(context, {TAG_OUTCOME: final.outcome.value})
     context.log.info(f"order {final.order_id}: {final.outcome} ({final.reason})")
     return dg.Output(
         final.outcome.value,
@@ -217,9 +321,20 @@ def record_outcome(
     )
 
 
+def _recorded_actor(tags: Mapping[str, str]) -> str | None:
+    actor = tags.get(TAG_REQUESTED_BY)
+    return None if actor in (None, "", UNKNOWN_PERSON) else actor
+
+
+def _recorded_reason(tags: Mapping[str, str]) -> str | None:
+    reason = tags.get(TAG_REASON)
+    return None if reason in (None, "", REEXECUTED_SENSOR_RUN) else reason
+
+
 @dg.failure_hook(required_resource_keys={"store", "policy"})
 def record_failed_run(context: dg.HookContext) -> None:
-    """A step failed for good while this run held the lease: record `retry_later` and hand the lease back."""
+    """A step failed for good while this run held the lease: record `retry_later` (or the quarantine it
+    leads to), tag the run with it and hand the lease back."""
     tags = context.instance.get_run_by_id(context.run_id).tags
     try:
         order_id = fulfilment.parse_order_id(tags.get(TAG_ORDER_ID, ""))
@@ -230,12 +345,13 @@ def record_failed_run(context: dg.HookContext) -> None:
         return  # never claimed (bad input, or failed before the claim): nothing to record or release
     error = context.op_exception
     reason = f"{context.op.name} failed" + (f": {describe_error(error)}" if error else "")
-    record_outcome_step(
+    final = record_outcome_step(
         repo,
         Progress(order_id=order_id, lease_owner=context.run_id).stop(Outcome.RETRY_LATER, reason[:500]),
         run_id=context.run_id,
         trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
-        actor=tags.get(TAG_REQUESTED_BY),
-        reason=tags.get(TAG_REASON),
+        actor=_recorded_actor(tags),
+        reason=_recorded_reason(tags),
         schedule=context.resources.policy.retry_schedule(),
     )
+    context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: final.outcome.value})

@@ -337,44 +337,73 @@ def _db_fingerprint(world: World) -> tuple:
     ("case", "expected"),
     [
         ("malformed", "is not a valid order uuid"),
-        ("unknown", "not found"),
         ("empty_reason", "reason must not be empty"),
         ("empty_actor", "requested_by must not be empty"),
-        ("no_items", "has no items"),
-        ("fulfilled", "Order is already fulfilled"),
         ("nul_reason", "reason must not contain control characters"),
         ("nul_actor", "requested_by must not contain control characters"),
     ],
 )
-def test_bad_input_fails_at_once_with_no_side_effect(world: World, case: str, expected: str):
+def test_malformed_requests_are_refused_before_a_run_exists(world: World, case: str, expected: str):
     order_id = world.order([world.product()])
     kwargs: dict = {}
     if case == "malformed":
         order_id = "5c91f65c-not-a-uuid"
-    elif case == "unknown":
-        order_id = str(uuid.uuid4())
     elif case == "empty_reason":
         kwargs["reason"] = "   "
     elif case == "empty_actor":
         kwargs["requested_by"] = ""
-    elif case == "no_items":
-        order_id = world.order([])
-    elif case == "fulfilled":
-        order_id = world.order([world.product()], status="fulfilled", completion_email_sent=True)
     elif case == "nul_reason":
         kwargs["reason"] = "webhook\x00missed"
     elif case == "nul_actor":
         kwargs["requested_by"] = "ops@bitloot.io\n"
     before = _db_fingerprint(world)
+    runs_before = world.instance.get_runs_count()
 
-    result = world.run(order_id, **kwargs)
+    with pytest.raises(dg.DagsterError) as refused:
+        world.run(order_id, **kwargs)
 
-    assert expected in failure_message(result)
+    assert expected in str(refused.value.__cause__)  # Dagster's launch error carries the check's words
+
+    assert world.instance.get_runs_count() == runs_before
     assert world.kinguin.requests == [] and world.resend.requests == [] and world.nowpayments.requests == []
     assert _db_fingerprint(world) == before
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("unknown", "not found"),
+        ("no_items", "has no items"),
+        ("fulfilled", "Order is already fulfilled"),
+    ],
+)
+def test_requests_the_store_refuses_fail_at_once_tagged_refused_with_no_side_effect(
+    world: World, case: str, expected: str
+):
+    if case == "unknown":
+        order_id = str(uuid.uuid4())
+    elif case == "no_items":
+        order_id = world.order([])
+    else:
+        order_id = world.order([world.product()], status="fulfilled", completion_email_sent=True)
+    orders_before, states_before, _ = _db_fingerprint(world)
+
+    result = world.run(order_id.upper(), reason="customer ticket 7", requested_by="ops@bitloot.io")
+
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    description = failure.step_failure_data.user_failure_data.description
+    assert expected in description and "\n" not in description  # the one-line reason is the failure's description
+    assert world.kinguin.requests == [] and world.resend.requests == [] and world.nowpayments.requests == []
+    orders_after, states_after, _ = _db_fingerprint(world)
+    assert (orders_after, states_after) == (orders_before, states_before)
     retries = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert retries == []
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.HOOK_ERRORED]
+    tags = world.instance.get_run_by_id(result.run_id).tags
+    assert tags["bitloot/outcome"] == "refused" and tags["bitloot/order_id"] == order_id
+    (refused,) = world.store.audit_trail(order_id)
+    assert (refused["action"], refused["outcome"], refused["actor"]) == ("refused", "refused", "ops@bitloot.io")
+    assert expected in refused["detail"] and refused["run_id"] == result.run_id
 
 
 def test_every_run_is_tagged_for_the_run_list(world: World):
