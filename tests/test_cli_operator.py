@@ -28,9 +28,11 @@ from click.testing import CliRunner, Result
 from bitloot_reconcile import commands
 from bitloot_reconcile.cli import main
 from bitloot_reconcile.domain.delivery import key_object_path
+from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.schema import orders
+from bitloot_reconcile.tags import OUTCOME_REFUSED
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.report import NOON, plant
@@ -166,48 +168,142 @@ def test_plan_picks_stuck_orders_with_the_sweeps_grace_period(world: World):
 
 
 # ------------------------------------------------------------------------------------------------- history
-def test_history_lists_every_run_and_the_state_now(world: World):
+@pytest.fixture
+def dagster_home(tmp_path: Path) -> Path:
+    """A real, empty Dagster home (SQLite), as `dagster dev` or the daemon would use it."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def attempt_rows(output: str) -> list[str]:
+    """The history table's rows, each one attempt: its lines joined, borders dropped."""
+    rows, current = [], []
+    for line in output.splitlines():
+        if line.startswith("├") or line.startswith("└"):
+            if current:
+                rows.append(" ".join(current))
+            current = []
+        elif line.startswith("│"):
+            current.append(" ".join(cell.strip() for cell in line.strip("│").split("│") if cell.strip()))
+    return rows
+
+
+def test_history_lists_every_attempt_failed_and_refused_ones_too_within_80_columns(world: World):
     slow = world.product(delivery_mode="manual")
     order_id = world.order([slow])
     first = world.run(order_id, reason="ticket 1")
+    dead_r2 = R2Resource(endpoint="http://127.0.0.1:9", access_key_id="x", secret_access_key="y",
+                         bucket=world.r2.bucket)
     (supplier,) = world.kinguin.orders_for_external_id(order_id)
     world.kinguin.deliver(supplier.order_id)
-    second = world.run(order_id, reason="ticket 2", requested_by="ops@bitloot.io")
+    failed = world.run(order_id, reason="ticket 2", r2=dead_r2)
+    second = world.run(order_id, reason="ticket 3 with a reason long enough to wrap at eighty columns, twice over",
+                       requested_by="ops@bitloot.io")
+    # What the ops record when a launched run refuses an operator's request (nothing changed).
+    refused_run = str(uuid.uuid4())
+    world.store.append_audit(order_id=order_id, action=OUTCOME_REFUSED, trigger="admin", actor="ops@bitloot.io",
+                             reason="ticket 4", run_id=refused_run, outcome=OUTCOME_REFUSED,
+                             detail="Order is already fulfilled")
+    assert not failed.success
 
-    result = invoke(world, "history", order_id.upper())
+    result = invoke(world, "history", order_id.upper(), COLUMNS="80")
 
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    rows = [line for line in lines if re.match(r"│ \d{4}-\d\d-\d\d ", line)]
-    assert len(rows) == 4  # a `requested` and a `fulfill_order` row per run
-    assert re.search(rf"requested .*admin .*admin@bitloot.io .*ticket 1 .*{first.run_id}", rows[0])
-    assert re.search(rf"fulfill_order .*{first.run_id} .*waiting_for_supplier .*is processing", rows[1])
-    assert re.search(rf"requested .*ops@bitloot.io .*ticket 2 .*{second.run_id}", rows[2])
-    assert re.search(rf"fulfill_order .*{second.run_id} .*fulfilled .*keys stored and email sent", rows[3])
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    rows = attempt_rows(result.output.split("\nnow")[0])
+    assert len(rows) == 4  # one per run: the `requested` and `fulfill_order` rows of a run are one attempt
+    assert re.search(rf"admin run by admin@bitloot.io: ticket 1 run {first.run_id} "
+                     rf"→ waiting_for_supplier: .*is processing", rows[0])
+    assert re.search(rf"ticket 2 run {failed.run_id} → retry_later \(the run failed; swept again later\): "
+                     r"store_keys failed", rows[1])
+    assert re.search(rf"by ops@bitloot.io: ticket 3 with a reason long enough to wrap at eighty columns, twice over "
+                     rf"run {second.run_id} → fulfilled: keys stored and email sent", rows[2])
+    assert re.search(rf"ticket 4 run {refused_run} → refused \(nothing changed\): Order is already "
+                     rf"fulfilled", rows[3])
+    for run_id in (first.run_id, failed.run_id, second.run_id, refused_run):
+        assert re.search(rf"run {run_id}\b", result.output)  # whole, on one line
     assert re.search(r"store status\s+│ fulfilled", result.output)
-    assert re.search(r"attempts\s+│ 2", result.output)
+    assert re.search(r"attempts\s+│ 3", result.output)
     assert re.search(rf"last run id\s+│ {second.run_id}", result.output)
     assert re.search(rf"Kinguin order\s+│ {supplier.order_id}", result.output)
+    assert "with DAGSTER_HOME set, runs that left no audit row show too" in result.output
 
     unknown = invoke(world, "history", str(uuid.uuid4()))
     assert unknown.exit_code == 2 and "not found and never reconciled" in unknown.output
 
 
-# ------------------------------------------------------------------------------------------------- retry
-def test_retry_runs_in_process_with_the_code_locations_resources(world: World):
-    order_id = world.order([world.product()])
+def test_history_adds_the_runs_that_left_no_audit_row_from_dagster_home(world: World, dagster_home: Path):
+    import dagster as dg
 
-    result = invoke(world, "retry", order_id, "--reason", "customer ticket 9", "--by", "ops@bitloot.io")
+    from bitloot_reconcile.jobs import fulfill_order
+
+    order_id = world.order([world.product()])
+    config = {"order_id": order_id, "reason": "ticket 5", "requested_by": "ops@bitloot.io"}
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        tags = {"bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/requested_by": "ops@bitloot.io",
+                "bitloot/reason": "ticket 5"}
+        broken = instance.create_run_for_job(fulfill_order, run_config=config, tags=tags)
+        instance.report_run_failed(broken)  # e.g. its run worker died before the first step
+        queued = instance.create_run_for_job(fulfill_order, run_config=config, tags=tags)
+        done = fulfill_order.execute_in_process(run_config=config, resources=world.resources(), instance=instance,
+                                                tags=tags)
+    assert done.success
+
+    result = invoke(world, "history", order_id, DAGSTER_HOME=str(dagster_home), COLUMNS="80")
 
     assert result.exit_code == 0, result.output
-    assert re.search(r"run [0-9a-f-]{36}: fulfilled \(keys stored and email sent\)", result.output)
+    rows = attempt_rows(result.output.split("\nnow")[0])
+    assert len(rows) == 3
+    assert re.search(rf"run {broken.run_id} \(failure\) → failure before recording an outcome", rows[0])
+    assert re.search(rf"run {queued.run_id} \(not_started\) → in progress", rows[1])
+    assert re.search(rf"run {done.run_id} \(success\) → fulfilled: keys stored and email sent", rows[2])
+    assert "runs that left no audit row show too" not in result.output
+
+
+# ------------------------------------------------------------------------------------------------- retry
+def test_retry_runs_in_process_on_the_instance_of_dagster_home(world: World, dagster_home: Path):
+    import dagster as dg
+
+    order_id = world.order([world.product()])
+
+    result = invoke(world, "retry", order_id, "--reason", "customer ticket 9", "--by", "ops@bitloot.io",
+                    DAGSTER_HOME=str(dagster_home))
+
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"run ([0-9a-f-]{36}): fulfilled \(keys stored and email sent\)", result.output).group(1)
+    assert f"in the Dagster instance of DAGSTER_HOME={dagster_home}: its UI shows it at /runs/{run_id}" in (
+        result.output.replace("\n", " "))
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"bitloot/order_id": order_id}))
+    assert run.run_id == run_id and run.status == dg.DagsterRunStatus.SUCCESS
+    assert {k: v for k, v in run.tags.items() if k.startswith("bitloot/") and k != "bitloot/outcome"} == {
+        "bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/reason": "customer ticket 9",
+        "bitloot/requested_by": "ops@bitloot.io", "bitloot/attempt": "1"}
     assert world.store.load_order(order_id).status == "fulfilled"
     audit = world.store.audit_trail(order_id)
-    assert [(a["action"], a["trigger"], a["actor"], a["reason"]) for a in audit] == [
-        ("requested", "admin", "ops@bitloot.io", "customer ticket 9"),
-        ("fulfill_order", "admin", "ops@bitloot.io", "customer ticket 9"),
+    assert [(a["action"], a["trigger"], a["actor"], a["reason"], a["run_id"]) for a in audit] == [
+        ("requested", "admin", "ops@bitloot.io", "customer ticket 9", run_id),
+        ("fulfill_order", "admin", "ops@bitloot.io", "customer ticket 9", run_id),
     ]
     assert len(world.resend.sent) == 1
+
+
+def test_retry_without_dagster_home_or_webserver_refuses_to_run_out_of_sight(world: World):
+    order_id = world.order([world.product()])
+    before = tables(world)
+
+    result = invoke(world, "retry", order_id, "--reason", "r", "--by", "me")
+    missing_home = invoke(world, "retry", order_id, "--reason", "r", "--by", "me", DAGSTER_HOME="/nonexistent/home")
+
+    assert result.exit_code == 2
+    assert "DAGSTER_HOME" in result.output and "DAGSTER_WEBSERVER_URL" in result.output
+    assert missing_home.exit_code == 2
+    assert '"/nonexistent/home" is not a directory or does not exist' in missing_home.output
+    assert "Traceback" not in missing_home.output
+    assert tables(world) == before
+    assert world.kinguin.requests == []
 
 
 def test_retry_refuses_bad_requests_before_anything_is_submitted(world: World):
