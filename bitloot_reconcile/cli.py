@@ -142,19 +142,19 @@ def history_cmd(order_id: str) -> None:
     with usage_errors(), commands.open_store(settings) as store:
         found = commands.history(store, order_id, dagster_home=settings.dagster_home)
     console = _console()
+    console.print(f"order {found.order_id}", highlight=False)  # not a table title: those wrap at the table's width
     # Two columns, one row per attempt with its fields on lines of their own: ids stay whole at 80 columns.
-    timeline = Table("started (UTC)", "attempt", title=f"order {found.order_id}", title_justify="left")
+    timeline = Table("started (UTC)", "attempt")
     timeline.columns[0].no_wrap = True
     timeline.columns[1].overflow = "fold"
     for attempt in found.attempts:
         timeline.add_row(_when(attempt.started_at), _attempt_text(attempt), end_section=True)
-    console.print(timeline)
-    if not found.attempts:
-        click.echo("no attempt recorded yet")
+    console.print(timeline if found.attempts else "no attempt recorded yet")
     if not found.dagster_home:
         click.echo("(audit table only: with DAGSTER_HOME set, runs that left no audit row show too)")
     state = found.state
-    now = Table("", "", title="now", title_justify="left", show_header=False)
+    console.print("now")
+    now = Table("", "", show_header=False)
     now.columns[0].no_wrap = True
     now.columns[1].overflow = "fold"
     for label, value in (
@@ -221,10 +221,10 @@ def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | 
 
     settings = _settings()
     dagster_url = dagster_url or settings.dagster_webserver_url
-    if not dagster_url and not settings.dagster_home:
-        raise click.UsageError("set DAGSTER_WEBSERVER_URL (or pass --dagster-url) to submit the run to Dagster, "
-                               "or DAGSTER_HOME to run it here on that instance, so that it shows in the Dagster UI")
     with usage_errors(), commands.open_store(settings) as store:
+        if not dagster_url and not settings.dagster_home:
+            raise click.UsageError("set DAGSTER_WEBSERVER_URL (or pass --dagster-url) to submit the run to Dagster, "
+                                   "or DAGSTER_HOME to run it here on that instance, so that the Dagster UI shows it")
         order_id = commands.validate_retry(store, order_id, reason, requested_by)
         try:
             if dagster_url:

@@ -3,7 +3,8 @@
 Every command reads the environment through `settings.load_settings`, the same object the code location
 uses, so `plan` sees the sweep's `RECONCILE_*` tunables. `plan`, `history` and `report` only read: Kinguin,
 NOWPayments and R2 see GET/HEAD requests, the store sees SELECTs. `retry` validates like the launchpad before
-anything is submitted or run.
+anything is submitted or run, and every run it starts is in a Dagster instance the UI shows: the webserver's,
+or the one of DAGSTER_HOME.
 """
 
 from __future__ import annotations
@@ -300,19 +301,27 @@ def submit_retry(dagster_url: str, order_id: str, reason: str, requested_by: str
         raise DagsterUnavailable(_graphql_failure(exc, base)) from None
 
 
-def _graphql_failure(exc: Exception, base: str) -> str:
-    """The client's errors in one line. It wraps transport errors with the query's full text; the cause says
-    what happened."""
-    import requests
-    from gql.transport.exceptions import TransportServerError
+WRONG_ADDRESS = "is this the Dagster webserver's address?"
 
+
+def _graphql_failure(exc: Exception, base: str) -> str:
+    """The client's errors in one line. It wraps transport errors in a message quoting the whole query; the
+    causes say what happened (gql wraps requests' connection errors and timeouts in its own)."""
+    import requests
+    from gql.transport.exceptions import TransportConnectionFailed, TransportServerError
+
+    causes = []
     cause = exc.__cause__
-    if isinstance(cause, requests.ConnectionError | requests.Timeout):
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__
+    if any(isinstance(c, requests.ConnectionError | requests.Timeout | TransportConnectionFailed) for c in causes):
         return f"cannot reach Dagster at {base}"
-    if isinstance(cause, TransportServerError):
-        return f"Dagster at {base} answered HTTP {cause.code}; is this the Dagster webserver's address?"
-    if cause is not None:
-        return f"no Dagster GraphQL API at {base} ({type(cause).__name__}); is this the Dagster webserver's address?"
+    server = next((c for c in causes if isinstance(c, TransportServerError)), None)
+    if server is not None:
+        return f"Dagster at {base} answered HTTP {server.code}; {WRONG_ADDRESS}"
+    if causes:
+        return f"no Dagster GraphQL API at {base} ({type(causes[0]).__name__}); {WRONG_ADDRESS}"
     kind, *message = exc.args  # the client's own verdicts: ('JobNotFoundError', 'message'), ...
     return f"Dagster at {base} did not take the run: {kind}" + (f": {message[0]}" if message else "")
 

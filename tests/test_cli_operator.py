@@ -290,6 +290,19 @@ def test_retry_runs_in_process_on_the_instance_of_dagster_home(world: World, dag
     assert len(world.resend.sent) == 1
 
 
+def test_retry_in_process_that_fails_says_how_the_run_ended(world: World, dagster_home: Path):
+    order_id = world.order([world.product()])
+
+    result = invoke(world, "retry", order_id, "--reason", "ticket 10", "--by", "ops@bitloot.io",
+                    DAGSTER_HOME=str(dagster_home), R2_ENDPOINT=f"http://127.0.0.1:{_free_port()}")
+
+    assert result.exit_code == 1, result.output
+    run_id = re.search(r"run ([0-9a-f-]{36}): retry_later \(store_keys failed: TransientError: r2: put ",
+                       result.output).group(1)
+    assert "Error: the run failed: " in result.output and "Traceback" not in result.output
+    assert world.store.get_state(order_id).last_run_id == run_id
+
+
 def test_retry_without_dagster_home_or_webserver_refuses_to_run_out_of_sight(world: World):
     order_id = world.order([world.product()])
     before = tables(world)
@@ -382,31 +395,48 @@ def _wait_for_location(url: str, proc: subprocess.Popen, log: Path, timeout: flo
     raise AssertionError("dagster-webserver did not load the code location:\n" + log.read_text()[-3000:])
 
 
-def test_retry_through_graphql_is_run_by_the_webserver(world: World, webserver: str):
-    from dagster_graphql import DagsterGraphQLClient
-
+def test_retry_through_graphql_is_run_by_the_webserver_and_waited_for(world: World, webserver: str):
     order_id = world.order([world.product()])
 
-    result = invoke(world, "retry", order_id, "--reason", "ticket 12", "--by", "ops@bitloot.io",
+    result = invoke(world, "retry", order_id, "--reason", "ticket 12", "--by", "ops@bitloot.io", "--wait",
                     DAGSTER_WEBSERVER_URL=webserver)
 
     assert result.exit_code == 0, result.output
     run_id = re.search(r"submitted fulfill_order run ([0-9a-f-]{36})", result.output).group(1)
-    client = DagsterGraphQLClient("127.0.0.1", port_number=int(webserver.rsplit(":", 1)[1]), timeout=10)
-    deadline = time.monotonic() + 120
-    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.5)
-    assert status == "SUCCESS"
+    assert f"{webserver}/runs/{run_id}\n" in result.output
+    assert f"run {run_id}: fulfilled (keys stored and email sent)" in result.output
     assert world.store.load_order(order_id).status == "fulfilled"
     assert [(a["action"], a["run_id"], a["trigger"], a["actor"]) for a in world.store.audit_trail(order_id)] == [
         ("requested", run_id, "admin", "ops@bitloot.io"), ("fulfill_order", run_id, "admin", "ops@bitloot.io")]
-    tags = httpx.post(f"{webserver}/graphql", timeout=10, json={
-        "query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { tags { key value } } } }",
-        "variables": {"id": run_id}}).json()["data"]["runOrError"]["tags"]
-    assert {t["key"]: t["value"] for t in tags if t["key"].startswith("bitloot/")} == {
+    run = httpx.post(f"{webserver}/graphql", timeout=10, json={
+        "query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { status tags { key value } } } }",
+        "variables": {"id": run_id}}).json()["data"]["runOrError"]
+    assert run["status"] == "SUCCESS"  # --wait returned only once the run had ended
+    tags = {t["key"]: t["value"] for t in run["tags"] if t["key"].startswith("bitloot/")}
+    assert {k: v for k, v in tags.items() if k != "bitloot/outcome"} == {
         "bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/reason": "ticket 12",
         "bitloot/requested_by": "ops@bitloot.io", "bitloot/attempt": "1"}
+
+
+def test_retry_to_an_unreachable_or_wrong_url_says_so_in_one_line(world: World):
+    order_id = world.order([world.product()])
+    closed = f"http://127.0.0.1:{_free_port()}"  # bound once, nothing listens now
+    before = tables(world)
+
+    unreachable = invoke(world, "retry", order_id, "--reason", "r", "--by", "me", "--dagster-url", closed)
+    no_such_host = invoke(world, "retry", order_id, "--reason", "r", "--by", "me",
+                          "--dagster-url", "dagster.invalid:3000")
+    not_dagster = invoke(world, "retry", order_id, "--reason", "r", "--by", "me",
+                         "--dagster-url", world.nowpayments.url)  # a web server without /graphql
+
+    assert unreachable.exit_code == 1
+    assert unreachable.output == f"Error: cannot reach Dagster at {closed}\n"
+    assert no_such_host.exit_code == 1
+    assert no_such_host.output == "Error: cannot reach Dagster at http://dagster.invalid:3000\n"
+    assert not_dagster.exit_code == 1
+    assert re.fullmatch(rf"Error: Dagster at {world.nowpayments.url} answered HTTP 4\d\d; is this the Dagster "
+                        r"webserver's address\?\n", not_dagster.output)
+    assert tables(world) == before
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -433,6 +463,19 @@ def test_report_prints_class_counts_and_writes_every_row(world: World, tmp_path:
 
 
 # ------------------------------------------------------------------------------------------------- settings
+def test_env_file_sets_the_variables_for_one_command(world: World, tmp_path: Path):
+    order_id = world.order([world.product()])
+    env_file = tmp_path / "env"
+    variables = {k: v for k, v in cli_env(world).items() if v and k != "COLUMNS"}
+    env_file.write_text("# a comment\n" + "".join(f"{k}={v}\n" for k, v in variables.items()))
+    environment = dict(os.environ)
+
+    result = invoke(None, "--env-file", str(env_file), "history", order_id, DATABASE_URL="postgresql://nowhere/x")
+
+    assert result.exit_code == 0, result.output
+    assert order_id in result.output
+    assert dict(os.environ) == environment  # put back as it was once the command ended
+
 @pytest.mark.parametrize("command", [("plan",), ("history", "x"), ("retry", "x", "--reason", "r", "--by", "b"),
                                      ("report",), ("db", "upgrade")])
 def test_a_missing_database_url_is_a_usage_error(command):
