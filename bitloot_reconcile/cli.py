@@ -17,8 +17,34 @@ DATES = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"])
 
 
 @click.group()
-def main() -> None:
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False),
+              help="Read variables from this file first (KEY=value lines; they win over the environment), "
+              "e.g. .demo/env, which `demo` writes.")
+@click.pass_context
+def main(ctx: click.Context, env_file: str | None) -> None:
     """Find BitLoot orders stuck after payment and drive each one to fulfilled or to a recorded state."""
+    if env_file:
+        ctx.with_resource(environment_from(env_file))
+
+
+@contextmanager
+def environment_from(path: str) -> Iterator[None]:
+    """The file's variables in the environment while the command runs (Dagster reads DAGSTER_HOME there)."""
+    import os
+
+    from dotenv import dotenv_values
+
+    values = {name: value for name, value in dotenv_values(path).items() if value is not None}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -103,22 +129,34 @@ def plan_cmd(order_ids: tuple[str, ...], limit: int) -> None:
 @main.command("history")
 @click.argument("order_id")
 def history_cmd(order_id: str) -> None:
-    """Every reconcile action on ORDER_ID (from the audit table) and its reconcile state now."""
+    """Every attempt on ORDER_ID and its reconcile state now.
+
+    From the audit table, with each run's status and the runs that left no audit row (failed before they took
+    the order, or still queued) from the Dagster instance of DAGSTER_HOME when it is set.
+    """
     from rich.table import Table
 
     from bitloot_reconcile import commands
 
-    with usage_errors(), commands.open_store(_settings()) as store:
-        found = commands.history(store, order_id)
+    settings = _settings()
+    with usage_errors(), commands.open_store(settings) as store:
+        found = commands.history(store, order_id, dagster_home=settings.dagster_home)
     console = _console()
-    timeline = Table("time (UTC)", "action", "trigger", "actor", "reason", "run id", "outcome", "detail",
-                     title=f"order {found.state.order_id}")
-    for row in found.audit:
-        timeline.add_row(_when(row["created_at"]), row["action"], row["trigger"], row["actor"] or "",
-                         row["reason"] or "", row["run_id"] or "", row["outcome"] or "", row["detail"] or "")
-    console.print(timeline)
+    console.print(f"order {found.order_id}", highlight=False)  # not a table title: those wrap at the table's width
+    # Two columns, one row per attempt with its fields on lines of their own: ids stay whole at 80 columns.
+    timeline = Table("started (UTC)", "attempt")
+    timeline.columns[0].no_wrap = True
+    timeline.columns[1].overflow = "fold"
+    for attempt in found.attempts:
+        timeline.add_row(_when(attempt.started_at), _attempt_text(attempt), end_section=True)
+    console.print(timeline if found.attempts else "no attempt recorded yet")
+    if not found.dagster_home:
+        click.echo("(audit table only: with DAGSTER_HOME set, runs that left no audit row show too)")
     state = found.state
-    now = Table("", "", title="now", show_header=False)
+    console.print("now")
+    now = Table("", "", show_header=False)
+    now.columns[0].no_wrap = True
+    now.columns[1].overflow = "fold"
     for label, value in (
         ("store status", found.order.status if found.order else "(order no longer in the store)"),
         ("completion email sent", str(found.order.completion_email_sent) if found.order else ""),
@@ -136,33 +174,76 @@ def history_cmd(order_id: str) -> None:
     console.print(now)
 
 
+# Outcomes that mean the run did not do what was asked: shown in red, with words saying so.
+_NOT_DONE = {"refused": "nothing changed", "retry_later": "the run failed; swept again later",
+             "needs_attention": "needs a person"}
+
+
+def _attempt_text(attempt):
+    from rich.text import Text
+
+    who = f"{attempt.trigger} run" + (f" by {attempt.actor}" if attempt.actor else "")
+    text = Text(who + (f": {attempt.reason}" if attempt.reason else ""))
+    if attempt.run_id:
+        text.append(f"\nrun {attempt.run_id}" + (f" ({attempt.status.lower()})" if attempt.status else ""))
+    if attempt.outcome:
+        label = attempt.outcome + (f" ({_NOT_DONE[attempt.outcome]})" if attempt.outcome in _NOT_DONE else "")
+        ended = f"→ {label}" + (f": {attempt.detail}" if attempt.detail else "")
+    elif attempt.in_progress:
+        ended = "→ in progress"
+    elif attempt.status == "FAILURE" or attempt.status == "CANCELED":
+        ended = f"→ {attempt.status.lower()} before recording an outcome" + (
+            f": {attempt.detail}" if attempt.detail else "")
+    else:
+        ended = "→ no outcome recorded"
+    failed = attempt.outcome in _NOT_DONE or attempt.status in ("FAILURE", "CANCELED")
+    text.append("\n" + ended, style="bold red" if failed else "green" if attempt.outcome else "")
+    return text
+
+
 # ------------------------------------------------------------------------------------------------- retry
 @main.command("retry")
 @click.argument("order_id")
 @click.option("--reason", required=True, help="Why this order is being retried (recorded in the audit table).")
 @click.option("--by", "requested_by", required=True, help="Who asks, e.g. admin@bitloot.io.")
-@click.option("--dagster-url",
-              help="Submit to this Dagster webserver (default: $DAGSTER_WEBSERVER_URL); unset: run here.")
-def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | None) -> None:
-    """Run `fulfill_order` for ORDER_ID as an admin retry, after the launchpad's checks."""
+@click.option("--dagster-url", help="Submit to this Dagster webserver (default: $DAGSTER_WEBSERVER_URL); unset: "
+              "run here, on the Dagster instance of $DAGSTER_HOME.")
+@click.option("--wait", is_flag=True, help="With a webserver: wait for the run to end and print its outcome.")
+@click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits at most.")
+def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | None, wait: bool,
+              timeout: float) -> None:
+    """Run `fulfill_order` for ORDER_ID as an admin retry, after the launchpad's checks.
+
+    The run is recorded in the Dagster instance the UI shows: submitted to the webserver at --dagster-url, or
+    run in this process on the instance of DAGSTER_HOME (refused when neither is set).
+    """
     from bitloot_reconcile import commands
 
     settings = _settings()
     dagster_url = dagster_url or settings.dagster_webserver_url
     with usage_errors(), commands.open_store(settings) as store:
+        if not dagster_url and not settings.dagster_home:
+            raise click.UsageError("set DAGSTER_WEBSERVER_URL (or pass --dagster-url) to submit the run to Dagster, "
+                                   "or DAGSTER_HOME to run it here on that instance, so that the Dagster UI shows it")
         order_id = commands.validate_retry(store, order_id, reason, requested_by)
-        if dagster_url:
-            from dagster_graphql import DagsterGraphQLClientError
-
-            try:
+        try:
+            if dagster_url:
                 run_id = commands.submit_retry(dagster_url, order_id, reason, requested_by)
-            except DagsterGraphQLClientError as exc:
-                raise click.ClickException(f"Dagster at {dagster_url} did not take the run: {exc}") from None
-            click.echo(f"submitted fulfill_order run {run_id} for order {order_id}")
-            return
-        result = commands.run_retry(settings, store, order_id, reason, requested_by)
+                click.echo(f"submitted fulfill_order run {run_id} for order {order_id}")
+                click.echo(commands.run_link(dagster_url, run_id))
+                if not wait:
+                    return
+                status, tags = commands.wait_for_run(dagster_url, run_id, timeout=timeout)
+                result = commands.finished_run(store, order_id, run_id, status, tags)
+            else:
+                result = commands.run_retry(settings, store, order_id, reason, requested_by)
+        except commands.DagsterUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(f"run {result.run_id}: {result.outcome or 'no outcome recorded'}"
                + (f" ({result.reason})" if result.reason else ""))
+    if not dagster_url:
+        click.echo(f"the run is in the Dagster instance of DAGSTER_HOME={settings.dagster_home}: its UI shows it "
+                   f"at /runs/{result.run_id}")
     if not result.success:
         raise click.ClickException("the run failed: " + ("; ".join(result.errors) or "see the run's logs"))
 

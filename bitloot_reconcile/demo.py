@@ -244,15 +244,20 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
         world = DemoWorld(engine, standins)
         seeded = [(scenario, scenario.seed(world)) for scenario in SCENARIOS]
         before = {order_id: store.load_order(order_id).status for _, order_id in seeded}
-        env = {**os.environ, **standins.env(), **DEMO_TUNING.as_environment(), **DEMO_SHOP,
-               "DATABASE_URL": database_url, "DAGSTER_HOME": str(dagster_home.resolve())}
+        demo_env = {**standins.env(), **DEMO_TUNING.as_environment(), **DEMO_SHOP, "DATABASE_URL": database_url,
+                    "DAGSTER_HOME": str(dagster_home.resolve())}
+        if ui:
+            demo_env["DAGSTER_WEBSERVER_URL"] = f"http://127.0.0.1:{port}"
+        env = {**os.environ, **demo_env}
         _init_instance(env)
+        env_file = write_env_file(base_dir / "env", demo_env)
         command = (["dagster", "dev", "-m", "bitloot_reconcile.definitions", "-p", str(port)] if ui
                    else ["dagster-daemon", "run", "-m", "bitloot_reconcile.definitions"])
         dagster = subprocess.Popen([_bin(command[0]), *command[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         console.print(f"[bold]{len(seeded)} stuck orders seeded[/]; {command[0]} running "
                       f"(log: {base_dir / 'dagster.log'})" + (f", UI at http://127.0.0.1:{port}" if ui else ""))
+        _print_env(console, demo_env, env_file)
         try:
             deadline = time.monotonic() + timeout
             with console.status("waiting for the sweep to settle every order...") as status:
@@ -273,6 +278,35 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
         finally:
             _stop(dagster)
     return 0 if ok else 1
+
+
+ENV_FILE_HEADER = """\
+# Written by `bitloot-reconcile demo`: where its store, Dagster home and stand-ins are while it runs.
+# The keys below are the stand-ins' fake sandbox keys, not secrets. Use it with the command line:
+#   bitloot-reconcile --env-file {path} history ORDER_ID
+"""
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> Path:
+    """The demo's variables as KEY=value lines, for `bitloot-reconcile --env-file`."""
+    path.write_text(ENV_FILE_HEADER.format(path=_shown(path)) + "".join(f"{k}={v}\n" for k, v in env.items()))
+    path.chmod(0o600)  # DATABASE_URL may be a scratch database's URL given with --database-url
+    return path
+
+
+def _shown(path: Path) -> str:
+    """Relative to the working directory when it is below it, as the user typed `--dir`."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _print_env(console: Console, env: dict[str, str], env_file: Path) -> None:
+    console.print(f"Variables for the command line written to {_shown(env_file)}; while the demo runs, try "
+                  f"[bold]bitloot-reconcile --env-file {_shown(env_file)} plan[/] (or history, retry, report).",
+                  highlight=False)
+    for name, value in env.items():
+        if name == "DATABASE_URL":  # a scratch database's password stays in the file
+            value = sa.make_url(value).render_as_string(hide_password=True)
+        console.print(f"  {name}={value}", style="dim", highlight=False, markup=False, soft_wrap=True)
 
 
 def _bin(name: str) -> str:

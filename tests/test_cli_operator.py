@@ -28,9 +28,11 @@ from click.testing import CliRunner, Result
 from bitloot_reconcile import commands
 from bitloot_reconcile.cli import main
 from bitloot_reconcile.domain.delivery import key_object_path
+from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.schema import orders
+from bitloot_reconcile.tags import OUTCOME_REFUSED
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.report import NOON, plant
@@ -166,48 +168,155 @@ def test_plan_picks_stuck_orders_with_the_sweeps_grace_period(world: World):
 
 
 # ------------------------------------------------------------------------------------------------- history
-def test_history_lists_every_run_and_the_state_now(world: World):
+@pytest.fixture
+def dagster_home(tmp_path: Path) -> Path:
+    """A real, empty Dagster home (SQLite), as `dagster dev` or the daemon would use it."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def attempt_rows(output: str) -> list[str]:
+    """The history table's rows, each one attempt: its lines joined, borders dropped."""
+    rows, current = [], []
+    for line in output.splitlines():
+        if line.startswith("├") or line.startswith("└"):
+            if current:
+                rows.append(" ".join(current))
+            current = []
+        elif line.startswith("│"):
+            current.append(" ".join(cell.strip() for cell in line.strip("│").split("│") if cell.strip()))
+    return rows
+
+
+def test_history_lists_every_attempt_failed_and_refused_ones_too_within_80_columns(world: World):
     slow = world.product(delivery_mode="manual")
     order_id = world.order([slow])
     first = world.run(order_id, reason="ticket 1")
+    dead_r2 = R2Resource(endpoint="http://127.0.0.1:9", access_key_id="x", secret_access_key="y",
+                         bucket=world.r2.bucket)
     (supplier,) = world.kinguin.orders_for_external_id(order_id)
     world.kinguin.deliver(supplier.order_id)
-    second = world.run(order_id, reason="ticket 2", requested_by="ops@bitloot.io")
+    failed = world.run(order_id, reason="ticket 2", r2=dead_r2)
+    second = world.run(order_id, reason="ticket 3 with a reason long enough to wrap at eighty columns, twice over",
+                       requested_by="ops@bitloot.io")
+    # What the ops record when a launched run refuses an operator's request (nothing changed).
+    refused_run = str(uuid.uuid4())
+    world.store.append_audit(order_id=order_id, action=OUTCOME_REFUSED, trigger="admin", actor="ops@bitloot.io",
+                             reason="ticket 4", run_id=refused_run, outcome=OUTCOME_REFUSED,
+                             detail="Order is already fulfilled")
+    assert not failed.success
 
-    result = invoke(world, "history", order_id.upper())
+    result = invoke(world, "history", order_id.upper(), COLUMNS="80")
 
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    rows = [line for line in lines if re.match(r"│ \d{4}-\d\d-\d\d ", line)]
-    assert len(rows) == 4  # a `requested` and a `fulfill_order` row per run
-    assert re.search(rf"requested .*admin .*admin@bitloot.io .*ticket 1 .*{first.run_id}", rows[0])
-    assert re.search(rf"fulfill_order .*{first.run_id} .*waiting_for_supplier .*is processing", rows[1])
-    assert re.search(rf"requested .*ops@bitloot.io .*ticket 2 .*{second.run_id}", rows[2])
-    assert re.search(rf"fulfill_order .*{second.run_id} .*fulfilled .*keys stored and email sent", rows[3])
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    rows = attempt_rows(result.output.split("\nnow")[0])
+    assert len(rows) == 4  # one per run: the `requested` and `fulfill_order` rows of a run are one attempt
+    assert re.search(rf"admin run by admin@bitloot.io: ticket 1 run {first.run_id} "
+                     rf"→ waiting_for_supplier: .*is processing", rows[0])
+    assert re.search(rf"ticket 2 run {failed.run_id} → retry_later \(the run failed; swept again later\): "
+                     r"store_keys failed", rows[1])
+    assert re.search(rf"by ops@bitloot.io: ticket 3 with a reason long enough to wrap at eighty columns, twice over "
+                     rf"run {second.run_id} → fulfilled: keys stored and email sent", rows[2])
+    assert re.search(rf"ticket 4 run {refused_run} → refused \(nothing changed\): Order is already "
+                     rf"fulfilled", rows[3])
+    for run_id in (first.run_id, failed.run_id, second.run_id, refused_run):
+        assert re.search(rf"run {run_id}\b", result.output)  # whole, on one line
     assert re.search(r"store status\s+│ fulfilled", result.output)
-    assert re.search(r"attempts\s+│ 2", result.output)
+    assert re.search(r"attempts\s+│ 3", result.output)
     assert re.search(rf"last run id\s+│ {second.run_id}", result.output)
     assert re.search(rf"Kinguin order\s+│ {supplier.order_id}", result.output)
+    assert "with DAGSTER_HOME set, runs that left no audit row show too" in result.output
 
     unknown = invoke(world, "history", str(uuid.uuid4()))
     assert unknown.exit_code == 2 and "not found and never reconciled" in unknown.output
 
 
-# ------------------------------------------------------------------------------------------------- retry
-def test_retry_runs_in_process_with_the_code_locations_resources(world: World):
-    order_id = world.order([world.product()])
+def test_history_adds_the_runs_that_left_no_audit_row_from_dagster_home(world: World, dagster_home: Path):
+    import dagster as dg
 
-    result = invoke(world, "retry", order_id, "--reason", "customer ticket 9", "--by", "ops@bitloot.io")
+    from bitloot_reconcile.jobs import fulfill_order
+
+    order_id = world.order([world.product()])
+    config = {"order_id": order_id, "reason": "ticket 5", "requested_by": "ops@bitloot.io"}
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        tags = {"bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/requested_by": "ops@bitloot.io",
+                "bitloot/reason": "ticket 5"}
+        broken = instance.create_run_for_job(fulfill_order, run_config=config, tags=tags)
+        instance.report_run_failed(broken)  # e.g. its run worker died before the first step
+        queued = instance.create_run_for_job(fulfill_order, run_config=config, tags=tags)
+        done = fulfill_order.execute_in_process(run_config=config, resources=world.resources(), instance=instance,
+                                                tags=tags)
+    assert done.success
+
+    result = invoke(world, "history", order_id, DAGSTER_HOME=str(dagster_home), COLUMNS="80")
 
     assert result.exit_code == 0, result.output
-    assert re.search(r"run [0-9a-f-]{36}: fulfilled \(keys stored and email sent\)", result.output)
+    rows = attempt_rows(result.output.split("\nnow")[0])
+    assert len(rows) == 3
+    assert re.search(rf"run {broken.run_id} \(failure\) → failure before recording an outcome", rows[0])
+    assert re.search(rf"run {queued.run_id} \(not_started\) → in progress", rows[1])
+    assert re.search(rf"run {done.run_id} \(success\) → fulfilled: keys stored and email sent", rows[2])
+    assert "runs that left no audit row show too" not in result.output
+
+
+# ------------------------------------------------------------------------------------------------- retry
+def test_retry_runs_in_process_on_the_instance_of_dagster_home(world: World, dagster_home: Path):
+    import dagster as dg
+
+    order_id = world.order([world.product()])
+
+    result = invoke(world, "retry", order_id, "--reason", "customer ticket 9", "--by", "ops@bitloot.io",
+                    DAGSTER_HOME=str(dagster_home))
+
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"run ([0-9a-f-]{36}): fulfilled \(keys stored and email sent\)", result.output).group(1)
+    assert f"in the Dagster instance of DAGSTER_HOME={dagster_home}: its UI shows it at /runs/{run_id}" in (
+        result.output.replace("\n", " "))
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"bitloot/order_id": order_id}))
+    assert run.run_id == run_id and run.status == dg.DagsterRunStatus.SUCCESS
+    assert {k: v for k, v in run.tags.items() if k.startswith("bitloot/") and k != "bitloot/outcome"} == {
+        "bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/reason": "customer ticket 9",
+        "bitloot/requested_by": "ops@bitloot.io", "bitloot/attempt": "1"}
     assert world.store.load_order(order_id).status == "fulfilled"
     audit = world.store.audit_trail(order_id)
-    assert [(a["action"], a["trigger"], a["actor"], a["reason"]) for a in audit] == [
-        ("requested", "admin", "ops@bitloot.io", "customer ticket 9"),
-        ("fulfill_order", "admin", "ops@bitloot.io", "customer ticket 9"),
+    assert [(a["action"], a["trigger"], a["actor"], a["reason"], a["run_id"]) for a in audit] == [
+        ("requested", "admin", "ops@bitloot.io", "customer ticket 9", run_id),
+        ("fulfill_order", "admin", "ops@bitloot.io", "customer ticket 9", run_id),
     ]
     assert len(world.resend.sent) == 1
+
+
+def test_retry_in_process_that_fails_says_how_the_run_ended(world: World, dagster_home: Path):
+    order_id = world.order([world.product()])
+
+    result = invoke(world, "retry", order_id, "--reason", "ticket 10", "--by", "ops@bitloot.io",
+                    DAGSTER_HOME=str(dagster_home), R2_ENDPOINT=f"http://127.0.0.1:{_free_port()}")
+
+    assert result.exit_code == 1, result.output
+    run_id = re.search(r"run ([0-9a-f-]{36}): retry_later \(store_keys failed: TransientError: r2: put ",
+                       result.output).group(1)
+    assert "Error: the run failed: " in result.output and "Traceback" not in result.output
+    assert world.store.get_state(order_id).last_run_id == run_id
+
+
+def test_retry_without_dagster_home_or_webserver_refuses_to_run_out_of_sight(world: World):
+    order_id = world.order([world.product()])
+    before = tables(world)
+
+    result = invoke(world, "retry", order_id, "--reason", "r", "--by", "me")
+    missing_home = invoke(world, "retry", order_id, "--reason", "r", "--by", "me", DAGSTER_HOME="/nonexistent/home")
+
+    assert result.exit_code == 2
+    assert "DAGSTER_HOME" in result.output and "DAGSTER_WEBSERVER_URL" in result.output
+    assert missing_home.exit_code == 2
+    assert '"/nonexistent/home" is not a directory or does not exist' in missing_home.output
+    assert "Traceback" not in missing_home.output
+    assert tables(world) == before
+    assert world.kinguin.requests == []
 
 
 def test_retry_refuses_bad_requests_before_anything_is_submitted(world: World):
@@ -286,31 +395,48 @@ def _wait_for_location(url: str, proc: subprocess.Popen, log: Path, timeout: flo
     raise AssertionError("dagster-webserver did not load the code location:\n" + log.read_text()[-3000:])
 
 
-def test_retry_through_graphql_is_run_by_the_webserver(world: World, webserver: str):
-    from dagster_graphql import DagsterGraphQLClient
-
+def test_retry_through_graphql_is_run_by_the_webserver_and_waited_for(world: World, webserver: str):
     order_id = world.order([world.product()])
 
-    result = invoke(world, "retry", order_id, "--reason", "ticket 12", "--by", "ops@bitloot.io",
+    result = invoke(world, "retry", order_id, "--reason", "ticket 12", "--by", "ops@bitloot.io", "--wait",
                     DAGSTER_WEBSERVER_URL=webserver)
 
     assert result.exit_code == 0, result.output
     run_id = re.search(r"submitted fulfill_order run ([0-9a-f-]{36})", result.output).group(1)
-    client = DagsterGraphQLClient("127.0.0.1", port_number=int(webserver.rsplit(":", 1)[1]), timeout=10)
-    deadline = time.monotonic() + 120
-    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.5)
-    assert status == "SUCCESS"
+    assert f"{webserver}/runs/{run_id}\n" in result.output
+    assert f"run {run_id}: fulfilled (keys stored and email sent)" in result.output
     assert world.store.load_order(order_id).status == "fulfilled"
     assert [(a["action"], a["run_id"], a["trigger"], a["actor"]) for a in world.store.audit_trail(order_id)] == [
         ("requested", run_id, "admin", "ops@bitloot.io"), ("fulfill_order", run_id, "admin", "ops@bitloot.io")]
-    tags = httpx.post(f"{webserver}/graphql", timeout=10, json={
-        "query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { tags { key value } } } }",
-        "variables": {"id": run_id}}).json()["data"]["runOrError"]["tags"]
-    assert {t["key"]: t["value"] for t in tags if t["key"].startswith("bitloot/")} == {
+    run = httpx.post(f"{webserver}/graphql", timeout=10, json={
+        "query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { status tags { key value } } } }",
+        "variables": {"id": run_id}}).json()["data"]["runOrError"]
+    assert run["status"] == "SUCCESS"  # --wait returned only once the run had ended
+    tags = {t["key"]: t["value"] for t in run["tags"] if t["key"].startswith("bitloot/")}
+    assert {k: v for k, v in tags.items() if k != "bitloot/outcome"} == {
         "bitloot/order_id": order_id, "bitloot/trigger": "admin", "bitloot/reason": "ticket 12",
         "bitloot/requested_by": "ops@bitloot.io", "bitloot/attempt": "1"}
+
+
+def test_retry_to_an_unreachable_or_wrong_url_says_so_in_one_line(world: World):
+    order_id = world.order([world.product()])
+    closed = f"http://127.0.0.1:{_free_port()}"  # bound once, nothing listens now
+    before = tables(world)
+
+    unreachable = invoke(world, "retry", order_id, "--reason", "r", "--by", "me", "--dagster-url", closed)
+    no_such_host = invoke(world, "retry", order_id, "--reason", "r", "--by", "me",
+                          "--dagster-url", "dagster.invalid:3000")
+    not_dagster = invoke(world, "retry", order_id, "--reason", "r", "--by", "me",
+                         "--dagster-url", world.nowpayments.url)  # a web server without /graphql
+
+    assert unreachable.exit_code == 1
+    assert unreachable.output == f"Error: cannot reach Dagster at {closed}\n"
+    assert no_such_host.exit_code == 1
+    assert no_such_host.output == "Error: cannot reach Dagster at http://dagster.invalid:3000\n"
+    assert not_dagster.exit_code == 1
+    assert re.fullmatch(rf"Error: Dagster at {world.nowpayments.url} answered HTTP 4\d\d; is this the Dagster "
+                        r"webserver's address\?\n", not_dagster.output)
+    assert tables(world) == before
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -337,6 +463,19 @@ def test_report_prints_class_counts_and_writes_every_row(world: World, tmp_path:
 
 
 # ------------------------------------------------------------------------------------------------- settings
+def test_env_file_sets_the_variables_for_one_command(world: World, tmp_path: Path):
+    order_id = world.order([world.product()])
+    env_file = tmp_path / "env"
+    variables = {k: v for k, v in cli_env(world).items() if v and k != "COLUMNS"}
+    env_file.write_text("# a comment\n" + "".join(f"{k}={v}\n" for k, v in variables.items()))
+    environment = dict(os.environ)
+
+    result = invoke(None, "--env-file", str(env_file), "history", order_id, DATABASE_URL="postgresql://nowhere/x")
+
+    assert result.exit_code == 0, result.output
+    assert order_id in result.output
+    assert dict(os.environ) == environment  # put back as it was once the command ended
+
 @pytest.mark.parametrize("command", [("plan",), ("history", "x"), ("retry", "x", "--reason", "r", "--by", "b"),
                                      ("report",), ("db", "upgrade")])
 def test_a_missing_database_url_is_a_usage_error(command):

@@ -1,10 +1,15 @@
 """The README's demo command, run as a user runs it: every seeded order must settle as expected."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import sqlalchemy as sa
+
+from bitloot_reconcile.store.schema import orders
 
 
 @pytest.mark.e2e
@@ -25,3 +30,47 @@ def test_demo_settles_every_order(tmp_path):
     for scenario in ("webhook missed", "response lost", "R2 outage", "email outage", "supplier canceled",
                      "partial keys", "unpaid", "already fulfilled", "Kinguin switched off", "bounced address"):
         assert scenario in result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_the_command_line_works_against_a_running_demo_through_its_env_file(tmp_path):
+    from click.testing import CliRunner
+    from dotenv import dotenv_values
+
+    from bitloot_reconcile.cli import main
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DAGSTER_HOME")}
+    env_file, output = tmp_path / ".demo" / "env", tmp_path / "demo.out"
+    with output.open("w") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "bitloot_reconcile.cli", "demo", "--timeout", "240"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Variables for the command line written to .demo/env" not in output.read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.5)
+        variables = dotenv_values(env_file)
+        with sa.create_engine(variables["DATABASE_URL"]).connect() as conn:
+            order_id = conn.execute(sa.select(orders.c.id).where(orders.c.status == "paid")).scalars().first()
+        cli_env = {name: None for name in variables} | {"COLUMNS": "200"}  # only the file's values count
+
+        plan = CliRunner().invoke(main, ["--env-file", str(env_file), "plan", order_id], env=cli_env)
+        history = CliRunner().invoke(main, ["--env-file", str(env_file), "history", order_id], env=cli_env)
+
+        assert plan.exit_code == 0, plan.output
+        assert order_id in plan.output and "next run per order" in plan.output
+        assert history.exit_code == 0, history.output
+        assert f"order {order_id}" in history.output
+        assert "audit table only" not in history.output  # DAGSTER_HOME came from the file
+        assert env_file.stat().st_mode & 0o077 == 0
+        assert env_file.read_text().startswith("# Written by `bitloot-reconcile demo`")
+        assert set(variables) >= {"DATABASE_URL", "DAGSTER_HOME", "KINGUIN_BASE_URL", "KINGUIN_API_KEY",
+                                  "NOWPAYMENTS_BASE", "R2_ENDPOINT", "RESEND_BASE_URL", "RECONCILE_GRACE_MINUTES"}
+    finally:
+        demo.send_signal(signal.SIGINT)  # the demo stops its dagster-daemon and stand-ins on Ctrl-C
+        try:
+            demo.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait()
