@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ import pytest
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.webhook import WebhookClient
 from bitloot_reconcile.resources.alerts import AlertsResource
+from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from bitloot_reconcile.sensors import alerts as alerts_module
 from bitloot_reconcile.sensors.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
 from bitloot_reconcile.store.repository import Store
@@ -177,3 +180,49 @@ def test_webhook_errors_are_classified_and_never_show_the_url(receiver: Receiver
     assert "hook-secret-token" not in str(raised.value) and "hook-secret-token" not in repr(client)
     if fault.retry_after:
         assert raised.value.retry_after == 7
+
+
+# -- what a failed run's alert says ---------------------------------------------------------------------------
+@pytest.fixture
+def r2_outage(world: World, seaweed) -> Iterator[tuple[FaultyS3Proxy, R2Resource]]:
+    """The world's bucket behind the S3 outage proxy: key writes can be made to fail like an R2 outage."""
+    proxy = FaultyS3Proxy(seaweed.endpoint_url).start()
+    try:
+        yield proxy, R2Resource(endpoint=proxy.url, access_key_id=seaweed.access_key_id,
+                                secret_access_key=seaweed.secret_access_key, bucket=world.r2.bucket)
+    finally:
+        proxy.stop()
+
+
+def failure_alert(instance: dg.DagsterInstance, world: World, result: dg.ExecuteInProcessResult,
+                  url: str) -> None:
+    """The run-failure sensor's evaluation for one failed run, as the daemon would do it."""
+    assert not result.success
+    context = dg.build_run_status_sensor_context(
+        sensor_name=run_failure_alert_sensor.name,
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+        dagster_event=result.get_run_failure_event(),
+        resources={"alerts": alerts_to(url), "store": StoreResource(database_url=world.store_url)},
+    ).for_run_failure()
+    run_failure_alert_sensor(context)
+
+
+def test_an_r2_outage_is_alerted_with_its_cause_and_the_next_attempt(world: World, r2_outage, receiver):
+    proxy, r2_via_proxy = r2_outage
+    order_id = world.order([world.product()])
+    proxy.fail(f"orders/{order_id}/", times=1000)  # every key write of this order answers 503, every retry
+
+    result = world.run(order_id, r2=r2_via_proxy)
+    failure_alert(world.instance, world, result, receiver.hook_url)
+
+    (text,) = receiver.texts
+    state = world.store.get_state(order_id)
+    assert state.last_outcome == "retry_later" and state.next_attempt_at is not None
+    assert "Exceeded max_retries" not in text and "Exceeded max_retries" not in state.last_reason
+    assert order_id in text and "store_keys" in text
+    # What failed, in words: service, operation, status.
+    assert re.search(rf"r2: put_object orders/{order_id}/key-\S+ failed: 503 ServiceUnavailable", text), text
+    assert f"next attempt at {state.next_attempt_at:%Y-%m-%d %H:%M} UTC" in text
+    assert f"{DAGSTER_URL}/runs/{result.run_id}" in text
+    assert text.count("://") == 1  # the run link only
