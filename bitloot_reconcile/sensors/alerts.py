@@ -50,8 +50,8 @@ RETRY_PENDING_AFTER = dt.timedelta(seconds=60)
 Delivery = tuple[Alert, Callable[[], object]]  # the alert, and how to record that it went out
 # Wrappers whose cause says best what failed: once retries run out, Dagster records a retry request as
 # "Exceeded max_retries of N" with the step's own error as its cause; a step failure raised for a permanent
-# refusal keeps the service's error as its cause, and so does a user-code error Dagster wrapped. The same
-# rule as `describe_error`, on recorded errors.
+# refusal keeps the service's error as its cause, and so does a user-code error Dagster wrapped. Much like
+# `describe_error`, on recorded errors.
 _WRAPPERS = frozenset({"RetryRequested", "RetryRequestedFromPolicy", "Failure", "DagsterExecutionStepExecutionError"})
 
 
