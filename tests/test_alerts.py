@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -13,13 +14,17 @@ import pytest
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.webhook import WebhookClient
 from bitloot_reconcile.resources.alerts import AlertsResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from bitloot_reconcile.sensors import alerts as alerts_module
 from bitloot_reconcile.sensors.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
 from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_OUTCOME
 from tests.fixtures.webhook import HOOK_PATH, Receiver
-from tests.fixtures.world import World
+from tests.fixtures.world import FRONTEND, World
 
 DAGSTER_URL = "http://dagster.test"
 
@@ -115,23 +120,17 @@ def test_without_a_webhook_alerts_are_logged_only(attention):
     assert attention.store.get_state(order_id).alerted_outcome == "needs_attention"
 
 
-def test_failed_run_is_alerted_and_a_lost_alert_is_resent(world: World, receiver, dead_url, monkeypatch):
+def test_failed_run_is_alerted_and_a_lost_alert_is_resent(world: World, r2_refusing, receiver, dead_url,
+                                                           monkeypatch):
     monkeypatch.setattr(alerts_module, "RETRY_PENDING_AFTER", alerts_module.RETRY_PENDING_AFTER * 0)
     with dg.instance_for_test() as instance:  # its own run history: pending alerts of other tests stay out
         world = dataclasses.replace(world, instance=instance)
 
-        def failed_run(url: str | None) -> dg.DagsterRun:
-            result = world.run("5c91f65c-not-a-uuid", reason="ticket 7")
-            assert not result.success
-            context = dg.build_run_status_sensor_context(
-                sensor_name=run_failure_alert_sensor.name,
-                dagster_instance=instance,
-                dagster_run=result.dagster_run,
-                dagster_event=result.get_run_failure_event(),
-                resources={"alerts": alerts_to(url)},
-            ).for_run_failure()
-            run_failure_alert_sensor(context)
-            return result.dagster_run
+        def failed_run(url: str | None) -> tuple[str, dg.DagsterRun]:
+            order_id = world.order([world.product()])
+            result = world.run(order_id, r2=r2_refusing)  # R2 refuses the key write: an incident, not a typo
+            failure_alert(instance, world, result, url)
+            return order_id, result.dagster_run
 
         def tick() -> None:
             context = dg.build_sensor_context(
@@ -143,19 +142,19 @@ def test_failed_run_is_alerted_and_a_lost_alert_is_resent(world: World, receiver
             )
             needs_attention_alert_sensor(context)
 
-        run = failed_run(receiver.hook_url)
+        order_id, run = failed_run(receiver.hook_url)
         (text,) = receiver.texts
-        assert "5c91f65c-not-a-uuid" in text and "run failed" in text
-        assert "load_and_claim" in text and "is not a valid order uuid" in text
-        assert f"{DAGSTER_URL}/runs/{run.run_id}" in text
+        assert f"BitLoot order {order_id}: run failed. Cause: store_keys failed: " in text
+        assert "Next: next attempt at " in text and f"{DAGSTER_URL}/runs/{run.run_id}" in text
         assert instance.get_run_by_id(run.run_id).tags[TAG_ALERT] == "sent"
 
-        lost = failed_run(dead_url)  # the receiver is down when the run fails
+        lost_order, lost = failed_run(dead_url)  # the receiver is down when the run fails
         assert len(receiver.texts) == 1
         assert instance.get_run_by_id(lost.run_id).tags[TAG_ALERT] == "pending"
         tick()
         tick()
-        assert len(receiver.texts) == 2 and lost.run_id in receiver.texts[1]
+        assert len(receiver.texts) == 2 and lost.run_id in receiver.texts[1] and lost_order in receiver.texts[1]
+        assert "Cause: store_keys failed: " in receiver.texts[1]
         assert instance.get_run_by_id(lost.run_id).tags[TAG_ALERT] == "sent"
 
 
@@ -177,3 +176,135 @@ def test_webhook_errors_are_classified_and_never_show_the_url(receiver: Receiver
     assert "hook-secret-token" not in str(raised.value) and "hook-secret-token" not in repr(client)
     if fault.retry_after:
         assert raised.value.retry_after == 7
+
+
+# -- what a failed run's alert says ---------------------------------------------------------------------------
+@pytest.fixture
+def r2_outage(world: World, seaweed) -> Iterator[tuple[FaultyS3Proxy, R2Resource]]:
+    """The world's bucket behind the S3 outage proxy: key writes can be made to fail like an R2 outage."""
+    proxy = FaultyS3Proxy(seaweed.endpoint_url).start()
+    try:
+        yield proxy, R2Resource(endpoint=proxy.url, access_key_id=seaweed.access_key_id,
+                                secret_access_key=seaweed.secret_access_key, bucket=world.r2.bucket)
+    finally:
+        proxy.stop()
+
+
+def failure_alert(instance: dg.DagsterInstance, world: World, result: dg.ExecuteInProcessResult,
+                  url: str) -> None:
+    """The run-failure sensor's evaluation for one failed run, as the daemon would do it (the run as stored
+    now, tags added after the run started included)."""
+    assert not result.success
+    context = dg.build_run_status_sensor_context(
+        sensor_name=run_failure_alert_sensor.name,
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(result.run_id),
+        dagster_event=result.get_run_failure_event(),
+        resources={"alerts": alerts_to(url), "store": StoreResource(database_url=world.store_url)},
+    ).for_run_failure()
+    run_failure_alert_sensor(context)
+
+
+def test_an_r2_outage_is_alerted_with_its_cause_and_the_next_attempt(world: World, r2_outage, receiver):
+    proxy, r2_via_proxy = r2_outage
+    order_id = world.order([world.product()])
+    proxy.fail(f"orders/{order_id}/", times=1000)  # every key write of this order answers 503, every retry
+
+    result = world.run(order_id, r2=r2_via_proxy)
+    failure_alert(world.instance, world, result, receiver.hook_url)
+
+    (text,) = receiver.texts
+    state = world.store.get_state(order_id)
+    assert state.last_outcome == "retry_later" and state.next_attempt_at is not None
+    assert "Exceeded max_retries" not in text and "Exceeded max_retries" not in state.last_reason
+    assert order_id in text and "store_keys" in text
+    # What failed, in words: service, operation, status.
+    assert re.search(rf"Cause: store_keys failed: TransientError: r2: put_object orders/{order_id}/key-\S+\.txt: "
+                     r"503 ServiceUnavailable\.", text), text
+    assert f"next attempt at {state.next_attempt_at:%Y-%m-%d %H:%M} UTC" in text
+    assert f"{DAGSTER_URL}/runs/{result.run_id}" in text
+    assert text.count("://") == 1  # the run link only
+
+
+@pytest.fixture
+def r2_refusing(world: World, seaweed) -> R2Resource:
+    """The world's bucket with a wrong secret: every key write is refused (403), with no in-run retries."""
+    return R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
+                      secret_access_key="not-the-secret-key", bucket=world.r2.bucket)
+
+
+def test_a_run_that_quarantines_its_order_says_so_and_is_alerted_once(world: World, r2_refusing, receiver,
+                                                                      attention):
+    order_id = world.order([world.product()])
+    policy = ReconcilePolicy(frontend_url=FRONTEND, supplier_poll_attempts=1, supplier_poll_seconds=0.2,
+                             max_attempts=1)  # the first failure uses up the order's attempts
+
+    result = world.run(order_id, r2=r2_refusing, policy=policy)
+    failure_alert(world.instance, world, result, receiver.hook_url)
+
+    (text,) = receiver.texts
+    state = world.store.get_state(order_id)
+    assert state.last_outcome == "needs_attention" and state.last_run_id == result.run_id
+    assert re.search(rf"Cause: attempts exhausted after 1 attempts \(last: store_keys failed: PermanentError: "
+                     rf"r2: put_object orders/{order_id}/key-\S+\.txt: 403 ", text), text
+    assert "Next: quarantined: needs a person." in text and f"/runs/{result.run_id}" in text
+    assert "not-the-secret-key" not in text
+    # The run's alert told of the quarantine: the needs-attention sensor does not repeat it.
+    assert state.alerted_outcome == "needs_attention"
+    attention.tick(receiver.hook_url)
+    assert len(receiver.texts) == 1
+
+
+def test_without_the_store_the_alert_still_goes_out_with_the_step_failure(world: World, r2_refusing,
+                                                                           receiver):
+    order_id = world.order([world.product()])
+    result = world.run(order_id, r2=r2_refusing)
+    dead_store = StoreResource(database_url="postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=2")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=run_failure_alert_sensor.name,
+        dagster_instance=world.instance,
+        dagster_run=result.dagster_run,
+        dagster_event=result.get_run_failure_event(),
+        resources={"alerts": alerts_to(receiver.hook_url), "store": dead_store},
+    ).for_run_failure()
+    run_failure_alert_sensor(context)
+
+    (text,) = receiver.texts
+    assert re.search(rf"Cause: store_keys failed: PermanentError: r2: put_object orders/{order_id}/key-\S+\.txt: "
+                     r"403 SignatureDoesNotMatch: check R2_ACCESS_KEY_ID", text), text
+    assert "Next: nothing scheduled: fix the cause, then retry the order." in text
+
+
+# -- an operator's input error pages nobody -------------------------------------------------------------------
+# The ops tag such runs `bitloot/outcome=refused` before the step fails; until that lands on this branch the
+# tests add the tag themselves, after a real run refused the input.
+def refused_run(world: World, order_id: str, **kwargs) -> dg.ExecuteInProcessResult:
+    result = world.run(order_id, **kwargs)
+    assert not result.success
+    world.instance.add_run_tags(result.run_id, {TAG_OUTCOME: OUTCOME_REFUSED})
+    return result
+
+
+@pytest.mark.parametrize("order_id", ["5c91f65c-not-a-uuid", str(uuid.uuid4())], ids=["malformed", "unknown"])
+def test_an_input_error_is_logged_not_alerted(world: World, receiver, order_id: str):
+    result = refused_run(world, order_id)
+    failure_alert(world.instance, world, result, receiver.hook_url)
+
+    assert receiver.requests_to("hook") == []
+    assert world.instance.get_run_by_id(result.run_id).tags[TAG_ALERT] == "input_error"
+
+
+def test_a_pending_input_error_is_not_resent(world: World, receiver, monkeypatch):
+    monkeypatch.setattr(alerts_module, "RETRY_PENDING_AFTER", alerts_module.RETRY_PENDING_AFTER * 0)
+    with dg.instance_for_test() as instance:  # its own run history: pending alerts of other tests stay out
+        world = dataclasses.replace(world, instance=instance)
+        result = refused_run(world, str(uuid.uuid4()), reason="ticket 9")
+        instance.add_run_tags(result.run_id, {TAG_ALERT: "pending"})  # left by a sensor before the refusal tag
+
+        context = dg.build_sensor_context(
+            instance=instance,
+            resources={"store": StoreResource(database_url=world.store_url), "alerts": alerts_to(receiver.hook_url)},
+        )
+        assert needs_attention_alert_sensor(context).skip_message == "nothing to alert"
+        assert receiver.requests_to("hook") == []
+        assert instance.get_run_by_id(result.run_id).tags[TAG_ALERT] == "input_error"

@@ -15,8 +15,9 @@ Error taxonomy (adapters/errors.py), service "r2":
 - 401/403 (bad access key, bad signature, access denied), NoSuchBucket and any other 4xx -> PermanentError
   (kind = the S3 error code)
 
-Messages carry the operation, the object path, the S3 error code and the HTTP status only: never a secret key,
-a presigned URL or an object's bytes.
+Messages say what failed in the words an alert shows: the service, the S3 operation and object path, then the
+HTTP status and S3 error code, e.g. `r2: put_object orders/<id>/key-<item8>.txt: 503 ServiceUnavailable`. Never a
+secret key, a presigned URL or an object's bytes.
 """
 
 from __future__ import annotations
@@ -194,9 +195,9 @@ class KeyVault:
             return True
         except ClientError as exc:
             if _code(exc) not in _PRECONDITION_CODES and _status(exc) != 412:
-                raise _map_error(exc, "put", path) from exc
+                raise _map_error(exc, "put_object", path) from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, "put", path) from exc
+            raise _map_error(exc, "put_object", path) from exc
         # Something is already at `path`: identical bytes are success, anything else is a conflict.
         try:
             existing = self.read(path)
@@ -206,7 +207,7 @@ class KeyVault:
                                  kind="PreconditionFailed") from None
         if existing.data == data:
             return False
-        raise KeyConflictError(SERVICE, f"put {path}: a different object is already stored at this path; "
+        raise KeyConflictError(SERVICE, f"put_object {path}: a different object is already stored at this path; "
                                "it was left untouched", status=412, kind="KeyConflict")
 
     def ensure_bucket(self) -> bool:
@@ -219,18 +220,18 @@ class KeyVault:
             return False
         except ClientError as exc:
             if _status(exc) != 404 and _code(exc) not in ("NoSuchBucket", "NotFound", "404"):
-                raise _map_error(exc, "head bucket", self.bucket) from exc
+                raise _map_error(exc, "head_bucket", self.bucket) from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, "head bucket", self.bucket) from exc
+            raise _map_error(exc, "head_bucket", self.bucket) from exc
         try:
             self._client.create_bucket(Bucket=self.bucket)
             return True
         except ClientError as exc:
             if _code(exc) in _BUCKET_EXISTS_CODES:
                 return False
-            raise _map_error(exc, "create bucket", self.bucket) from exc
+            raise _map_error(exc, "create_bucket", self.bucket) from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, "create bucket", self.bucket) from exc
+            raise _map_error(exc, "create_bucket", self.bucket) from exc
 
     # ------------------------------------------------------------------------------------------ reads
     def read(self, path: str) -> StoredObject:
@@ -241,7 +242,7 @@ class KeyVault:
             with resp["Body"] as body:
                 data = body.read()
         except (ClientError, BotoCoreError) as exc:
-            raise _map_error(exc, "read", path) from exc
+            raise _map_error(exc, "get_object", path) from exc
         return StoredObject(
             data=data,
             content_type=resp.get("ContentType") or "application/octet-stream",
@@ -257,9 +258,9 @@ class KeyVault:
         except ClientError as exc:
             if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
                 return False
-            raise _map_error(exc, "exists", path) from exc
+            raise _map_error(exc, "head_object", path) from exc
         except BotoCoreError as exc:
-            raise _map_error(exc, "exists", path) from exc
+            raise _map_error(exc, "head_object", path) from exc
 
     def presign_get(self, path: str, *, expires_in: int | None = None, filename: str,
                     content_type: str | None = None) -> str:
@@ -282,7 +283,7 @@ class KeyVault:
         try:
             return self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=seconds)
         except (ClientError, BotoCoreError) as exc:
-            raise _map_error(exc, "presign", path) from exc
+            raise _map_error(exc, "presign get_object", path) from exc
 
     # ------------------------------------------------------------------------------------------ reports
     def put_object(self, path: str, data: bytes, content_type: str) -> None:
@@ -294,7 +295,7 @@ class KeyVault:
         try:
             self._client.put_object(Bucket=self.bucket, Key=path, Body=bytes(data), ContentType=content_type)
         except (ClientError, BotoCoreError) as exc:
-            raise _map_error(exc, "put", path) from exc
+            raise _map_error(exc, "put_object", path) from exc
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -320,21 +321,22 @@ def _status(exc: ClientError) -> int | None:
     return int(status) if status is not None else None
 
 
-def _map_error(exc: Exception, op: str, path: str) -> Exception:
+def _map_error(exc: Exception, operation: str, path: str) -> Exception:
     """Translate a botocore failure into the shared taxonomy, with a message free of secrets."""
+    where = f"{operation} {path}"
     if isinstance(exc, ClientError):
         code, status = _code(exc), _status(exc)
-        where = f"{op} {path}: {code or 'error'} (HTTP {status})"
+        answer = f"{where}: {status or 'no status'} {code or 'error'}"
         if code in _TRANSIENT_CODES or status == 429 or (status is not None and status >= 500):
-            return TransientError(SERVICE, f"{where}, worth retrying", status=status, kind=code or None)
+            return TransientError(SERVICE, answer, status=status, kind=code or None)
         if code in _NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
-            return NotFoundError(SERVICE, f"{where}: no such object", status=status, kind=code or None)
+            return NotFoundError(SERVICE, f"{answer}: no such object", status=status, kind=code or None)
         if status in (401, 403):
-            return PermanentError(SERVICE, f"{where}: check R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY and the "
+            return PermanentError(SERVICE, f"{answer}: check R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY and the "
                                   "token's bucket permissions", status=status, kind=code or None)
-        return PermanentError(SERVICE, where, status=status, kind=code or None)
+        return PermanentError(SERVICE, answer, status=status, kind=code or None)
     kind = type(exc).__name__
     if isinstance(exc, BotoConnectionError | HTTPClientError):
         # Connection refused/reset, DNS, connect or read timeout, a body cut off mid-read.
-        return TransientError(SERVICE, f"{op} {path}: R2 unreachable or too slow ({kind})", kind=kind)
-    return PermanentError(SERVICE, f"{op} {path}: {kind}", kind=kind)
+        return TransientError(SERVICE, f"{where}: no answer, R2 unreachable or too slow ({kind})", kind=kind)
+    return PermanentError(SERVICE, f"{where}: {kind}", kind=kind)

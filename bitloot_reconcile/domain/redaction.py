@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from bitloot_reconcile.adapters.errors import ExternalServiceError
+
 _URL_QUERY = re.compile(r"(https?://[^\s?'\"<>]+)\?[^\s'\"<>]*")
 _SIGNATURE = re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token))=[^&\s'\"<>]+", re.IGNORECASE)
 # SQLAlchemy appends "[parameters: (...)]" to error text unless the engine hides them.
@@ -18,8 +20,12 @@ def redact(text: str) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """`Type: message`, redacted, following a wrapper (e.g. a retry request) to the error that caused it."""
-    while error.__cause__ is not None and not str(error).strip():
+    """`Type: message`, redacted, following a wrapper (a retry request, a step failure) to the error that
+    caused it: an outside service's error says best what failed (`TransientError: r2: put_object ...: 503
+    ServiceUnavailable`)."""
+    while error.__cause__ is not None and (
+        not str(error).strip() or isinstance(error.__cause__, ExternalServiceError)
+    ):
         error = error.__cause__
     message = str(error).strip()
     return redact(f"{type(error).__name__}: {message}" if message else type(error).__name__)

@@ -1,9 +1,13 @@
 """Alerting sensors: tell a person when an order needs one, once per state change, and when a run fails.
 
-- `run_failure_alert_sensor` posts one message per failed `fulfill_order` run.
+- `run_failure_alert_sensor` posts one message per failed `fulfill_order` run: the order, the cause in words
+  and what happens next (from the order's reconcile state when the run recorded it), and the run link.
 - `needs_attention_alert_sensor` posts one message per order that entered an alerting outcome (every order
   ends fulfilled or in a recorded "needs attention" state with a reason and an alert: docs/design.md
   section 5), and re-sends run-failure alerts that did not go out.
+
+A run refused for an operator's input error (tag `bitloot/outcome=refused`) is logged, not alerted, and tagged
+`bitloot/alert=input_error` so it is never picked up again.
 
 A run status sensor moves its cursor past a run even when the sensor raises, so a failed post could not be
 retried from there. Instead the failed run carries the tag `bitloot/alert=pending` until its alert went out
@@ -21,16 +25,20 @@ from functools import partial
 import dagster as dg
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
-from bitloot_reconcile.domain.alerting import ALERT_OUTCOMES, RUN_FAILED, Alert, clean, first_line
+from bitloot_reconcile.domain import alerting
+from bitloot_reconcile.domain.alerting import ALERT_OUTCOMES, Alert, clean, error_words, first_line
+from bitloot_reconcile.domain.fulfilment import parse_order_id
+from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.settings import load_settings
-from bitloot_reconcile.store.repository import utcnow
+from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import TAG_ORDER_ID
 
 TAG_ALERT = "bitloot/alert"
 ALERT_PENDING, ALERT_SENT = "pending", "sent"
+ALERT_INPUT_ERROR = "input_error"  # an operator's input error: logged, never alerted
 MAX_ALERTS_PER_TICK = 20
 # Sensor evaluations time out after 60 s; stop posting well before, the rest goes out next tick.
 TICK_BUDGET_SECONDS = 30.0
@@ -40,11 +48,16 @@ ALERT_INTERVAL_SECONDS = load_settings().reconcile.alert_interval_seconds
 RETRY_PENDING_AFTER = dt.timedelta(seconds=60)
 
 Delivery = tuple[Alert, Callable[[], object]]  # the alert, and how to record that it went out
+# Wrappers whose cause says best what failed: once retries run out, Dagster records a retry request as
+# "Exceeded max_retries of N" with the step's own error as its cause; a step failure raised for a permanent
+# refusal keeps the service's error as its cause, and so does a user-code error Dagster wrapped. Much like
+# `describe_error`, on recorded errors.
+_WRAPPERS = frozenset({"RetryRequested", "RetryRequestedFromPolicy", "Failure", "DagsterExecutionStepExecutionError"})
 
 
-def failed_run_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Alert:
-    """Order id from the run's tag (or its flat config when it failed before tagging itself), and the first
-    step failure's message, else the run failure's (e.g. a run monitoring timeout)."""
+def step_failure(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    """What the first failed step says went wrong (following a retry request to the error that caused it),
+    else the run failure's message (e.g. a run monitoring timeout)."""
     records = instance.get_records_for_run(
         run.run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE}
     ).records
@@ -53,14 +66,57 @@ def failed_run_alert(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Alert:
         event = record.event_log_entry.dagster_event
         data = event.step_failure_data if event and event.is_step_failure else None
         if data:
-            detail = (data.user_failure_data and data.user_failure_data.description) or (
-                data.error and data.error.message
-            )
-            message = f"{event.step_key}: {first_line(detail)}"
-            break
+            error = data.error
+            while error is not None and error.cls_name in _WRAPPERS and error.cause is not None:
+                error = error.cause
+            detail = data.user_failure_data and data.user_failure_data.description
+            if error is not None and error.cls_name not in _WRAPPERS:
+                words = error_words(error.cls_name, error.message)
+            else:
+                words = first_line(detail) or (first_line(error.message) if error else "")
+            return f"{event.step_key} failed: {words or 'no error recorded'}"
         message = message or first_line(record.event_log_entry.message)
-    order_id = run.tags.get(TAG_ORDER_ID) or str((run.run_config or {}).get("order_id") or "")
-    return Alert(order_id=order_id, outcome=RUN_FAILED, reason=message, run_id=run.run_id)
+    return message
+
+
+def _order_id(run: dg.DagsterRun) -> str:
+    """The run's order: its tag, or its flat config when it failed before tagging itself (any typed text)."""
+    return run.tags.get(TAG_ORDER_ID) or str((run.run_config or {}).get("order_id") or "")
+
+
+def _order_state(log: dg.DagsterLogManager, repo: Store, order_id: str) -> ReconcileState | None:
+    """The order's reconcile state; None for text that is no order id, or when the store cannot be read
+    (the alert then goes out with the step failure's words rather than not at all)."""
+    try:
+        return repo.get_state(parse_order_id(order_id))
+    except InvalidRequest:
+        return None
+    except Exception as exc:  # the store may be what is down
+        log.warning(f"order state not read for the alert, using the run's failure instead: {type(exc).__name__}")
+        return None
+
+
+def failed_run_delivery(
+    log: dg.DagsterLogManager, instance: dg.DagsterInstance, repo: Store, run: dg.DagsterRun
+) -> Delivery | None:
+    """The alert for a failed run and how to mark it sent; None for an operator's input error, which is
+    logged and marked so it is never picked up again."""
+    order_id = _order_id(run)
+    if alerting.is_input_error(run.tags):
+        log.info(f"run {run.run_id} for order {clean(order_id, 64)} refused an operator's input, not alerted: "
+                 f"{clean(step_failure(instance, run))}")
+        _tag_run(instance, run.run_id, ALERT_INPUT_ERROR)
+        return None
+    state = _order_state(log, repo, order_id)
+    alert = alerting.failed_run_alert(order_id=order_id, run_id=run.run_id, run_tags=run.tags,
+                                      step_failure=step_failure(instance, run), state=state, now=utcnow())
+
+    def mark() -> None:
+        _tag_run(instance, run.run_id, ALERT_SENT)
+        if state is not None and state.last_run_id == run.run_id and state.last_outcome in ALERT_OUTCOMES:
+            repo.mark_alerted(state)  # this alert told of the quarantine: the needs-attention one stays quiet
+
+    return alert, mark
 
 
 def deliver(log: dg.DagsterLogManager, alerts: AlertsResource, batch: list[Delivery]) -> int:
@@ -97,13 +153,18 @@ def _tag_run(instance: dg.DagsterInstance, run_id: str, value: str) -> None:
     monitored_jobs=[fulfill_order],
     minimum_interval_seconds=min(30, ALERT_INTERVAL_SECONDS),  # Dagster's default 30 s, or faster when tuned
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Posts an alert for every failed fulfill_order run (order, failure, run link).",
+    description="Posts an alert for every failed fulfill_order run (order, cause, what happens next, run "
+    "link); an operator's input error is logged only.",
 )
-def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertsResource) -> None:
+def run_failure_alert_sensor(
+    context: dg.RunFailureSensorContext, store: StoreResource, alerts: AlertsResource
+) -> None:
     run = context.dagster_run
-    _tag_run(context.instance, run.run_id, ALERT_PENDING)  # first, so a crash below cannot lose the alert
-    alert = failed_run_alert(context.instance, run)
-    deliver(context.log, alerts, [(alert, partial(_tag_run, context.instance, run.run_id, ALERT_SENT))])
+    if not alerting.is_input_error(run.tags):
+        _tag_run(context.instance, run.run_id, ALERT_PENDING)  # first, so a crash below cannot lose the alert
+    delivery = failed_run_delivery(context.log, context.instance, store.get_store(), run)
+    if delivery:
+        deliver(context.log, alerts, [delivery])
 
 
 @dg.sensor(
@@ -118,8 +179,7 @@ def needs_attention_alert_sensor(
     repo = store.get_store()
     repo.clear_resolved_alerts(ALERT_OUTCOMES)
     batch: list[Delivery] = [
-        (Alert(state.order_id, state.last_outcome or "", state.last_reason, state.last_run_id),
-         partial(repo.mark_alerted, state))
+        (alerting.needs_attention_alert(state), partial(repo.mark_alerted, state))
         for state in repo.pending_alerts(ALERT_OUTCOMES, limit=MAX_ALERTS_PER_TICK)
     ]
     unsent_failures = context.instance.get_runs(
@@ -131,10 +191,10 @@ def needs_attention_alert_sensor(
         ),
         limit=MAX_ALERTS_PER_TICK,
     )
-    batch += [
-        (failed_run_alert(context.instance, run), partial(_tag_run, context.instance, run.run_id, ALERT_SENT))
-        for run in unsent_failures
-    ]
+    for run in unsent_failures:
+        delivery = failed_run_delivery(context.log, context.instance, repo, run)
+        if delivery:
+            batch.append(delivery)
     if not batch:
         return dg.SkipReason("nothing to alert")
     sent = deliver(context.log, alerts, batch)

@@ -32,6 +32,7 @@ from bitloot_reconcile.adapters.r2 import (
 from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.s3 import SeaweedS3
+from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from tests.fixtures.s3 import unique_bucket
 
 ORDER_ID = "5c91f65c-4b12-463c-9277-8cfc139ceda4"
@@ -275,6 +276,10 @@ def test_wrong_secret_key_is_permanent(seaweed: SeaweedS3, key_vault: KeyVault):
         assert "not-the-secret-key-at-all" not in str(err.value)
     assert not key_vault.exists("orders/x/key-2.txt")
 
+    with pytest.raises(PermanentError) as err:
+        bad.read("orders/x/key-1.txt")
+    assert str(err.value).startswith("r2: get_object orders/x/key-1.txt: 403 "), err.value
+
     unknown = KeyVault(seaweed.endpoint_url, "AKIAUNKNOWN", seaweed.secret_access_key, key_vault.bucket,
                        region=seaweed.region)
     with pytest.raises(PermanentError) as err:
@@ -300,10 +305,28 @@ def test_server_down_is_transient(private_seaweed: SeaweedS3):
                  lambda: vault.exists("orders/x/key-1.txt"),
                  vault.ensure_bucket):
         started = time.monotonic()
-        with pytest.raises(TransientError):
+        with pytest.raises(TransientError) as err:
             call()
+        assert "no answer, R2 unreachable or too slow" in str(err.value)
         # bounded by connect_timeout x attempts plus retry backoff, never a hang
         assert time.monotonic() - started < 10
+
+
+def test_an_outage_says_service_operation_path_and_status(seaweed: SeaweedS3, key_vault: KeyVault):
+    proxy = FaultyS3Proxy(seaweed.endpoint_url).start()
+    try:
+        vault = KeyVault(proxy.url, seaweed.access_key_id, seaweed.secret_access_key, key_vault.bucket,
+                         region=seaweed.region, max_attempts=1)
+        proxy.fail("orders/x/", times=2)
+        with pytest.raises(TransientError) as err:
+            vault.put_key("orders/x/key-1.txt", TEXT_KEY, "text/plain")
+        assert str(err.value) == "r2: put_object orders/x/key-1.txt: 503 ServiceUnavailable"
+        with pytest.raises(TransientError) as err:
+            vault.read("orders/x/key-1.txt")
+        assert str(err.value) == "r2: get_object orders/x/key-1.txt: 503 ServiceUnavailable"
+        assert (err.value.service, err.value.status, err.value.kind) == ("r2", 503, "ServiceUnavailable")
+    finally:
+        proxy.stop()
 
 
 def test_unresponsive_server_times_out_as_transient():
