@@ -16,6 +16,8 @@ TRIGGER_SENSOR = "sensor"
 TRIGGER_ADMIN = "admin"
 TRIGGER_REEXECUTION = "reexecution"
 OUTCOME_REFUSED = "refused"
+# A re-execution starts with its parent's tags: its outcome reads this until its own is recorded.
+OUTCOME_IN_PROGRESS = "in_progress"
 MAX_TAG_CHARS = 200  # tags are indexed and listed; the full reason lives in the audit table
 
 

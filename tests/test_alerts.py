@@ -276,17 +276,21 @@ def test_without_the_store_the_alert_still_goes_out_with_the_step_failure(world:
 
 
 # -- an operator's input error pages nobody -------------------------------------------------------------------
-# The ops tag such runs `bitloot/outcome=refused` before the step fails; until that lands on this branch the
-# tests add the tag themselves, after a real run refused the input.
+# A malformed request never becomes a run (the launch is refused); one the store refuses fails its run, which
+# the ops tag `bitloot/outcome=refused` before the step fails.
 def refused_run(world: World, order_id: str, **kwargs) -> dg.ExecuteInProcessResult:
     result = world.run(order_id, **kwargs)
     assert not result.success
-    world.instance.add_run_tags(result.run_id, {TAG_OUTCOME: OUTCOME_REFUSED})
+    assert world.instance.get_run_by_id(result.run_id).tags[TAG_OUTCOME] == OUTCOME_REFUSED
     return result
 
 
-@pytest.mark.parametrize("order_id", ["5c91f65c-not-a-uuid", str(uuid.uuid4())], ids=["malformed", "unknown"])
-def test_an_input_error_is_logged_not_alerted(world: World, receiver, order_id: str):
+@pytest.mark.parametrize("case", ["unknown", "already fulfilled"])
+def test_an_input_error_is_logged_not_alerted(world: World, receiver, case: str):
+    if case == "unknown":
+        order_id = str(uuid.uuid4())
+    else:
+        order_id = world.order([world.product()], status="fulfilled", completion_email_sent=True)
     result = refused_run(world, order_id)
     failure_alert(world.instance, world, result, receiver.hook_url)
 

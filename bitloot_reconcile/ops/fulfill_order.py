@@ -23,6 +23,7 @@ from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import (
+    OUTCOME_IN_PROGRESS,
     OUTCOME_REFUSED,
     TAG_ATTEMPT,
     TAG_ORDER_ID,
@@ -151,6 +152,7 @@ def launch_tags(order_id: str, launch: Launch) -> dict[str, str]:
                         requested_by=launch.actor or UNKNOWN_PERSON)
     if launch.parent_run_id:
         tags[TAG_PARENT_RUN] = launch.parent_run_id
+        tags[TAG_OUTCOME] = OUTCOME_IN_PROGRESS  # not the parent's, copied by Dagster
     return tags
 
 

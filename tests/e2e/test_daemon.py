@@ -28,7 +28,7 @@ import dagster as dg
 import httpx
 import pytest
 from dagster._core.scheduler.instigation import InstigatorType
-from dagster_graphql import DagsterGraphQLClient
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault
@@ -52,6 +52,13 @@ LEASE_SECONDS = 20  # short, so a killed run worker's order comes back within th
 SWEEP_SECONDS = 10
 TAGS = ("bitloot/order_id", "bitloot/trigger", "bitloot/reason", "bitloot/requested_by", "bitloot/attempt")
 STUCK = dt.timedelta(minutes=30)  # past the sweep's default 10 min grace period
+REEXECUTE = """mutation($parentRunId: String!) {
+  launchPipelineReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: ALL_STEPS}) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}"""
 
 
 def free_port() -> int:
@@ -228,7 +235,8 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *workspace],
                     env)
 
-        # -- an admin run over GraphQL, and one with bad input (its failure must be alerted) --------------------
+        # -- an admin run over GraphQL; a malformed launch (refused, no run) and an unknown order (a refused run,
+        # nobody paged) ------------------------------------------------------------------------------------------
         wait_for("the webserver to load the code location", lambda: location_loaded(port), deadline, procs)
         # A run status sensor starts from the newest event on its first tick: fail the bad run only after it.
         wait_for("the first tick of run_failure_alert_sensor",
@@ -240,10 +248,20 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
             run_config={"order_id": admin_order, "reason": "ticket 7", "requested_by": "ops@bitloot.io"},
             tags={"bitloot/order_id": admin_order},  # so the per-order queue limit applies from the start
         )
+        runs_before = instance.get_runs_count()
+        with pytest.raises(DagsterGraphQLClientError, match="config mapping"):
+            client.submit_job_execution(
+                "fulfill_order",
+                repository_location_name="bitloot_reconcile",
+                run_config={"order_id": "not-a-uuid", "reason": "ticket 8", "requested_by": "ops@bitloot.io"},
+            )
+        assert instance.get_runs_count() == runs_before
+        unknown_order = str(uuid.uuid4())
         bad_run = client.submit_job_execution(
             "fulfill_order",
             repository_location_name="bitloot_reconcile",
-            run_config={"order_id": "not-a-uuid", "reason": "ticket 8", "requested_by": "ops@bitloot.io"},
+            run_config={"order_id": f" {unknown_order.upper()} ", "reason": "ticket 8",
+                        "requested_by": "ops@bitloot.io"},
         )
 
         # -- a run worker killed while its Kinguin order is being placed ----------------------------------------
@@ -277,7 +295,8 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
             "needs attention": lambda: store.get_state(canceled).last_outcome == "needs_attention",
             "admin runs finished": lambda: client.get_run_status(admin_run) == dg.DagsterRunStatus.SUCCESS
             and client.get_run_status(bad_run) == dg.DagsterRunStatus.FAILURE,
-            "alerts": lambda: bool(alerted(canceled, "needs_attention")) and bool(alerted("not-a-uuid", "run failed")),
+            "alerts": lambda: bool(alerted(canceled, "needs_attention"))
+            and instance.get_run_by_id(bad_run).tags.get("bitloot/alert") == "input_error",
         }
 
         def all_converged() -> bool:
@@ -322,7 +341,42 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
 
         (attention_alert,) = alerted(canceled)
         assert f"http://127.0.0.1:{port}/runs/{store.get_state(canceled).last_run_id}" in attention_alert
-        (failure_alert,) = alerted("not-a-uuid")
-        assert f"/runs/{bad_run}" in failure_alert and "is not a valid order uuid" in failure_alert
+        bad_tags = instance.get_run_by_id(bad_run).tags
+        assert bad_tags["bitloot/order_id"] == unknown_order and bad_tags["bitloot/outcome"] == "refused"
+        assert not alerted(unknown_order) and not alerted(unknown_order.upper())
+        assert {r.tags["bitloot/outcome"] for r in sensor_runs if r.status == dg.DagsterRunStatus.SUCCESS} >= {
+            "fulfilled", "needs_attention", "payment_not_confirmed"}
+        attention_runs = instance.get_runs(filters=dg.RunsFilter(tags={"bitloot/outcome": "needs_attention"}))
+        assert {r.tags["bitloot/order_id"] for r in attention_runs} == {canceled}
+
+        # -- "Re-execute" in the UI (GraphQL launchPipelineReexecution) is recorded as a person's act ----------
+        def reexecute(parent_run_id: str) -> str:
+            answer = httpx.post(f"http://127.0.0.1:{port}/graphql", timeout=30, json={
+                "query": REEXECUTE, "variables": {"parentRunId": parent_run_id}}).json()
+            launched = answer["data"]["launchPipelineReexecution"]
+            assert launched["__typename"] == "LaunchRunSuccess", launched
+            return launched["run"]["runId"]
+
+        def finished(run_id: str) -> bool:
+            return instance.get_run_by_id(run_id).status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+
+        unpaid_parent = store.get_state(unpaid).last_run_id
+        attempts_before = store.get_state(unpaid).attempts
+        canceled_parent = store.get_state(canceled).last_run_id
+        reexecuted = {parent: reexecute(parent) for parent in (unpaid_parent, canceled_parent)}
+        wait_for("the re-executions", lambda: all(finished(r) for r in reexecuted.values()), deadline, procs)
+        repeat = instance.get_run_by_id(reexecuted[unpaid_parent])
+        assert repeat.tags["bitloot/trigger"] == "reexecution" and repeat.tags["bitloot/parent_run_id"] == unpaid_parent
+        assert repeat.tags["bitloot/attempt"] == str(attempts_before + 1) == str(store.get_state(unpaid).attempts)
+        assert repeat.tags["bitloot/outcome"] == "payment_not_confirmed"
+        assert repeat.tags["bitloot/requested_by"] != "stuck_orders_sensor"
+        rows = [r for r in store.audit_trail(unpaid) if r["run_id"] == repeat.run_id]
+        assert rows and all(r["trigger"] == "reexecution" and r["actor"] is None for r in rows)
+        # A quarantined order is a person's to decide: re-executing the sweep's run, with no reason, refuses it.
+        quarantined = instance.get_run_by_id(reexecuted[canceled_parent])
+        assert quarantined.status == dg.DagsterRunStatus.FAILURE
+        assert quarantined.tags["bitloot/outcome"] == "refused" and quarantined.tags["bitloot/trigger"] == "reexecution"
+        assert len(kinguin_sim.orders_for_external_id(canceled)) == 1
+        assert store.get_state(canceled).last_outcome == "needs_attention"
         assert all(secret not in text for text in receiver.texts
                    for secret in (KINGUIN_TEST_KEY, RESEND_TEST_KEY, NOWPAYMENTS_TEST_KEY, seaweed.secret_access_key))
