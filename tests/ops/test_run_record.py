@@ -1,0 +1,117 @@
+"""What a `fulfill_order` run records about its order: the outcome tag, the steps it skipped once the order
+stopped, and what each step did. Real runs against PostgreSQL, SeaweedFS and the simulators."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+import pytest
+
+from bitloot_reconcile.resources.r2 import R2Resource
+from tests.fixtures.runs import outcome_of
+from tests.fixtures.world import World
+
+STEPS = ["load_and_claim", "verify_payment", "ensure_supplier_order", "poll_supplier", "store_keys",
+         "mark_fulfilled", "send_completion_email"]
+
+
+def skipped_steps(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_SKIPPED]
+
+
+def step_said(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Each step's `did` metadata, from the output it yielded."""
+    return {
+        e.step_key: e.step_output_data.metadata["did"].value
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.STEP_OUTPUT and "did" in e.step_output_data.metadata
+    }
+
+
+def outcome_tag(world: World, result: dg.ExecuteInProcessResult) -> str:
+    return world.instance.get_run_by_id(result.run_id).tags["bitloot/outcome"]
+
+
+def test_a_fulfilled_run_says_what_each_step_did(world: World):
+    order_id = world.order([world.product()], status="waiting", payment_status="finished")
+
+    result = world.run(order_id)
+
+    assert outcome_of(result) == "fulfilled" and outcome_tag(world, result) == "fulfilled"
+    assert skipped_steps(result) == []
+    said = step_said(result)
+    (kinguin_order,) = world.kinguin.orders_for_external_id(order_id)
+    assert said["load_and_claim"] == "lease taken on the waiting order"
+    assert said["verify_payment"] == "payment confirmed (payment row confirmed); order moved from waiting to paid"
+    assert said["ensure_supplier_order"] == f"placed Kinguin order {kinguin_order.order_id} for 1 key(s)"
+    assert said["poll_supplier"] == f"Kinguin order {kinguin_order.order_id} is completed, 1 key(s) delivered"
+    assert said["store_keys"] == "stored 1 of 1 key(s)"
+    assert said["mark_fulfilled"] == "order moved from paid to fulfilled"
+    assert said["send_completion_email"] == "completion email sent"
+
+
+def test_a_needs_attention_run_skips_the_steps_after_it_stopped_and_stores_no_keys(world: World):
+    order_id = world.order([world.product(delivery_mode="manual")])
+    assert outcome_of(world.run(order_id)) == "waiting_for_supplier"
+    (supplier_order,) = world.kinguin.orders_for_external_id(order_id)
+    world.kinguin.cancel(supplier_order.order_id)
+
+    result = world.run(order_id)
+
+    assert outcome_of(result) == "needs_attention" and outcome_tag(world, result) == "needs_attention"
+    assert skipped_steps(result) == ["store_keys", "mark_fulfilled", "send_completion_email"]
+    said = step_said(result)
+    assert said["poll_supplier"] == f"supplier canceled Kinguin order {supplier_order.order_id}"
+    assert said["ensure_supplier_order"] == (
+        f"Kinguin order {supplier_order.order_id} already placed (saved kinguinReservationId)")
+    messages = [e.message or "" for e in result.all_events]
+    assert not any("stored" in m and "key" in m for m in messages)  # no step claims keys it never stored
+    runs = world.instance.get_runs(filters=dg.RunsFilter(tags={"bitloot/outcome": "needs_attention"}))
+    assert result.run_id in {r.run_id for r in runs}
+
+
+def test_a_run_stopped_at_the_payment_check_skips_everything_after_it(world: World):
+    order_id = world.order([world.product()], status="waiting", payment_status="waiting", payment_id="77")
+    world.nowpayments.set_payment("77", "waiting", order_id=order_id)
+
+    result = world.run(order_id)
+
+    assert outcome_tag(world, result) == "payment_not_confirmed"
+    assert skipped_steps(result) == STEPS[2:]
+    assert step_said(result)["verify_payment"] == "payment not confirmed (NOWPayments says waiting)"
+
+
+def test_a_busy_run_stops_at_the_claim(world: World):
+    order_id = world.order([world.product()])
+    assert world.store.claim(order_id, "other-run", dt.timedelta(minutes=5))
+
+    result = world.run(order_id)
+
+    assert outcome_tag(world, result) == "busy"
+    assert skipped_steps(result) == STEPS[1:]
+
+
+def test_a_failed_run_is_tagged_with_what_the_failure_hook_recorded(world: World, seaweed):
+    order_id = world.order([world.product()])
+    wrong_secret = R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
+                              secret_access_key="not-the-secret-key", bucket=world.r2.bucket)
+
+    result = world.run(order_id, r2=wrong_secret)
+
+    assert not result.success
+    assert outcome_tag(world, result) == "retry_later" == world.store.get_state(order_id).last_outcome
+
+
+@pytest.mark.parametrize("typed", ["upper", "padded", "braces"])
+def test_order_ids_are_tagged_and_recorded_canonical(world: World, typed: str):
+    order_id = world.order([world.product()])
+    raw = {"upper": order_id.upper(), "padded": f"  {order_id}\u00a0", "braces": f"{{{order_id.upper()}}}"}[typed]
+
+    result = world.run(raw)
+
+    assert outcome_of(result) == "fulfilled"
+    assert world.instance.get_run_by_id(result.run_id).tags["bitloot/order_id"] == order_id
+    assert {row["order_id"] for row in world.store.audit_trail(order_id)} == {order_id}
+    assert result.run_id in {r.run_id for r in world.instance.get_runs(
+        filters=dg.RunsFilter(tags={"bitloot/order_id": order_id}))}
