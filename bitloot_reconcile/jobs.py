@@ -4,6 +4,7 @@ import dagster as dg
 
 from bitloot_reconcile.ops.fulfill_order import (
     FulfillOrderRequest,
+    checked_request,
     ensure_supplier_order,
     load_and_claim,
     mark_fulfilled,
@@ -20,7 +21,7 @@ from bitloot_reconcile.ops.fulfill_order import (
 def flat_request(request: FulfillOrderRequest) -> dg.RunConfig:
     """The launchpad asks for three fields: order_id, reason, requested_by. They are checked here, when the
     run is launched: a malformed id or an empty field is refused before a run exists."""
-    return dg.RunConfig(ops={"load_and_claim": request})
+    return dg.RunConfig(ops={"load_and_claim": checked_request(request)})
 
 
 @dg.job(

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dagster as dg
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import fulfilment, switches
@@ -48,22 +48,25 @@ STEP_OUTS = {
 
 
 class FulfillOrderRequest(dg.Config):
-    """Checked when the run is launched, before it exists: a malformed id or an empty field is refused there."""
-
     order_id: str = Field(description="BitLoot order uuid (orders.id)")
     reason: str = Field(description="Why this order is being retried (required for admin runs)")
     requested_by: str = Field(description="Who asks for this run, e.g. admin@bitloot.io (required for admin runs)")
 
-    @field_validator("order_id")
-    @classmethod
-    def _canonical_order_id(cls, value: str) -> str:
-        return fulfilment.parse_order_id(value)
 
-    @model_validator(mode="after")
-    def _request_text(self) -> "FulfillOrderRequest":
-        fulfilment.validate_request_text(self.reason, self.requested_by)
-        fulfilment.validate_admin_request(self.reason, self.requested_by)
-        return self
+class RefusedLaunch(dg.DagsterError):
+    """A request refused when it is launched, before a run exists: Dagster shows its message as it is."""
+
+
+def checked_request(request: FulfillOrderRequest) -> FulfillOrderRequest:
+    """The launch-time checks, which need no store: a well-formed id (made canonical), a reason and a requester
+    without control characters."""
+    try:
+        fulfilment.validate_request_text(request.reason, request.requested_by)
+        fulfilment.validate_admin_request(request.reason, request.requested_by)
+        order_id = fulfilment.parse_order_id(request.order_id)
+    except InvalidRequest as exc:
+        raise RefusedLaunch(f"fulfill_order refused: {exc}") from None
+    return FulfillOrderRequest(order_id=order_id, reason=request.reason, requested_by=request.requested_by)
 
 
 class StepError(Exception):
@@ -166,7 +169,7 @@ def load_and_claim(
     context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
 ) -> Iterator[dg.Output]:
     """Tag the run (canonical order id, who, why), check the request against the store, take the order's lease."""
-    order_id = config.order_id  # canonical: the config's validator parsed it
+    order_id = config.order_id  # canonical: checked when the run was launched (`checked_request`)
     launch = who_launched(context, config)
     _set_tags(context, launch_tags(order_id, launch))
     repo = store.get_store()

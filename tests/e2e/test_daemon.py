@@ -249,7 +249,7 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
             tags={"bitloot/order_id": admin_order},  # so the per-order queue limit applies from the start
         )
         runs_before = instance.get_runs_count()
-        with pytest.raises(DagsterGraphQLClientError, match="config mapping"):
+        with pytest.raises(DagsterGraphQLClientError, match="is not a valid order uuid"):
             client.submit_job_execution(
                 "fulfill_order",
                 repository_location_name="bitloot_reconcile",

@@ -1,0 +1,195 @@
+"""What an admin sees in the Dagster UI of `bitloot-reconcile demo --ui`, read from the rendered pages in headless
+Chromium (Debian's `chromium`, driven by Playwright; no browser download). Skipped when Chromium is missing.
+
+The demo runs as a user runs it, with an alert webhook of this test's, so "nobody was paged" is checked where
+pages would go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from dotenv import dotenv_values
+
+from bitloot_reconcile.demo import SCENARIOS
+from bitloot_reconcile.store.schema import reconcile_state
+from tests.e2e.test_daemon import free_port
+from tests.fixtures.webhook import Receiver
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+# As the machine's browser probe starts it: no sandbox as root, and no background calls to a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SETTLE_SECONDS = 400
+PAGE_TIMEOUT_MS = 30_000
+
+
+@dataclass
+class DemoUI:
+    url: str
+    env: dict[str, str]
+    receiver: Receiver
+    shots: Path
+
+    def needs_attention_orders(self) -> set[str]:
+        with sa.create_engine(self.env["DATABASE_URL"]).connect() as conn:
+            return set(conn.execute(sa.select(reconcile_state.c.order_id).where(
+                reconcile_state.c.last_outcome == "needs_attention")).scalars())
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium); "
+                    ".ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def demo_ui(browser, tmp_path_factory) -> Iterator[DemoUI]:
+    """`bitloot-reconcile demo --ui`, once every seeded order settled."""
+    workdir = tmp_path_factory.mktemp("demo_ui")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DAGSTER_HOME")}
+    output = workdir / "demo.out"
+    with Receiver() as receiver, output.open("w") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "bitloot_reconcile.cli", "demo", "--ui", "--port", str(port),
+             "--timeout", str(SETTLE_SECONDS)],
+            cwd=workdir, env={**env, "COLUMNS": "200", "ALERT_WEBHOOK_URL": receiver.hook_url},
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + SETTLE_SECONDS + 120
+            while "Browse the runs at" not in output.read_text():
+                assert demo.poll() is None and time.monotonic() < deadline, output.read_text()[-4000:]
+                time.sleep(1)
+            assert "every order settled as expected" in output.read_text()
+            variables = {k: v for k, v in dotenv_values(workdir / ".demo" / "env").items() if v is not None}
+            yield DemoUI(f"http://127.0.0.1:{port}", variables, receiver, workdir / "screenshots")
+        finally:
+            demo.send_signal(signal.SIGINT)  # the demo stops dagster dev and its stand-ins on Ctrl-C
+            try:
+                demo.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
+
+
+@pytest.fixture
+def page(browser, demo_ui: DemoUI, request):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(PAGE_TIMEOUT_MS)
+    page = context.new_page()
+    yield page
+    demo_ui.shots.mkdir(exist_ok=True)
+    page.screenshot(path=str(demo_ui.shots / f"{request.node.name}.png"))  # kept for a person to look at
+    context.close()
+
+
+def open_page(page, url: str) -> None:
+    """Open a page and close Dagster's one-time community dialog when it shows."""
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.click()
+
+
+def test_filtering_runs_by_outcome_lists_exactly_the_orders_that_need_a_person(page, demo_ui: DemoUI):
+    expected = demo_ui.needs_attention_orders()
+    assert len(expected) == sum(s.expect == "needs_attention" for s in SCENARIOS)
+
+    open_page(page, f"{demo_ui.url}/runs?q%5B0%5D=tag%3Abitloot%2Foutcome%3Dneeds_attention")
+    tags = page.get_by_text(re.compile(r"^bitloot/order_id: "))
+    tags.first.wait_for()
+
+    shown = {text.split(": ", 1)[1] for text in tags.all_inner_texts()}
+    assert shown == expected
+    assert page.get_by_text(re.compile(r"^bitloot/outcome: needs_attention$")).count() == len(expected)
+
+
+def test_a_needs_attention_run_shows_the_steps_after_it_stopped_as_skipped(page, demo_ui: DemoUI):
+    open_page(page, f"{demo_ui.url}/runs?q%5B0%5D=tag%3Abitloot%2Foutcome%3Dneeds_attention")
+    page.locator("a[href^='/runs/']").first.wait_for()
+    run_links = page.locator("a[href^='/runs/']").evaluate_all("links => links.map(l => l.getAttribute('href'))")
+
+    open_page(page, demo_ui.url + run_links[0])
+    page.get_by_text("RUN_SUCCESS").first.wait_for()
+
+    skipped = page.get_by_text(re.compile(r"^Skipping step \w+ due to skipped dependencies")).all_inner_texts()
+    assert skipped, "no step shows as skipped"
+    steps = [re.match(r"Skipping step (\w+)", line).group(1) for line in skipped]
+    assert "send_completion_email" in steps and "record_outcome" not in steps
+    # The run's step panel lists them apart from the steps that succeeded.
+    not_executed = page.get_by_text(re.compile(r"^Not executed \(\d+\)$")).inner_text()
+    assert not_executed == f"Not executed ({len(steps)})"
+    assert page.get_by_text(re.compile(r"needs_attention")).count() >= 1
+
+
+def launch_from_launchpad(page, demo_ui: DemoUI, config: str) -> None:
+    open_page(page, f"{demo_ui.url}/jobs")
+    job = page.locator("a[href*='/jobs/fulfill_order']").first.get_attribute("href")
+    open_page(page, demo_ui.url + job.split("/jobs/fulfill_order")[0] + "/jobs/fulfill_order/playground")
+    page.locator(".CodeMirror").first.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Delete")
+    page.keyboard.insert_text(config)
+    page.get_by_role("button", name=re.compile("Launch Run")).click()
+
+
+def demo_instance(demo_ui: DemoUI):
+    import dagster as dg
+
+    return dg.DagsterInstance.from_config(demo_ui.env["DAGSTER_HOME"])
+
+
+def run_ids(demo_ui: DemoUI) -> set[str]:
+    with demo_instance(demo_ui) as instance:
+        return {run.run_id for run in instance.get_runs()}
+
+
+def test_a_launchpad_launch_with_a_malformed_order_id_is_refused_before_a_run_exists(page, demo_ui: DemoUI):
+    before = run_ids(demo_ui)
+
+    launch_from_launchpad(page, demo_ui, "order_id: not-a-uuid\nreason: browser test\nrequested_by: ops@bitloot.io\n")
+
+    page.get_by_text("fulfill_order refused: order_id 'not-a-uuid' is not a valid order uuid").first.wait_for()
+    assert run_ids(demo_ui) == before
+    assert not [text for text in demo_ui.receiver.texts if "not-a-uuid" in text]
+
+
+def test_a_launch_for_an_unknown_order_fails_with_the_one_line_reason_and_pages_nobody(page, demo_ui: DemoUI):
+    unknown = str(uuid.uuid4())
+    before = run_ids(demo_ui)
+
+    launch_from_launchpad(page, demo_ui, f"order_id: {unknown}\nreason: browser test\nrequested_by: ops@bitloot.io\n")
+
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
+    (run_id,) = run_ids(demo_ui) - before
+    page.get_by_text(f"Order {unknown} not found").first.wait_for()
+    with demo_instance(demo_ui) as instance:
+        deadline = time.monotonic() + 90  # the run-failure sensor looks every 30 s at most
+        while instance.get_run_by_id(run_id).tags.get("bitloot/alert") != "input_error":
+            assert time.monotonic() < deadline, instance.get_run_by_id(run_id).tags
+            time.sleep(1)
+        assert instance.get_run_by_id(run_id).tags["bitloot/outcome"] == "refused"
+    assert not [text for text in demo_ui.receiver.texts if unknown in text]
