@@ -99,6 +99,32 @@ class StuckOrder:
 
 
 @dataclass(frozen=True)
+class BacklogOrder:
+    """An order that is not done (paid or perhaps paid and undelivered, or fulfilled without the email), with
+    its reconcile state (a default one when the project never touched it)."""
+
+    id: str
+    status: str
+    completion_email_sent: bool
+    created_at: dt.datetime  # naive UTC, as BitLoot stores it
+    updated_at: dt.datetime
+    kinguin_reservation_id: str | None
+    state: ReconcileState
+
+
+@dataclass(frozen=True)
+class FulfilledOrder:
+    """An order fulfilled lately, for the board's trend figures."""
+
+    id: str
+    created_at: dt.datetime  # naive UTC
+    updated_at: dt.datetime
+    kinguin_reservation_id: str | None
+    last_outcome: str | None  # the project's last outcome on it; None when BitLoot fulfilled it alone
+    placement_intent_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
 class EmailBounce:
     type: str  # hard | complaint (soft bounces never suppress)
     reason: str | None
@@ -118,6 +144,9 @@ class ReconcileState:
     last_reason: str | None = None
     last_run_id: str | None = None
     alerted_outcome: str | None = None
+
+
+_STATE_COLUMNS = [reconcile_state.c[f.name] for f in fields(ReconcileState)]
 
 
 def _state(row: sa.RowMapping) -> ReconcileState:
@@ -326,6 +355,68 @@ class Store:
         with self.engine.connect() as conn:
             return [
                 StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts, r.last_run_id)
+                for r in conn.execute(query)
+            ]
+
+    @needs_project_tables
+    def backlog_orders(self, *, now: dt.datetime, max_age: dt.timedelta, limit: int) -> list[BacklogOrder]:
+        """Every order that is not done, oldest first (by creation), with its reconcile state: orders in a
+        recoverable status or fulfilled without the email, updated inside the age window (the sweep's two
+        index branches, grace period included), plus those the project holds back at any age (the partial
+        blocking index: leased, backing off or needing a person), so a quarantined order never drops off.
+
+        The cost follows the number of such orders, not the size of `orders` or of the project's history."""
+        oldest = naive_utc(now - max_age)
+        open_status = orders.c.status.in_([s.value for s in RECOVERABLE])
+        email_pending = sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(False))
+        recent = sa.select(orders.c.id.label("id")).where(
+            sa.or_(sa.and_(open_status, orders.c.updatedAt >= oldest),
+                   sa.and_(email_pending, orders.c.updatedAt >= oldest))
+        )
+        held = sa.select(reconcile_state.c.order_id.label("id")).where(
+            sa.or_(
+                reconcile_state.c.lease_owner.is_not(None),
+                reconcile_state.c.next_attempt_at.is_not(None),
+                reconcile_state.c.last_outcome == NEEDS_ATTENTION,
+            )
+        )
+        wanted = sa.union(recent, held).subquery("wanted")
+        query = (
+            sa.select(orders.c.id, orders.c.status, orders.c.completionEmailSent, orders.c.createdAt,
+                      orders.c.updatedAt, orders.c.kinguinReservationId,
+                      *[c.label(f"state_{c.name}") for c in _STATE_COLUMNS])
+            .select_from(
+                wanted.join(orders, orders.c.id == wanted.c.id)
+                .outerjoin(reconcile_state, reconcile_state.c.order_id == orders.c.id)
+            )
+            .where(sa.or_(open_status, email_pending))
+            .order_by(orders.c.createdAt, orders.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                BacklogOrder(
+                    r["id"], r["status"], bool(r["completionEmailSent"]), r["createdAt"], r["updatedAt"],
+                    r["kinguinReservationId"],
+                    ReconcileState(**{f.name: r[f"state_{f.name}"] for f in fields(ReconcileState)})
+                    if r["state_order_id"] else ReconcileState(order_id=r["id"]),
+                )
+                for r in conn.execute(query).mappings()
+            ]
+
+    def fulfilled_since(self, since: dt.datetime) -> list[FulfilledOrder]:
+        """Orders whose last change, as fulfilled, is at or after `since`; served by the sweep's (status,
+        "updatedAt") index, so the cost follows the orders fulfilled in the window."""
+        query = (
+            sa.select(orders.c.id, orders.c.createdAt, orders.c.updatedAt, orders.c.kinguinReservationId,
+                      reconcile_state.c.last_outcome, reconcile_state.c.placement_intent_at)
+            .select_from(orders.outerjoin(reconcile_state, reconcile_state.c.order_id == orders.c.id))
+            .where(orders.c.status == FULFILLED, orders.c.updatedAt >= naive_utc(since))
+        )
+        with self.engine.connect() as conn:
+            return [
+                FulfilledOrder(r.id, r.createdAt, r.updatedAt, r.kinguinReservationId,
+                               r.last_outcome, r.placement_intent_at)
                 for r in conn.execute(query)
             ]
 
