@@ -117,6 +117,7 @@ def classify(order: BacklogOrder, *, in_flight: Mapping[str, str], now: dt.datet
     state, reason, run_id = order.state, order.state.last_reason, order.state.last_run_id
     leased = state.lease_owner is not None and (state.lease_expires_at is None or state.lease_expires_at >= now)
     changed = order.updated_at.replace(tzinfo=dt.UTC)
+    waits = state.next_attempt_at is not None and state.next_attempt_at > now
     if order.id in in_flight or leased:
         kind = BoardState.IN_FLIGHT
         run_id = in_flight.get(order.id) or state.lease_owner
@@ -124,7 +125,7 @@ def classify(order: BacklogOrder, *, in_flight: Mapping[str, str], now: dt.datet
                   else "a run is queued or starting")
     elif state.last_outcome == Outcome.NEEDS_ATTENTION:
         kind = BoardState.QUARANTINED if (reason or "").startswith(GAVE_UP) else BoardState.NEEDS_ATTENTION
-    elif state.next_attempt_at is not None and state.next_attempt_at > now:
+    elif waits:
         kind = _BACKOFF_STATES.get(state.last_outcome, BoardState.BACKING_OFF)
     elif changed > now - grace:
         kind = BoardState.INSIDE_GRACE
@@ -138,7 +139,7 @@ def classify(order: BacklogOrder, *, in_flight: Mapping[str, str], now: dt.datet
         order_id=order.id, state=kind, status=order.status, age=now - order.created_at.replace(tzinfo=dt.UTC),
         changed_at=changed,
         attempts=state.attempts, last_outcome=state.last_outcome, reason=reason,
-        next_attempt_at=state.next_attempt_at if kind not in DUE else None, run_id=run_id,
+        next_attempt_at=state.next_attempt_at if waits else None, run_id=run_id,
     )
 
 
