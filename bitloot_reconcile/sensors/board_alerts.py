@@ -27,7 +27,7 @@ def check_alert(record) -> Alert:
     orders = (evaluation.metadata.get("orders").value if evaluation and "orders" in evaluation.metadata else [])
     return Alert(
         order_id=orders[0] if orders else "",
-        outcome=f"board check {record.key.name} failed",
+        outcome=f"check {record.key.name} failed",  # the message keeps 40 characters of it
         reason=(evaluation.description if evaluation else None) or bd.CHECK_DESCRIPTIONS[record.key.name],
         run_id=record.run_id,
     )
