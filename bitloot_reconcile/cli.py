@@ -111,16 +111,11 @@ def plan_cmd(order_ids: tuple[str, ...], limit: int) -> None:
         console.print(_board_table(skipped, title=f"not run now: {len(skipped)} order(s) the sweep skips"))
 
 
-def _age(delta: dt.timedelta) -> str:
-    minutes = int(delta.total_seconds() // 60)
-    return f"{minutes}m" if minutes < 120 else f"{minutes // 60}h" if minutes < 48 * 60 else f"{minutes // 1440}d"
-
-
 def _board_table(rows, *, title: str):
     """Readable at 80 columns: the full order id (never cut) with its state under it, the age, and why."""
     from rich.table import Table
 
-    from bitloot_reconcile.domain.board import LABELS
+    from bitloot_reconcile.domain.board import LABELS, short_age
 
     table = Table(title=title, title_justify="left")
     table.add_column("order / state", no_wrap=True, min_width=36)
@@ -129,7 +124,7 @@ def _board_table(rows, *, title: str):
     for row in rows:
         why = [f"next attempt {row.next_attempt_at:%m-%d %H:%M} UTC" if row.next_attempt_at else "",
                f"{row.attempts} attempt(s)" if row.attempts else "", row.reason or ""]
-        table.add_row(f"{row.order_id}\n[dim]{LABELS[row.state]} · {row.status}[/]", _age(row.age),
+        table.add_row(f"{row.order_id}\n[dim]{LABELS[row.state]} · {row.status}[/]", short_age(row.age),
                       "; ".join(part for part in why if part))
     return table
 

@@ -292,10 +292,10 @@ def checks(board: Board, *, sla: dt.timedelta, sample: int = SAMPLE_IDS) -> list
     late = [row for row in board.stuck if row.age >= sla]
     if late:
         sla_text = (f"{len(late)} stuck order(s) older than the SLA of {sla.total_seconds() / 60:g} min; the oldest, "
-                    f"{oldest.order_id}, is {oldest.age_minutes} min old ({LABELS[oldest.state]})")
+                    f"{oldest.order_id}, is {short_age(oldest.age)} old ({LABELS[oldest.state]})")
     else:
         sla_text = f"no stuck order older than the SLA of {sla.total_seconds() / 60:g} min" + (
-            f" (oldest: {oldest.age_minutes} min)" if oldest else "")
+            f" (oldest: {short_age(oldest.age)})" if oldest else "")
     verdicts = [CheckVerdict(SLA_CHECK, not late, "ERROR", sla_text,
                              tuple(row.order_id for row in sorted(late, key=lambda r: -r.age.total_seconds())))]
     for name, state in ((NEEDS_PERSON_CHECK, BoardState.NEEDS_ATTENTION), (QUARANTINE_CHECK, BoardState.QUARANTINED)):
@@ -316,6 +316,12 @@ def to_csv(rows: Iterable[BoardRow], run_url) -> str:
     for row in rows:
         writer.writerow(row.record(run_url(row.run_id)))
     return out.getvalue()
+
+
+def short_age(delta: dt.timedelta) -> str:
+    """90m, 5h, 40d: minutes up to 2 h, hours up to 2 days."""
+    minutes = int(delta.total_seconds() // 60)
+    return f"{minutes}m" if minutes < 120 else f"{minutes // 60}h" if minutes < 48 * 60 else f"{minutes // 1440}d"
 
 
 def _when(moment: dt.datetime | None) -> str:

@@ -133,7 +133,7 @@ def test_checks_pass_on_a_store_with_nothing_stuck_past_the_sla(store_engine, ma
     checks = verdicts(result)
     assert all(check.passed for check in checks.values()), {n: c.description for n, c in checks.items()}
     sla = checks["oldest_stuck_within_sla"].description
-    assert sla == "no stuck order older than the SLA of 60 min (oldest: 20 min)"
+    assert sla == "no stuck order older than the SLA of 60 min (oldest: 20m)"
     meta = metadata(result)
     assert [r.data["order_id"] for r in meta["board"].records] == [young]
     assert meta["stuck_now"].value == 1 and meta["needs_attention_now"].value == 0
