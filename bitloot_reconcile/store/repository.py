@@ -369,28 +369,31 @@ class Store:
         oldest = naive_utc(now - max_age)
         open_status = orders.c.status.in_([s.value for s in RECOVERABLE])
         email_pending = sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(False))
-        recent = sa.select(orders.c.id.label("id")).where(
+        columns = (orders.c.id, orders.c.status, orders.c.completionEmailSent, orders.c.createdAt, orders.c.updatedAt,
+                   orders.c.kinguinReservationId)
+        recent = sa.select(*columns).where(
             sa.or_(sa.and_(open_status, orders.c.updatedAt >= oldest),
                    sa.and_(email_pending, orders.c.updatedAt >= oldest))
         )
-        held = sa.select(reconcile_state.c.order_id.label("id")).where(
-            sa.or_(
-                reconcile_state.c.lease_owner.is_not(None),
-                reconcile_state.c.next_attempt_at.is_not(None),
-                reconcile_state.c.last_outcome == NEEDS_ATTENTION,
+        # Each branch reads whole order rows, so the union is never joined back to `orders` by status (which
+        # would read every open order of the history, inside the window or not).
+        held = (
+            sa.select(*columns)
+            .select_from(reconcile_state.join(orders, orders.c.id == reconcile_state.c.order_id))
+            .where(
+                sa.or_(
+                    reconcile_state.c.lease_owner.is_not(None),
+                    reconcile_state.c.next_attempt_at.is_not(None),
+                    reconcile_state.c.last_outcome == NEEDS_ATTENTION,
+                ),
+                sa.or_(open_status, email_pending),
             )
         )
         wanted = sa.union(recent, held).subquery("wanted")
         query = (
-            sa.select(orders.c.id, orders.c.status, orders.c.completionEmailSent, orders.c.createdAt,
-                      orders.c.updatedAt, orders.c.kinguinReservationId,
-                      *[c.label(f"state_{c.name}") for c in _STATE_COLUMNS])
-            .select_from(
-                wanted.join(orders, orders.c.id == wanted.c.id)
-                .outerjoin(reconcile_state, reconcile_state.c.order_id == orders.c.id)
-            )
-            .where(sa.or_(open_status, email_pending))
-            .order_by(orders.c.createdAt, orders.c.id)
+            sa.select(wanted, *[c.label(f"state_{c.name}") for c in _STATE_COLUMNS])
+            .select_from(wanted.outerjoin(reconcile_state, reconcile_state.c.order_id == wanted.c.id))
+            .order_by(wanted.c.createdAt, wanted.c.id)
             .limit(limit)
         )
         with self.engine.connect() as conn:
