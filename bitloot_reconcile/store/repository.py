@@ -146,9 +146,6 @@ class ReconcileState:
     alerted_outcome: str | None = None
 
 
-_STATE_COLUMNS = [reconcile_state.c[f.name] for f in fields(ReconcileState)]
-
-
 def _state(row: sa.RowMapping) -> ReconcileState:
     return ReconcileState(**{f.name: row[f.name] for f in fields(ReconcileState)})
 
@@ -390,9 +387,10 @@ class Store:
             )
         )
         wanted = sa.union(recent, held).subquery("wanted")
+        joined, state = self._with_state(wanted)
         query = (
-            sa.select(wanted, *[c.label(f"state_{c.name}") for c in _STATE_COLUMNS])
-            .select_from(wanted.outerjoin(reconcile_state, reconcile_state.c.order_id == wanted.c.id))
+            sa.select(wanted, *[state.c[f.name].label(f"state_{f.name}") for f in fields(ReconcileState)])
+            .select_from(joined)
             .order_by(wanted.c.createdAt, wanted.c.id)
             .limit(limit)
         )
@@ -410,18 +408,29 @@ class Store:
     def fulfilled_since(self, since: dt.datetime) -> list[FulfilledOrder]:
         """Orders whose last change, as fulfilled, is at or after `since`; served by the sweep's (status,
         "updatedAt") index, so the cost follows the orders fulfilled in the window."""
-        query = (
-            sa.select(orders.c.id, orders.c.createdAt, orders.c.updatedAt, orders.c.kinguinReservationId,
-                      reconcile_state.c.last_outcome, reconcile_state.c.placement_intent_at)
-            .select_from(orders.outerjoin(reconcile_state, reconcile_state.c.order_id == orders.c.id))
+        fulfilled = (
+            sa.select(orders.c.id, orders.c.createdAt, orders.c.updatedAt, orders.c.kinguinReservationId)
             .where(orders.c.status == FULFILLED, orders.c.updatedAt >= naive_utc(since))
+            .subquery("fulfilled")
         )
+        joined, state = self._with_state(fulfilled)
+        query = sa.select(fulfilled, state.c.last_outcome, state.c.placement_intent_at).select_from(joined)
         with self.engine.connect() as conn:
             return [
                 FulfilledOrder(r.id, r.createdAt, r.updatedAt, r.kinguinReservationId,
                                r.last_outcome, r.placement_intent_at)
                 for r in conn.execute(query)
             ]
+
+    def _with_state(self, rows: sa.Subquery) -> tuple[sa.FromClause, sa.FromClause]:
+        """`rows` (with an `id` column) left-joined to their reconcile state. On PostgreSQL one primary-key
+        probe per row: with a plain join the planner may hash all of reconcile_state, which grows with every
+        order the project ever recovered."""
+        if self.engine.dialect.name == "postgresql":
+            state = (sa.select(reconcile_state).where(reconcile_state.c.order_id == rows.c.id)
+                     .limit(1).lateral("state"))
+            return rows.outerjoin(state, sa.true()), state
+        return rows.outerjoin(reconcile_state, reconcile_state.c.order_id == rows.c.id), reconcile_state
 
     # -- the per-order lease -------------------------------------------------------------------------
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
