@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import click
 
@@ -107,22 +108,91 @@ def db_upgrade(database_url: str | None) -> None:
 def plan_cmd(order_ids: tuple[str, ...], limit: int) -> None:
     """Dry run: what the next run would do for each stuck order, or for ORDER_IDS as `retry` would run them.
 
-    Only reads (GET/HEAD to Kinguin, NOWPayments and R2, SELECT on the store); nothing is written anywhere.
+    Without ORDER_IDS it also lists the orders the sweep would skip, and why (in flight, backing off,
+    quarantined, inside the grace period...). Only reads (GET/HEAD to Kinguin, NOWPayments and R2, SELECT on
+    the store); nothing is written anywhere.
     """
     from rich.table import Table
 
     from bitloot_reconcile import commands
+    from bitloot_reconcile.domain.board import DUE
 
     settings = _settings()
     with usage_errors(), commands.open_readers(settings) as readers:
         plans = commands.plan(readers, settings.reconcile, order_ids=order_ids, limit=limit)
-    if not plans:
-        click.echo("no stuck orders")
-        return
-    table = Table("order", "status", "next run would", "ends as", "why", title="next run per order (dry run)")
-    for plan in plans:
-        table.add_row(plan.order_id, plan.status, " → ".join(plan.steps) or "leave it", str(plan.outcome), plan.why)
-    _console().print(table)
+        skipped = [] if order_ids else [
+            row for row in commands.board(readers.store, settings.reconcile,
+                                          in_flight=commands.in_flight_runs(settings)).rows
+            if row.state not in DUE]
+    console = _console()
+    if plans:
+        table = Table("order", "status", "next run would", "ends as", "why", title="next run per order (dry run)")
+        for plan in plans:
+            table.add_row(plan.order_id, plan.status, " → ".join(plan.steps) or "leave it", str(plan.outcome),
+                          plan.why)
+        console.print(table)
+    elif not order_ids:
+        click.echo("no stuck orders due" if skipped else "no stuck orders")
+    if skipped:
+        console.print(_board_table(skipped, title=f"not run now: {len(skipped)} order(s) the sweep skips"))
+
+
+def _board_table(rows, *, title: str):
+    """Readable at 80 columns: the full order id (never cut) with its state under it, the age, and why."""
+    from rich.table import Table
+
+    from bitloot_reconcile.domain.board import LABELS, short_age
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("order / state", no_wrap=True, min_width=36)
+    table.add_column("age", justify="right", no_wrap=True)
+    table.add_column("why")
+    for row in rows:
+        why = [f"next attempt {row.next_attempt_at:%m-%d %H:%M} UTC" if row.next_attempt_at else "",
+               f"{row.attempts} attempt(s)" if row.attempts else "", row.reason or ""]
+        table.add_row(f"{row.order_id}\n[dim]{LABELS[row.state]} · {row.status}[/]", short_age(row.age),
+                      "; ".join(part for part in why if part))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------- board
+@main.command("board")
+@click.option("--limit", default=50, show_default=True, help="At most this many rows, oldest first (the counts "
+              "and the checks cover every order).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write every row to this CSV file.")
+def board_cmd(limit: int, csv_path: str | None) -> None:
+    """The stuck-orders board: every order that is not done, its state and why, the trend and the checks.
+
+    The same view as the `order_backlog` asset; only reads the store (and, with DAGSTER_HOME, Dagster's runs).
+    """
+    from bitloot_reconcile import commands
+    from bitloot_reconcile.domain import board as bd
+    from bitloot_reconcile.domain.alerting import run_url
+    from bitloot_reconcile.resources.alerts import DEFAULT_WEBSERVER_URL
+
+    settings = _settings()
+    with usage_errors(), commands.open_store(settings) as store:
+        found = commands.board(store, settings.reconcile, in_flight=commands.in_flight_runs(settings))
+    console = _console()
+    counts = ", ".join(f"{n} {bd.LABELS[bd.BoardState(state)]}" for state, n in found.counts().items() if n)
+    console.print(f"[bold]{len(found.rows)} order(s) not done[/]" + (f": {counts}" if counts else "")
+                  + (" (cut short at the read's limit)" if found.truncated else ""), highlight=False)
+    figures = found.figures()
+    console.print(" · ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in figures.items()),
+                  highlight=False, style="dim")
+    if found.rows:
+        shown = found.rows[:limit]
+        console.print(_board_table(shown, title=f"oldest first ({len(shown)} of {len(found.rows)})"))
+    sla = dt.timedelta(minutes=settings.reconcile.board_sla_minutes)
+    for verdict in bd.checks(found, sla=sla):
+        mark = "[green]ok[/]" if verdict.passed else ("[red]FAIL[/]" if verdict.severity == "ERROR"
+                                                     else "[yellow]WARN[/]")
+        console.print(f"{mark} {verdict.name}: {verdict.description}", highlight=False)
+    if csv_path:
+        link = partial(run_url, settings.dagster_webserver_url or DEFAULT_WEBSERVER_URL)
+        with open(csv_path, "w", newline="") as out:
+            out.write(bd.to_csv(found.rows, link))
+        click.echo(f"all {len(found.rows)} rows written to {csv_path}")
 
 
 # ------------------------------------------------------------------------------------------------- history

@@ -1,7 +1,8 @@
-"""The operator's commands as plain functions (plan, history, retry, report); `cli.py` only parses and prints.
+"""The operator's commands as plain functions (plan, board, history, retry, report); `cli.py` only parses and
+prints.
 
 Every command reads the environment through `settings.load_settings`, the same object the code location
-uses, so `plan` sees the sweep's `RECONCILE_*` tunables. `plan`, `history` and `report` only read: Kinguin,
+uses, so `plan` sees the sweep's `RECONCILE_*` tunables. `plan`, `board`, `history` and `report` only read: Kinguin,
 NOWPayments and R2 see GET/HEAD requests, the store sees SELECTs. `retry` validates like the launchpad before
 anything is submitted or run, and every run it starts is in a Dagster instance the UI shows: the webserver's,
 or the one of DAGSTER_HOME.
@@ -20,6 +21,7 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault, resolve_endpoint
 from bitloot_reconcile.domain import reconciliation
+from bitloot_reconcile.domain.board import Board, load_board
 from bitloot_reconcile.domain.fulfilment import parse_order_id, refusal, validate_admin_request
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.planning import Plan, plan_order
@@ -118,6 +120,28 @@ def _existing(store: Store, order_id: str) -> Order:
     if order is None:
         raise InvalidRequest(f"Order {order_id} not found")
     return order
+
+
+# ------------------------------------------------------------------------------------------------- board
+def in_flight_runs(settings: Settings) -> dict[str, str]:
+    """Order id -> its queued or running run, from the Dagster instance of DAGSTER_HOME. Without one, an order
+    shows as in flight only while a run holds its lease."""
+    if not settings.dagster_home:
+        return {}
+    import dagster as dg
+
+    from bitloot_reconcile.sensors.sweep import runs_in_flight
+
+    with dg.DagsterInstance.get() as instance:
+        return runs_in_flight(instance)
+
+
+def board(store: Store, tunables: Tunables, *, in_flight: dict[str, str], now: dt.datetime | None = None) -> Board:
+    """Every order that is not done and its state, with the sweep's grace period and age window (the
+    `order_backlog` asset's view)."""
+    return load_board(store, in_flight=in_flight, now=now or utcnow(),
+                      grace=dt.timedelta(minutes=tunables.grace_minutes),
+                      max_age=dt.timedelta(days=tunables.max_age_days))
 
 
 # ------------------------------------------------------------------------------------------------- history

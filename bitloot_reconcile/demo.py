@@ -269,6 +269,7 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
                         break
                     time.sleep(2)
             ok = _print_table(console, store, engine, seeded, before)
+            _materialize_board(console, env, log, database_url, ui=ui, port=port)
             if ui:
                 console.print(f"Browse the runs at http://127.0.0.1:{port} (filter by tag bitloot/order_id). "
                               "Ctrl-C to stop.")
@@ -351,3 +352,20 @@ def _print_table(console: Console, store: Store, engine: sa.Engine, seeded, befo
     console.print(table)
     console.print("[green]every order settled as expected[/]" if all_ok else "[red]some orders did not settle[/]")
     return all_ok
+
+
+def _materialize_board(console: Console, env: dict[str, str], log, database_url: str, *, ui: bool,
+                       port: int) -> None:
+    """Refresh the stuck-orders board once the orders settled, so the UI opens with it filled (its schedule
+    refreshes it every 5 minutes after that), and say where to find it."""
+    from bitloot_reconcile.domain.board import ASSET_NAME
+
+    done = subprocess.run([_bin("dagster"), "asset", "materialize", "-m", "bitloot_reconcile.definitions",
+                           "--select", ASSET_NAME], env=env, stdout=log, stderr=subprocess.STDOUT, timeout=180)
+    if done.returncode != 0:
+        console.print(f"[yellow]the board ({ASSET_NAME}) could not be materialised; see the log[/]")
+        return
+    where = f"http://127.0.0.1:{port}/assets/{ASSET_NAME}" if ui else f"asset {ASSET_NAME} (with --ui)"
+    shell = f"DATABASE_URL={database_url} " if database_url.startswith("sqlite") else ""
+    console.print(f"The stuck-orders board: {where}; CSV under reports/board/ in bucket {env['R2_BUCKET']}; "
+                  f"on the command line: {shell}bitloot-reconcile board", highlight=False, soft_wrap=True)

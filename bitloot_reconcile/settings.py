@@ -51,6 +51,8 @@ class Tunables(PolicyValues):
 
     sweep_interval_seconds: int = 30
     alert_interval_seconds: int = 60
+    # The stuck-orders board's check: the oldest stuck order must be younger than this (ERROR past it).
+    board_sla_minutes: float = 60.0
 
     def as_environment(self) -> dict[str, str]:
         """The values set on this object as variables, for the processes a caller starts (the demo's)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 import dagster as dg
@@ -15,6 +16,7 @@ from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.sensors import stuck_orders_sensor
 from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
+from tests.fixtures.board import seed_every_state
 from tests.store import bitloot_ddl
 
 
@@ -46,6 +48,9 @@ def sweep(store_engine, store_url, dagster_instance):
 
 def ids(requests: list[dg.RunRequest]) -> list[str]:
     return [r.tags["bitloot/order_id"] for r in requests]
+
+
+ids_of = ids
 
 
 def test_selects_each_stuck_status_after_the_grace_period(sweep):
@@ -205,3 +210,54 @@ def test_a_store_without_the_project_tables_fails_the_tick_with_what_to_do(empty
     )
     with pytest.raises(ProjectTablesMissing, match="run `bitloot-reconcile db upgrade` first"):
         stuck_orders_sensor(context)
+
+
+def test_skip_message_counts_and_names_what_was_skipped_and_why(sweep, dagster_instance, store_url):
+    ids = seed_every_state(sweep.store.engine)
+    due = sorted(ids[s] for s in ("stuck", "email_pending"))
+    assert sorted(ids_of(sweep.tick())) == due  # the sweep launches the due ones, and only those
+    for order_id in due:  # now their runs hold the leases
+        sweep.store.claim(order_id, f"run-{order_id[:8]}", dt.timedelta(minutes=10))
+    context = dg.build_sensor_context(
+        instance=dagster_instance,
+        resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy()},
+    )
+
+    result = stuck_orders_sensor(context)
+
+    assert isinstance(result, dg.SkipReason)
+    message = result.skip_message
+    assert message.startswith("no stuck orders due; 11 skipped: ")
+    parts = dict(part.split(" (", 1) for part in message.split(": ", 1)[1].split("; "))
+    next_at = re.escape(", next attempt from ") + r"\d\d:\d\d UTC"
+    expected = {
+        "in flight": (3, "", [*due, ids["in_flight"]]),
+        "needing a person": (1, "", [ids["needs_attention"]]),
+        "quarantined": (1, "", [ids["quarantined"]]),
+        "waiting for the supplier": (1, next_at, [ids["waiting_for_supplier"]]),
+        "payment not confirmed": (1, next_at, [ids["payment_not_confirmed"]]),
+        "held by a BitLoot switch": (1, next_at, [ids["held"]]),
+        "backing off": (1, next_at, [ids["backing_off"]]),
+        "inside the grace period": (1, re.escape(", due from ") + r"\d\d:\d\d UTC", [ids["inside_grace"]]),
+        "past the age window": (1, "", [ids["past_age_window"]]),
+    }
+    assert len(parts) == len(expected)
+    for label, (count, when, orders) in expected.items():
+        (head,) = [h for h in parts if re.fullmatch(rf"{count} {re.escape(label)}{when}", h)]
+        assert sorted(parts[head].rstrip(")").split(", ")) == sorted(orders), label
+
+
+def test_skip_message_names_at_most_five_orders_per_reason(sweep, dagster_instance, store_url):
+    later = utcnow() + dt.timedelta(minutes=10)
+    backing_off = [sweep.order(age=dt.timedelta(minutes=60 - n)) for n in range(7)]
+    for order_id in backing_off:
+        sweep.store.update_state(order_id, last_outcome="retry_later", next_attempt_at=later)
+    context = dg.build_sensor_context(
+        instance=dagster_instance,
+        resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy()},
+    )
+
+    message = stuck_orders_sensor(context).skip_message
+
+    assert message == (f"no stuck orders due; 7 skipped: 7 backing off, next attempt from {later:%H:%M} UTC "
+                       f"({', '.join(backing_off[:5])}, ...)")

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 from bitloot_reconcile.domain.outcomes import Outcome
 
+# How a quarantine's reason starts: the sweep gave up on the order (attempts ran out, or the supplier deadline
+# passed), as opposed to a definite problem a run found. The board tells the two apart by these.
+ATTEMPTS_EXHAUSTED = "attempts exhausted"
+SUPPLIER_DEADLINE_PASSED = "supplier did not deliver within"
+GAVE_UP = (ATTEMPTS_EXHAUSTED, SUPPLIER_DEADLINE_PASSED)
+
 
 @dataclass(frozen=True)
 class RetrySchedule:
@@ -65,7 +71,7 @@ def plan_next_step(
         if not preorder and now - since >= deadline:
             return NextStep(
                 Outcome.NEEDS_ATTENTION,
-                f"supplier did not deliver within {schedule.supplier_deadline_hours:g} h ({reason})",
+                f"{SUPPLIER_DEADLINE_PASSED} {schedule.supplier_deadline_hours:g} h ({reason})",
                 None,
                 None,
             )
@@ -73,7 +79,7 @@ def plan_next_step(
     if outcome in (Outcome.RETRY_LATER, Outcome.PAYMENT_NOT_CONFIRMED):
         if attempts >= schedule.max_attempts:
             return NextStep(
-                Outcome.NEEDS_ATTENTION, f"attempts exhausted after {attempts} attempts (last: {reason})", None, None
+                Outcome.NEEDS_ATTENTION, f"{ATTEMPTS_EXHAUSTED} after {attempts} attempts (last: {reason})", None, None
             )
         return NextStep(outcome, reason, now + schedule.backoff(attempts, rng), None)
     if outcome is Outcome.BUSY:

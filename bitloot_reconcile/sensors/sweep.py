@@ -4,6 +4,7 @@ import datetime as dt
 
 import dagster as dg
 
+from bitloot_reconcile.domain.board import load_board, skipped_summary
 from bitloot_reconcile.domain.sweep import plan_sweep, run_worker_gone
 from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_order
@@ -21,14 +22,23 @@ IN_FLIGHT = [
 ]
 
 
+def _in_flight_records(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
+    return [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
+
+
+def runs_in_flight(instance: dg.DagsterInstance) -> dict[str, str]:
+    """Order id -> its queued or running `fulfill_order` run, as Dagster shows them (reads only: the board)."""
+    return {r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in _in_flight_records(instance)}
+
+
 def orders_in_flight(
     instance: dg.DagsterInstance, store: Store, *, lease_ttl: dt.timedelta, now: dt.datetime
-) -> set[str]:
-    """Orders with a queued or running `fulfill_order` run. A launched run whose worker is gone (see
+) -> dict[str, str]:
+    """Order id -> its queued or running `fulfill_order` run. A launched run whose worker is gone (see
     `run_worker_gone`) is marked failed here, which frees its order for a new run in this same tick. Queued
     runs are left alone: they wait for a slot, not for a worker."""
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
-    tagged = [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
+    tagged = _in_flight_records(instance)
     launched = [r for r in tagged if r.dagster_run.status != dg.DagsterRunStatus.QUEUED]
     states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in launched})
     gone = set()
@@ -46,7 +56,17 @@ def orders_in_flight(
                 "the sweep takes the order up again",
             )
             gone.add(run.run_id)
-    return {r.dagster_run.tags[TAG_ORDER_ID] for r in tagged if r.dagster_run.run_id not in gone}
+    return {r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in tagged if r.dagster_run.run_id not in gone}
+
+
+def nothing_due(store: Store, in_flight: dict[str, str], policy: ReconcilePolicy, now: dt.datetime) -> str:
+    """The skip message: what the sweep left alone and why, counted and named (one more bounded read, only on
+    ticks that launch nothing)."""
+    grace = dt.timedelta(minutes=policy.grace_minutes)
+    found = load_board(store, in_flight=in_flight, now=now, grace=grace,
+                       max_age=dt.timedelta(days=policy.max_age_days), with_trend=False)
+    skipped = skipped_summary(found.rows, grace=grace)
+    return f"no stuck orders due; {skipped}" if skipped else "no stuck orders"
 
 
 # The daemon's floor between ticks, fixed when the code location loads; the demo shortens it.
@@ -74,9 +94,10 @@ def stuck_orders_sensor(
         max_age=dt.timedelta(days=policy.max_age_days),
         limit=policy.max_runs_per_tick + len(in_flight),
     )
-    requests = plan_sweep(stuck, in_flight=in_flight, now=now, lease_ttl=policy.lease_ttl)[: policy.max_runs_per_tick]
+    requests = plan_sweep(stuck, in_flight=set(in_flight), now=now, lease_ttl=policy.lease_ttl)[
+        : policy.max_runs_per_tick]
     if not requests:
-        return dg.SkipReason(f"no stuck orders due ({len(stuck)} found, all in flight)" if stuck else "no stuck orders")
+        return dg.SkipReason(nothing_due(repo, in_flight, policy, now))
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=r.run_key, run_config=r.run_config, tags=r.tags) for r in requests]
     )

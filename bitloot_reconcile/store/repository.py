@@ -99,6 +99,32 @@ class StuckOrder:
 
 
 @dataclass(frozen=True)
+class BacklogOrder:
+    """An order that is not done (paid or perhaps paid and undelivered, or fulfilled without the email), with
+    its reconcile state (a default one when the project never touched it)."""
+
+    id: str
+    status: str
+    completion_email_sent: bool
+    created_at: dt.datetime  # naive UTC, as BitLoot stores it
+    updated_at: dt.datetime
+    kinguin_reservation_id: str | None
+    state: ReconcileState
+
+
+@dataclass(frozen=True)
+class FulfilledOrder:
+    """An order fulfilled lately, for the board's trend figures."""
+
+    id: str
+    created_at: dt.datetime  # naive UTC
+    updated_at: dt.datetime
+    kinguin_reservation_id: str | None
+    last_outcome: str | None  # the project's last outcome on it; None when BitLoot fulfilled it alone
+    placement_intent_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
 class EmailBounce:
     type: str  # hard | complaint (soft bounces never suppress)
     reason: str | None
@@ -328,6 +354,83 @@ class Store:
                 StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts, r.last_run_id)
                 for r in conn.execute(query)
             ]
+
+    @needs_project_tables
+    def backlog_orders(self, *, now: dt.datetime, max_age: dt.timedelta, limit: int) -> list[BacklogOrder]:
+        """Every order that is not done, oldest first (by creation), with its reconcile state: orders in a
+        recoverable status or fulfilled without the email, updated inside the age window (the sweep's two
+        index branches, grace period included), plus those the project holds back at any age (the partial
+        blocking index: leased, backing off or needing a person), so a quarantined order never drops off.
+
+        The cost follows the number of such orders, not the size of `orders` or of the project's history."""
+        oldest = naive_utc(now - max_age)
+        open_status = orders.c.status.in_([s.value for s in RECOVERABLE])
+        email_pending = sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(False))
+        columns = (orders.c.id, orders.c.status, orders.c.completionEmailSent, orders.c.createdAt, orders.c.updatedAt,
+                   orders.c.kinguinReservationId)
+        recent = sa.select(*columns).where(
+            sa.or_(sa.and_(open_status, orders.c.updatedAt >= oldest),
+                   sa.and_(email_pending, orders.c.updatedAt >= oldest))
+        )
+        # Each branch reads whole order rows, so the union is never joined back to `orders` by status (which
+        # would read every open order of the history, inside the window or not).
+        held = (
+            sa.select(*columns)
+            .select_from(reconcile_state.join(orders, orders.c.id == reconcile_state.c.order_id))
+            .where(
+                sa.or_(
+                    reconcile_state.c.lease_owner.is_not(None),
+                    reconcile_state.c.next_attempt_at.is_not(None),
+                    reconcile_state.c.last_outcome == NEEDS_ATTENTION,
+                ),
+                sa.or_(open_status, email_pending),
+            )
+        )
+        wanted = sa.union(recent, held).subquery("wanted")
+        joined, state = self._with_state(wanted)
+        query = (
+            sa.select(wanted, *[state.c[f.name].label(f"state_{f.name}") for f in fields(ReconcileState)])
+            .select_from(joined)
+            .order_by(wanted.c.createdAt, wanted.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                BacklogOrder(
+                    r["id"], r["status"], bool(r["completionEmailSent"]), r["createdAt"], r["updatedAt"],
+                    r["kinguinReservationId"],
+                    ReconcileState(**{f.name: r[f"state_{f.name}"] for f in fields(ReconcileState)})
+                    if r["state_order_id"] else ReconcileState(order_id=r["id"]),
+                )
+                for r in conn.execute(query).mappings()
+            ]
+
+    def fulfilled_since(self, since: dt.datetime) -> list[FulfilledOrder]:
+        """Orders whose last change, as fulfilled, is at or after `since`; served by the sweep's (status,
+        "updatedAt") index, so the cost follows the orders fulfilled in the window."""
+        fulfilled = (
+            sa.select(orders.c.id, orders.c.createdAt, orders.c.updatedAt, orders.c.kinguinReservationId)
+            .where(orders.c.status == FULFILLED, orders.c.updatedAt >= naive_utc(since))
+            .subquery("fulfilled")
+        )
+        joined, state = self._with_state(fulfilled)
+        query = sa.select(fulfilled, state.c.last_outcome, state.c.placement_intent_at).select_from(joined)
+        with self.engine.connect() as conn:
+            return [
+                FulfilledOrder(r.id, r.createdAt, r.updatedAt, r.kinguinReservationId,
+                               r.last_outcome, r.placement_intent_at)
+                for r in conn.execute(query)
+            ]
+
+    def _with_state(self, rows: sa.Subquery) -> tuple[sa.FromClause, sa.FromClause]:
+        """`rows` (with an `id` column) left-joined to their reconcile state. On PostgreSQL one primary-key
+        probe per row: with a plain join the planner may hash all of reconcile_state, which grows with every
+        order the project ever recovered."""
+        if self.engine.dialect.name == "postgresql":
+            state = (sa.select(reconcile_state).where(reconcile_state.c.order_id == rows.c.id)
+                     .limit(1).lateral("state"))
+            return rows.outerjoin(state, sa.true()), state
+        return rows.outerjoin(reconcile_state, reconcile_state.c.order_id == rows.c.id), reconcile_state
 
     # -- the per-order lease -------------------------------------------------------------------------
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:

@@ -1,0 +1,108 @@
+"""`order_backlog`: the stuck-orders board, every order that is not done, its state and the trend.
+
+A thin shell over `domain.board`: two bounded reads of the store and the queued or running runs of Dagster (no
+outside calls). The oldest rows are shown as a table, every row is written as CSV to
+`reports/board/{time}.csv` in the bucket beside the reconciliation reports, and the figures Dagster plots
+over materialisations go into the metadata. Three asset checks: the oldest stuck order against the SLA
+(ERROR), orders needing a person (WARN) and quarantined orders (WARN). A schedule refreshes it every 5
+minutes; `board_alerts.py` alerts on a check that turns failed.
+"""
+
+
+import datetime as dt
+from functools import partial
+
+import dagster as dg
+
+from bitloot_reconcile.domain import board as bd
+from bitloot_reconcile.domain.alerting import run_url
+from bitloot_reconcile.resources.alerts import AlertsResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.r2 import R2Resource
+from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.sensors.sweep import runs_in_flight
+from bitloot_reconcile.settings import load_settings
+from bitloot_reconcile.store.repository import utcnow
+
+ASSET_NAME = bd.ASSET_NAME
+# Read when the code location loads, like the sensors' intervals.
+SLA = dt.timedelta(minutes=load_settings().reconcile.board_sla_minutes)
+TABLE_ROWS = 50  # shown in the UI, oldest first; the CSV holds every row
+SCHEDULE = "*/5 * * * *"
+SEVERITY = {"ERROR": dg.AssetCheckSeverity.ERROR, "WARN": dg.AssetCheckSeverity.WARN}
+SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("order_id", "string", description="BitLoot order uuid"),
+    dg.TableColumn("state", "string", description="in_flight, needs_attention, quarantined, waiting_for_supplier, "
+                   "payment_not_confirmed, held, backing_off, inside_grace, past_age_window, stuck, email_pending"),
+    dg.TableColumn("status", "string", description="BitLoot's order status"),
+    dg.TableColumn("age_minutes", "int", description="since the order was placed"),
+    dg.TableColumn("attempts", "int", description="runs that claimed the order"),
+    dg.TableColumn("last_outcome", "string"),
+    dg.TableColumn("reason", "string", description="the last run's reason, or what holds the order"),
+    dg.TableColumn("next_attempt_at", "string", description="when the sweep looks again (UTC)"),
+    dg.TableColumn("run_id", "string", description="the run in flight, else the last run with an outcome"),
+    dg.TableColumn("run_url", "string", description="the run in the Dagster UI"),
+])
+
+
+def report_path(moment: dt.datetime) -> str:
+    return f"reports/board/{moment.astimezone(dt.UTC):%Y-%m-%dT%H-%M-%SZ}.csv"
+
+
+@dg.asset(
+    name=ASSET_NAME,
+    check_specs=[dg.AssetCheckSpec(name, asset=ASSET_NAME, description=text)
+                 for name, text in bd.CHECK_DESCRIPTIONS.items()],
+    group_name="operations",
+    kinds={"s3"},
+    description="Every order that is not done: stuck, in flight, backing off, waiting for the supplier, payment "
+    "not confirmed, quarantined or needing a person, oldest first; the trend over the last 24 h.",
+)
+def order_backlog(
+    context: dg.AssetExecutionContext,
+    store: StoreResource,
+    policy: ReconcilePolicy,
+    r2: R2Resource,
+    alerts: AlertsResource,
+) -> dg.MaterializeResult:
+    now = utcnow()
+    board = bd.load_board(store.get_store(), in_flight=runs_in_flight(context.instance), now=now,
+                          grace=dt.timedelta(minutes=policy.grace_minutes),
+                          max_age=dt.timedelta(days=policy.max_age_days))
+    link = partial(run_url, alerts.dagster_base_url)
+    vault, path = r2.get_vault(), report_path(now)
+    vault.put_object(path, bd.to_csv(board.rows, link).encode(), "text/csv")
+    shown = board.rows[:TABLE_ROWS]
+    context.log.info(f"board: {len(board.rows)} orders not done; {board.counts()}")
+    return dg.MaterializeResult(
+        metadata={
+            "board": dg.MetadataValue.table(
+                [dg.TableRecord(row.record(link(row.run_id))) for row in shown], schema=SCHEMA),
+            "shown": f"the oldest {len(shown)} of {len(board.rows)}"
+                     + (" (cut short at the read's limit)" if board.truncated else ""),
+            "dagster/row_count": len(board.rows),
+            "counts": dg.MetadataValue.json(board.counts()),
+            **{name: (dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value))
+               for name, value in board.figures().items()},
+            "sla_minutes": dg.MetadataValue.float(SLA.total_seconds() / 60),
+            "csv_path": dg.MetadataValue.path(f"{vault.bucket}/{path}"),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=verdict.name, passed=verdict.passed, severity=SEVERITY[verdict.severity],
+                description=verdict.description,
+                metadata={"count": len(verdict.order_ids),
+                          "orders": dg.MetadataValue.json(list(verdict.order_ids[:bd.SAMPLE_IDS * 2]))},
+            )
+            for verdict in bd.checks(board, sla=SLA)
+        ],
+    )
+
+
+order_backlog_job = dg.define_asset_job("order_backlog_job", selection=[order_backlog])
+
+
+@dg.schedule(cron_schedule=SCHEDULE, execution_timezone="UTC", job=order_backlog_job,
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def order_backlog_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    return dg.RunRequest(run_key=context.scheduled_execution_time.isoformat())
