@@ -1,12 +1,12 @@
-"""Production shape, end to end: a real `dagster-daemon` and `dagster-webserver` on a PostgreSQL instance
-configured by the repo's dagster.yaml and workspace.yaml, sweeping a fresh store database whose outside
-services are the simulators and SeaweedFS of this test process (threads on 127.0.0.1, reachable from the
-run workers the daemon launches).
+"""Production shape, end to end: a real `dagster-daemon`, `dagster-webserver` and one `dagster api grpc` code
+server, as separate processes, on a PostgreSQL instance configured by the repo's dagster.yaml and
+workspace.yaml, sweeping a fresh store database whose outside services are the simulators and SeaweedFS of
+this test process (threads on 127.0.0.1, reachable from the run workers the code server launches).
 
 The sensors' tick floors are shortened through the environment (RECONCILE_SWEEP_INTERVAL_SECONDS,
 RECONCILE_ALERT_INTERVAL_SECONDS); the test polls the store until every order reached its end state, within
-BUDGET_SECONDS. Most of the time goes into starting Python processes: two code servers and one run worker
-per run, each importing the code location.
+BUDGET_SECONDS. Most of the time goes into starting Python processes: the code server and one run worker per
+run, each importing the code location.
 """
 
 from __future__ import annotations
@@ -230,6 +230,11 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         procs = Processes(tmp_path)
         stack.callback(procs.stop)
         procs.diagnose = lambda: f"SeaweedFS running: {seaweed.is_running()}, log: {seaweed.log_path}"
+        # The production layout: one long-lived code server, reached through the repository's workspace.yaml.
+        code_port = free_port()
+        env |= {"DAGSTER_CODE_SERVER_HOST": "127.0.0.1", "DAGSTER_CODE_SERVER_PORT": str(code_port)}
+        procs.start("code server", [str(BIN / "dagster"), "api", "grpc", "-m", "bitloot_reconcile.definitions",
+                                    "-h", "127.0.0.1", "-p", str(code_port)], env)
         workspace = ["-w", str(REPO / "workspace.yaml")]
         procs.start("daemon", [str(BIN / "dagster-daemon"), "run", *workspace], env)
         procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *workspace],
