@@ -62,6 +62,11 @@ def ms(seconds: float, digits: int = 1) -> str:
     return f"{seconds * 1000:.{digits}f} ms"
 
 
+def spread(seconds: list[float]) -> str:
+    """Median (minimum) of timings, in milliseconds."""
+    return f"{ms(median(seconds))} ({ms(min(seconds))})"
+
+
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from _harness import console, median, migrated_store, ms, print_machine, print_table, timed
+from _harness import console, median, migrated_store, ms, print_machine, print_table, spread, timed
 from sensor_tick import PHASES, POLICY, STATE_HISTORY_SQL, explain, load, run_sql, server_ms
 
 from bitloot_reconcile.domain.board import TREND_WINDOW, load_board
@@ -116,10 +116,6 @@ def report(phase: str, sizes: list[Size], reps: int) -> None:
             target = f", {'meets' if ratio <= 1.2 else 'MISSES'} target <= 1.2x" if key.startswith("backlog") else ""
             console.print(f"{key}: {size.n:,} / {sizes[0].n:,} = {ratio:.2f}x on medians "
                           f"({min(large[key]) / min(small[key]):.2f}x on minima){target}", highlight=False)
-
-
-def spread(values: list[float]) -> str:
-    return f"{ms(median(values))} ({ms(min(values))})"
 
 
 def main() -> None:

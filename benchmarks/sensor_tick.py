@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 import sqlalchemy as sa
-from _harness import console, median, migrated_store, ms, print_machine, print_table, timed
+from _harness import console, median, migrated_store, ms, print_machine, print_table, spread, timed
 
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
@@ -233,10 +233,6 @@ def report(phase: str, sizes: list[Size], reps: int) -> None:
             console.print(f"{label}: {size.n:,} / {sizes[0].n:,} = {ratio:.2f}x on medians "
                           f"({min(large[key]) / min(small[key]):.2f}x on minima), "
                           f"{'meets' if ratio <= 1.2 else 'MISSES'} target <= 1.2x", highlight=False)
-
-
-def spread(values: list[float]) -> str:
-    return f"{ms(median(values))} ({ms(min(values))})"
 
 
 def main() -> None:

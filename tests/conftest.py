@@ -3,6 +3,7 @@ pytest_plugins = [
     "tests.fixtures.kinguin",
     "tests.fixtures.payments_mail",
     "tests.fixtures.s3",
+    "tests.fixtures.webhook",
     "tests.fixtures.world",
 ]
 

@@ -30,12 +30,6 @@ DAGSTER_URL = "http://dagster.test"
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as server:
-        yield server
-
-
-@pytest.fixture
 def dead_url() -> str:
     """A loopback URL nobody listens on: the receiver is down."""
     with socket.socket() as sock:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import dagster as dg
 import pytest
 import sqlalchemy as sa
@@ -20,12 +18,6 @@ from tests.fixtures.board import seed_every_state
 from tests.fixtures.webhook import Receiver
 
 DAGSTER_URL = "http://dagster.test"
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as server:
-        yield server
 
 
 @pytest.fixture
