@@ -297,7 +297,7 @@ def test_retry_in_process_that_fails_says_how_the_run_ended(world: World, dagste
                     DAGSTER_HOME=str(dagster_home), R2_ENDPOINT=f"http://127.0.0.1:{_free_port()}")
 
     assert result.exit_code == 1, result.output
-    run_id = re.search(r"run ([0-9a-f-]{36}): retry_later \(store_keys failed: TransientError: r2: put ",
+    run_id = re.search(r"run ([0-9a-f-]{36}): retry_later \(store_keys failed: TransientError: r2: put_object ",
                        result.output).group(1)
     assert "Error: the run failed: " in result.output and "Traceback" not in result.output
     assert world.store.get_state(order_id).last_run_id == run_id
