@@ -40,6 +40,9 @@ class PolicyValues(BaseModel):
     backoff_cap_seconds: float = 3600.0
     supplier_deadline_hours: float = 72.0
     hold_recheck_seconds: float = 300.0
+    # How far above a product's cost an admin's `max_unit_price_eur` may go: both limits hold, the lower wins.
+    max_price_over_cost_percent: float = Field(default=20.0, ge=0)
+    max_price_over_cost_eur: float = Field(default=5.0, ge=0)
 
 
 class Tunables(PolicyValues):

@@ -58,12 +58,12 @@ def test_upgrade_on_empty_postgres_creates_every_table_and_index(empty_pg_url):
     assert any(
         table == "payments" and definition == 'UNIQUE ("externalId")' for table, _, definition in snap["constraints"]
     )
-    assert _versions(empty_pg_url) == ["0001"]
+    assert _versions(empty_pg_url) == ["0002"]
 
     _migrate(empty_pg_url)  # a second run is a no-op
     again = ddl.full_snapshot(empty_pg_url)
     assert again == snap
-    assert _versions(empty_pg_url) == ["0001"]
+    assert _versions(empty_pg_url) == ["0002"]
 
 
 def test_upgrade_on_empty_postgres_seeds_bitloots_feature_flags(empty_pg_url):
@@ -131,7 +131,7 @@ def test_upgrade_on_bitloot_database_adds_only_the_projects_objects(bitloot_pg_u
     added = {k: v for k, v in after["indexes"].items() if k not in before["indexes"]}
     assert set(added) == {("orders", name) for name in ddl.PROJECT_ORDER_INDEXES}
     assert {k: v for k, v in after["indexes"].items() if k in before["indexes"]} == before["indexes"]
-    assert _versions(bitloot_pg_url) == ["0001"]
+    assert _versions(bitloot_pg_url) == ["0002"]
 
     _migrate(bitloot_pg_url)  # twice: nothing more
     assert ddl.full_snapshot(bitloot_pg_url) == after
@@ -184,7 +184,7 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
         assert set(inspector.get_table_names()) == expected
         assert set(ddl.PROJECT_ORDER_INDEXES) <= {ix["name"] for ix in inspector.get_indexes("orders")}
         with engine.connect() as conn:
-            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0001"]
+            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0002"]
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
@@ -200,4 +200,4 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
     finally:
         engine.dispose()
     _migrate(url)
-    assert _versions(url) == ["0001"]
+    assert _versions(url) == ["0002"]
