@@ -240,7 +240,7 @@ def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:
 def resolve_by_hand(store: Store, resolution: Resolution, progress: Progress) -> Progress:
     """An admin closes the order: no outside call. BitLoot's status changes only when the shop refunded."""
     order = _load(store, progress.order_id)
-    if resolution is Resolution.REFUNDED_TO_CUSTOMER:
+    if resolution is Resolution.refunded_to_customer:
         moved = store.mark_refunded(order.id, owner=progress.lease_owner)
         status = (f"orders.status {order.status} -> refunded" if moved
                   else f"orders.status left {_status_now(store, order.id)}")

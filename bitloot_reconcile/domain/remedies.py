@@ -28,9 +28,11 @@ CENT = Decimal("0.01")
 
 
 class Resolution(StrEnum):
-    REFUNDED_TO_CUSTOMER = "refunded_to_customer"  # the shop refunded the customer: orders.status -> refunded
-    DELIVERED_ELSEWHERE = "delivered_elsewhere"  # the customer got a key another way: the store is left as is
-    WRITTEN_OFF = "written_off"  # the shop gives up on it: the store is left as is
+    """Member names are the values: Dagster's launchpad offers an enum's names."""
+
+    refunded_to_customer = "refunded_to_customer"  # the shop refunded the customer: orders.status -> refunded
+    delivered_elsewhere = "delivered_elsewhere"  # the customer got a key another way: the store is left as is
+    written_off = "written_off"  # the shop gives up on it: the store is left as is
 
 
 @dataclass(frozen=True)
