@@ -25,6 +25,8 @@ from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.store.repository import Order
 
 CENT = Decimal("0.01")
+# The audit row a run with a remedy writes after its `requested` row (detail: `Remedy.label`); `history` reads it.
+REMEDY_ACTION = "remedy"
 
 
 class Resolution(StrEnum):

@@ -16,7 +16,7 @@ from bitloot_reconcile.domain import fulfilment, remedies, switches
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
-from bitloot_reconcile.domain.remedies import Remedy, Resolution
+from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -230,7 +230,7 @@ def load_and_claim(
         detail=f"re-execution of run {launch.parent_run_id}" if launch.parent_run_id else None,
     )
     if remedy:
-        repo.append_audit(order_id=order_id, action="remedy", trigger=launch.trigger, actor=launch.actor,
+        repo.append_audit(order_id=order_id, action=REMEDY_ACTION, trigger=launch.trigger, actor=launch.actor,
                           reason=launch.reason, run_id=context.run_id, outcome=None, detail=remedy.label)
     yield from step_result(context, progress)
 

@@ -11,7 +11,6 @@ import datetime as dt
 import dagster as dg
 from pydantic import model_validator
 
-from bitloot_reconcile.domain.remedies import PriceBound
 from bitloot_reconcile.domain.schedule import RetrySchedule
 from bitloot_reconcile.settings import DEFAULT_FRONTEND_URL, PolicyValues, Settings
 
@@ -37,10 +36,6 @@ class ReconcilePolicy(dg.ConfigurableResource, PolicyValues):
     @property
     def lease_ttl(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.lease_seconds)
-
-    @property
-    def price_bound(self) -> PriceBound:
-        return PriceBound(percent=self.max_price_over_cost_percent, eur=self.max_price_over_cost_eur)
 
     def retry_schedule(self) -> RetrySchedule:
         return RetrySchedule(
