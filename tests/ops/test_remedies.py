@@ -11,13 +11,16 @@ import dagster as dg
 import pytest
 
 from bitloot_reconcile.adapters.kinguin import KinguinClient
-from bitloot_reconcile.domain import alerting
+from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
+from bitloot_reconcile.domain import alerting, reconciliation
 from bitloot_reconcile.ops.fulfill_order import RefusedLaunch
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sensors import needs_attention_alert_sensor, stuck_orders_sensor
 from bitloot_reconcile.store.repository import utcnow
+from tests.fixtures.kinguin import KINGUIN_TEST_KEY
+from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY
 from tests.fixtures.runs import assert_fully_delivered, outcome_of, reason_of
 from tests.fixtures.webhook import Receiver
 from tests.fixtures.world import World
@@ -131,6 +134,17 @@ def test_a_replacement_places_one_new_order_under_a_new_external_id(world: World
     assert tags_of(world, result)["bitloot/remedy"] == "replace_canceled_supplier_order"
     order = world.store.load_order(order_id)
     assert order.status == "fulfilled" and all(item.delivered for item in order.items)
+    # The daily report finds both Kinguin orders (the replacement by its own orderExternalId): one live
+    # beside a canceled one is no duplicate.
+    now = utcnow()
+    with KinguinClient(world.kinguin.base_url, KINGUIN_TEST_KEY) as kinguin, \
+            NowPaymentsClient(world.nowpayments.url, NOWPAYMENTS_TEST_KEY) as nowpayments:
+        report = reconciliation.build_report(world.store, kinguin, nowpayments, world.vault,
+                                             now - dt.timedelta(days=1), now + dt.timedelta(minutes=1))
+    row = report.set_index("order_id").loc[order_id]
+    assert row["class"] == "ok"
+    assert row["kinguin_orders"] == f"{first}:canceled, {replacement.order_id}:completed"
+    assert len(report) == 1
 
     # Asked again once the replacement is live: nothing more is bought.
     again = world.run(order_id, reason="twice by mistake", remedy=REPLACE)

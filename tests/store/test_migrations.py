@@ -171,6 +171,36 @@ def test_downgrade_to_base_removes_only_the_projects_objects(bitloot_pg_url):
     assert reupgraded["columns"] == before["columns"]
 
 
+def test_a_store_at_0001_gets_the_replacement_columns_and_the_widened_blocking_index(empty_pg_url):
+    """A store migrated before the admin remedies: 0002 adds the state's replacement columns and lets the
+    sweep's partial index cover the orders resolved by hand."""
+    _migrate(empty_pg_url, revision="0001")
+    engine = create_store_engine(empty_pg_url)
+    try:
+        with engine.begin() as conn:  # 0001 builds tables from today's schema: make it the old shape
+            conn.execute(sa.text("ALTER TABLE reconcile_state DROP COLUMN replacements, "
+                                 "DROP COLUMN replaced_kinguin_order_id"))
+            conn.execute(sa.text("DROP INDEX ix_reconcile_state_blocking"))
+            conn.execute(sa.text("CREATE INDEX ix_reconcile_state_blocking ON reconcile_state (order_id) WHERE "
+                                 "lease_owner IS NOT NULL OR next_attempt_at IS NOT NULL "
+                                 "OR last_outcome = 'needs_attention'"))
+            conn.execute(sa.text("INSERT INTO reconcile_state (order_id, attempts) "
+                                 "VALUES ('5c91f65c-4b12-463c-9277-8cfc139ceda4', 2)"))
+        _migrate(empty_pg_url)
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT attempts, replacements, replaced_kinguin_order_id "
+                                       "FROM reconcile_state")).one()
+            index = conn.execute(sa.text("SELECT indexdef FROM pg_indexes "
+                                         "WHERE indexname = 'ix_reconcile_state_blocking'")).scalar_one()
+    finally:
+        engine.dispose()
+    assert tuple(row) == (2, 0, None)
+    assert "'resolved'" in index and "'needs_attention'" in index
+    assert _versions(empty_pg_url) == ["0002"]
+    _migrate(empty_pg_url, "downgrade", "0001")
+    assert _versions(empty_pg_url) == ["0001"]
+
+
 # --- (c) SQLite -------------------------------------------------------------------------------------------
 def test_upgrade_on_sqlite_file_twice(tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
