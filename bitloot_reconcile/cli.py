@@ -238,6 +238,8 @@ def history_cmd(order_id: str) -> None:
         ("next attempt at", _when(state.next_attempt_at)),
         ("waiting for supplier since", _when(state.waiting_since)),
         ("placement intent at", _when(state.placement_intent_at)),
+        ("replacements", f"{state.replacements}, the last of canceled Kinguin order {state.replaced_kinguin_order_id}"
+         if state.replacements else "none"),
         ("lease", f"{state.lease_owner} until {_when(state.lease_expires_at)}" if state.lease_owner else "free"),
     ):
         now.add_row(label, value)
@@ -254,6 +256,8 @@ def _attempt_text(attempt):
 
     who = f"{attempt.trigger} run" + (f" by {attempt.actor}" if attempt.actor else "")
     text = Text(who + (f": {attempt.reason}" if attempt.reason else ""))
+    if attempt.remedy:
+        text.append(f"\nremedy: {attempt.remedy}", style="bold")
     if attempt.run_id:
         text.append(f"\nrun {attempt.run_id}" + (f" ({attempt.status.lower()})" if attempt.status else ""))
     if attempt.outcome:
@@ -276,18 +280,26 @@ def _attempt_text(attempt):
 @click.argument("order_id")
 @click.option("--reason", required=True, help="Why this order is being retried (recorded in the audit table).")
 @click.option("--by", "requested_by", required=True, help="Who asks, e.g. admin@bitloot.io.")
+@click.option("--max-unit-price", "max_unit_price_eur", type=float, metavar="EUR",
+              help="Remedy: pay Kinguin up to this much per unit, this run only (within the shop's bound over cost).")
+@click.option("--replace-canceled-supplier-order", is_flag=True,
+              help="Remedy: buy again after Kinguin canceled or refunded the order (orderExternalId <order id>:r<n>).")
+@click.option("--resolution", type=click.Choice(["refunded_to_customer", "delivered_elsewhere", "written_off"]),
+              help="Remedy: close the order by hand; it is never swept or alerted again.")
 @click.option("--dagster-url", help="Submit to this Dagster webserver (default: $DAGSTER_WEBSERVER_URL); unset: "
               "run here, on the Dagster instance of $DAGSTER_HOME.")
 @click.option("--wait", is_flag=True, help="With a webserver: wait for the run to end and print its outcome.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits at most.")
-def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | None, wait: bool,
+def retry_cmd(order_id: str, reason: str, requested_by: str, max_unit_price_eur: float | None,
+              replace_canceled_supplier_order: bool, resolution: str | None, dagster_url: str | None, wait: bool,
               timeout: float) -> None:
-    """Run `fulfill_order` for ORDER_ID as an admin retry, after the launchpad's checks.
+    """Run `fulfill_order` for ORDER_ID as an admin retry, after the launchpad's checks, with a remedy if asked.
 
     The run is recorded in the Dagster instance the UI shows: submitted to the webserver at --dagster-url, or
     run in this process on the instance of DAGSTER_HOME (refused when neither is set).
     """
     from bitloot_reconcile import commands
+    from bitloot_reconcile.domain.remedies import Remedy
 
     settings = _settings()
     dagster_url = dagster_url or settings.dagster_webserver_url
@@ -295,10 +307,12 @@ def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | 
         if not dagster_url and not settings.dagster_home:
             raise click.UsageError("set DAGSTER_WEBSERVER_URL (or pass --dagster-url) to submit the run to Dagster, "
                                    "or DAGSTER_HOME to run it here on that instance, so that the Dagster UI shows it")
-        order_id = commands.validate_retry(store, order_id, reason, requested_by)
+        remedy = Remedy.from_fields(max_unit_price_eur, replace_canceled_supplier_order, resolution)
+        order_id = commands.validate_retry(store, order_id, reason, requested_by, remedy,
+                                           settings.reconcile.price_bound)
         try:
             if dagster_url:
-                run_id = commands.submit_retry(dagster_url, order_id, reason, requested_by)
+                run_id = commands.submit_retry(dagster_url, order_id, reason, requested_by, remedy)
                 click.echo(f"submitted fulfill_order run {run_id} for order {order_id}")
                 click.echo(commands.run_link(dagster_url, run_id))
                 if not wait:
@@ -306,7 +320,7 @@ def retry_cmd(order_id: str, reason: str, requested_by: str, dagster_url: str | 
                 status, tags = commands.wait_for_run(dagster_url, run_id, timeout=timeout)
                 result = commands.finished_run(store, order_id, run_id, status, tags)
             else:
-                result = commands.run_retry(settings, store, order_id, reason, requested_by)
+                result = commands.run_retry(settings, store, order_id, reason, requested_by, remedy)
         except commands.DagsterUnavailable as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"run {result.run_id}: {result.outcome or 'no outcome recorded'}"

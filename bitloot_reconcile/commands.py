@@ -25,6 +25,14 @@ from bitloot_reconcile.domain.board import Board, load_board
 from bitloot_reconcile.domain.fulfilment import parse_order_id, refusal, validate_admin_request
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.planning import Plan, plan_order
+from bitloot_reconcile.domain.remedies import (
+    NO_REMEDY,
+    REMEDY_ACTION,
+    PriceBound,
+    Remedy,
+    remedy_refusal,
+    validate_remedy_request,
+)
 from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.settings import RUN_SECRETS, Settings, SettingsError, Tunables
 from bitloot_reconcile.store.engine import create_store_engine
@@ -34,6 +42,7 @@ from bitloot_reconcile.tags import (
     TAG_ORDER_ID,
     TAG_OUTCOME,
     TAG_REASON,
+    TAG_REMEDY,
     TAG_REQUESTED_BY,
     TAG_TRIGGER,
     TRIGGER_ADMIN,
@@ -157,6 +166,7 @@ class Attempt:
     outcome: str | None  # an `Outcome` value, `refused`, or None when the run recorded none
     detail: str | None  # the outcome's reason, or the failure of a run that recorded nothing
     status: str | None = None  # the Dagster run's status, when the instance of DAGSTER_HOME was read
+    remedy: str | None = None  # an admin's remedy for the run (`Remedy.label`)
 
     @property
     def in_progress(self) -> bool:
@@ -203,21 +213,26 @@ def audit_attempts(audit: list[dict]) -> list[Attempt]:
     attempts = []
     for rows in groups:
         first = rows[0]
-        ended = [r for r in rows if r["outcome"] or r["action"] == OUTCOME_REFUSED]
+        ended = [r for r in rows if r["action"] != REMEDY_ACTION and (r["outcome"] or r["action"] == OUTCOME_REFUSED)]
         last = ended[-1] if ended else None
+        remedy = next((r["detail"] for r in rows if r["action"] == REMEDY_ACTION), None)
         attempts.append(Attempt(
             started_at=first["created_at"], run_id=first["run_id"], trigger=first["trigger"], actor=first["actor"],
             reason=first["reason"], outcome=(last["outcome"] or last["action"]) if last else None,
-            detail=last["detail"] if last else None,
+            detail=last["detail"] if last else None, remedy=remedy,
         ))
     return attempts
 
 
 def with_dagster_runs(attempts: list[Attempt], runs: list[Attempt]) -> list[Attempt]:
     """The audit's attempts with their runs' status, and the runs the audit never saw, oldest first."""
-    status = {run.run_id: run.status for run in runs}
+    by_id = {run.run_id: run for run in runs}
     known = {attempt.run_id for attempt in attempts}
-    merged = [replace(a, status=status.get(a.run_id)) for a in attempts] + [r for r in runs if r.run_id not in known]
+    merged = [
+        replace(a, status=by_id[a.run_id].status if a.run_id in by_id else None,
+                remedy=a.remedy or (by_id[a.run_id].remedy if a.run_id in by_id else None))
+        for a in attempts
+    ] + [r for r in runs if r.run_id not in known]
     oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
     return sorted(merged, key=lambda a: a.started_at or oldest)
 
@@ -236,7 +251,7 @@ def _runs_of_order(order_id: str) -> list[Attempt]:
                 outcome=record.dagster_run.tags.get(TAG_OUTCOME),
                 detail=_failure(instance, record.dagster_run.run_id)
                 if record.dagster_run.status == dg.DagsterRunStatus.FAILURE else None,
-                status=record.dagster_run.status.value,
+                status=record.dagster_run.status.value, remedy=record.dagster_run.tags.get(TAG_REMEDY),
             )
             for record in records
         ]
@@ -278,20 +293,26 @@ def open_instance() -> Iterator[DagsterInstance]:
 
 
 # ------------------------------------------------------------------------------------------------- retry
-def validate_retry(store: Store, raw_order_id: str, reason: str, requested_by: str) -> str:
+def validate_retry(store: Store, raw_order_id: str, reason: str, requested_by: str, remedy: Remedy = NO_REMEDY,
+                   bound: PriceBound | None = None) -> str:
     """The launchpad's checks, before anything is submitted: a valid id, a reason and a requester, an order
-    the run would not refuse."""
+    the run would not refuse, and a remedy the order allows (a price ceiling within `bound` over cost)."""
     order_id = parse_order_id(raw_order_id)
+    validate_remedy_request(remedy, reason, requested_by)
     validate_admin_request(reason, requested_by)
-    refused = refusal(_existing(store, order_id), admin=True)
+    order = _existing(store, order_id)
+    refused = refusal(order, admin=True) or remedy_refusal(order, remedy, bound or PriceBound())
     if refused:
         raise InvalidRequest(refused)
     return order_id
 
 
-def _run_request(order_id: str, reason: str, requested_by: str) -> tuple[dict, dict]:
-    config = {"order_id": order_id, "reason": reason, "requested_by": requested_by}
-    return config, request_tags(order_id, trigger=TRIGGER_ADMIN, reason=reason, requested_by=requested_by)
+def _run_request(order_id: str, reason: str, requested_by: str, remedy: Remedy = NO_REMEDY) -> tuple[dict, dict]:
+    config = {"order_id": order_id, "reason": reason, "requested_by": requested_by, **remedy.as_config()}
+    tags = request_tags(order_id, trigger=TRIGGER_ADMIN, reason=reason, requested_by=requested_by)
+    if remedy:
+        tags[TAG_REMEDY] = remedy.label
+    return config, tags
 
 
 class DagsterUnavailable(Exception):
@@ -308,7 +329,7 @@ def run_link(dagster_url: str, run_id: str) -> str:
     return f"{webserver_url(dagster_url)}/runs/{run_id}"
 
 
-def submit_retry(dagster_url: str, order_id: str, reason: str, requested_by: str) -> str:
+def submit_retry(dagster_url: str, order_id: str, reason: str, requested_by: str, remedy: Remedy = NO_REMEDY) -> str:
     """Submit `fulfill_order` to a running Dagster webserver; returns the run id."""
     from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
@@ -318,7 +339,7 @@ def submit_retry(dagster_url: str, order_id: str, reason: str, requested_by: str
     url = urlsplit(base)
     client = DagsterGraphQLClient(url.hostname or "localhost", port_number=url.port, use_https=url.scheme == "https",
                                   timeout=GRAPHQL_TIMEOUT_SECONDS, path_prefix=url.path.rstrip("/"))
-    config, tags = _run_request(order_id, reason, requested_by)
+    config, tags = _run_request(order_id, reason, requested_by, remedy)
     try:
         return client.submit_job_execution(fulfill_order.name, run_config=config, tags=tags)
     except DagsterGraphQLClientError as exc:
@@ -408,7 +429,8 @@ def finished_run(store: Store, order_id: str, run_id: str, status: str, tags: di
     return RunResult(run_id, status == "SUCCESS", outcome, reason)
 
 
-def run_retry(settings: Settings, store: Store, order_id: str, reason: str, requested_by: str) -> RunResult:
+def run_retry(settings: Settings, store: Store, order_id: str, reason: str, requested_by: str,
+              remedy: Remedy = NO_REMEDY) -> RunResult:
     """Run `fulfill_order` in this process with the code location's resources (from the environment), on the
     instance of DAGSTER_HOME so that the run is in its UI's history like any other."""
     from bitloot_reconcile.definitions import build_resources
@@ -417,7 +439,7 @@ def run_retry(settings: Settings, store: Store, order_id: str, reason: str, requ
     for name in RUN_SECRETS:  # the resources read them as EnvVar only when the run starts: check first
         settings.secret(name)
     r2_endpoint(settings)
-    config, tags = _run_request(order_id, reason, requested_by)
+    config, tags = _run_request(order_id, reason, requested_by, remedy)
     with open_instance() as instance:
         result = fulfill_order.execute_in_process(
             run_config=config, resources=build_resources(settings), instance=instance, tags=tags,

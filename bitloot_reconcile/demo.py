@@ -79,6 +79,9 @@ class DemoWorld:
     standins: StandIns
     # Things that happen while the sweep runs: each is called on every poll until it says it is done.
     later: list[Callable[[], bool]] = field(default_factory=list)
+    # The demo's variables for the command line (`.demo/env`), once written: an admin's act uses them.
+    env_file: Path | None = None
+    admin_commands: list[subprocess.Popen] = field(default_factory=list)
 
     def run_later(self) -> None:
         self.later = [action for action in self.later if not action()]
@@ -166,6 +169,32 @@ def _kinguin_switched_off(w: DemoWorld) -> str:
     return order_id
 
 
+ADMIN_CEILING = "10.00"  # within the bound: cost 9.00 + 20% = 10.80
+
+
+def _price_rose(w: DemoWorld) -> str:
+    """Kinguin's price rose above BitLoot's cost: the sweep leaves the order to a person; an admin then pays a
+    little more with a remedy, through the command line (with `--ui`, the run is submitted to the UI)."""
+    order_id = w.order([w.product("Dead Cells", 9.6, cost=9.0)])
+    store = Store(w.engine)
+
+    def admin_raises_the_ceiling() -> bool:
+        if store.get_state(order_id).last_outcome != "needs_attention" or w.env_file is None:
+            return False
+        log = (w.env_file.parent / "admin-retry.log").open("ab")
+        w.admin_commands.append(subprocess.Popen(
+            [_bin("bitloot-reconcile"), "--env-file", str(w.env_file), "retry", order_id,
+             "--max-unit-price", ADMIN_CEILING, "--reason", "Kinguin's price rose above our cost: pay up to 10.00",
+             "--by", "admin@bitloot.example"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        log.close()
+        return True
+
+    w.later.append(admin_raises_the_ceiling)
+    return order_id
+
+
 def _bounced_address(w: DemoWorld) -> str:
     order_id = w.order([w.product("Inside", 6.5)], email="bounced@example.com")
     insert_email_bounce(w.engine, "bounced@example.com", reason="550 5.1.1 mailbox does not exist")
@@ -200,6 +229,8 @@ SCENARIOS = [
              _kinguin_switched_off),
     Scenario("bounced address", "customer's address hard-bounced: keys, no email", "fulfilled", _bounced_address),
     Scenario("supplier canceled", "Kinguin canceled the order", "needs_attention", _supplier_canceled),
+    Scenario("price rose, admin pays more", "needs a person, then an admin's retry with max_unit_price_eur",
+             "fulfilled", _price_rose),
     Scenario("out of stock", "no Kinguin offer at our cost", "needs_attention",
              lambda w: w.order([w.product("Outer Wilds", 15.0, stock=0)])),
     Scenario("custom product", "inventory item, not a Kinguin key", "needs_attention",
@@ -250,7 +281,7 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
             demo_env["DAGSTER_WEBSERVER_URL"] = f"http://127.0.0.1:{port}"
         env = {**os.environ, **demo_env}
         _init_instance(env)
-        env_file = write_env_file(base_dir / "env", demo_env)
+        env_file = world.env_file = write_env_file(base_dir / "env", demo_env)
         command = (["dagster", "dev", "-m", "bitloot_reconcile.definitions", "-p", str(port)] if ui
                    else ["dagster-daemon", "run", "-m", "bitloot_reconcile.definitions"])
         dagster = subprocess.Popen([_bin(command[0]), *command[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -277,6 +308,8 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
         except KeyboardInterrupt:
             ok = True
         finally:
+            for command_run in world.admin_commands:
+                _stop(command_run)
             _stop(dagster)
     return 0 if ok else 1
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bitloot_reconcile.domain.remedies import PriceBound
+
 DEFAULT_FRONTEND_URL = "https://bitloot.io"
 # What a `fulfill_order` run needs that has no default (the code location passes them on as EnvVar).
 RUN_SECRETS = ("database_url", "kinguin_api_key", "nowpayments_api_key", "r2_access_key_id", "r2_secret_access_key",
@@ -40,6 +42,13 @@ class PolicyValues(BaseModel):
     backoff_cap_seconds: float = 3600.0
     supplier_deadline_hours: float = 72.0
     hold_recheck_seconds: float = 300.0
+    # How far above a product's cost an admin's `max_unit_price_eur` may go: both limits hold, the lower wins.
+    max_price_over_cost_percent: float = Field(default=20.0, ge=0)
+    max_price_over_cost_eur: float = Field(default=5.0, ge=0)
+
+    @property
+    def price_bound(self) -> PriceBound:
+        return PriceBound(percent=self.max_price_over_cost_percent, eur=self.max_price_over_cost_eur)
 
 
 class Tunables(PolicyValues):

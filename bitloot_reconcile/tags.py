@@ -10,6 +10,9 @@ TAG_ATTEMPT = "bitloot/attempt"
 # How the run ended for its order: an `Outcome` value, or `refused` for an operator's input error (nothing
 # was changed, nobody is paged). Filter the Runs page by it: `bitloot/outcome=needs_attention`.
 TAG_OUTCOME = "bitloot/outcome"
+# An admin's remedy for this run (`domain.remedies`), e.g. `max_unit_price_eur=7.00`,
+# `replace_canceled_supplier_order`, `resolution=written_off`; absent on plain runs.
+TAG_REMEDY = "bitloot/remedy"
 # A re-executed run's parent (Dagster's "Re-execute"): the run it repeats.
 TAG_PARENT_RUN = "bitloot/parent_run_id"
 TRIGGER_SENSOR = "sensor"

@@ -343,6 +343,59 @@ def test_retry_refuses_bad_requests_before_anything_is_submitted(world: World):
     assert requests_seen(world) == seen
 
 
+def test_retry_refuses_a_remedy_the_order_does_not_allow_before_anything_is_submitted(world: World):
+    pricey = world.order([world.product(price=5.8, cost=5.0)])
+    never_placed = world.order([world.product()])
+    before, seen = tables(world), requests_seen(world)
+    nowhere = "http://127.0.0.1:9"
+    cases = [
+        ((pricey, "--max-unit-price", "6.01"), "max_unit_price_eur 6.01 is above the bound for product"),
+        ((pricey, "--max-unit-price", "5"), "is not above any line's cost"),
+        ((pricey, "--max-unit-price", "-1"), "max_unit_price_eur must be a price above 0 EUR"),
+        ((never_placed, "--replace-canceled-supplier-order"), "has no Kinguin order to replace"),
+        ((pricey, "--resolution", "written_off", "--max-unit-price", "6"), "cannot be combined"),
+        ((pricey, "--resolution", "lost"), "'lost' is not one of"),
+    ]
+    for args, message in cases:
+        result = invoke(world, "retry", *args, "--reason", "r", "--by", "me", "--dagster-url", nowhere)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    bounded = invoke(world, "retry", pricey, "--max-unit-price", "6.01", "--reason", "r", "--by", "me",
+                     "--dagster-url", nowhere)
+    assert "at most 6.00 (+20% or +5.00 EUR over cost, whichever is lower)" in " ".join(bounded.output.split())
+    tuned = invoke(world, "retry", pricey, "--max-unit-price", "5.6", "--reason", "r", "--by", "me",
+                   "--dagster-url", nowhere, RECONCILE_MAX_PRICE_OVER_COST_EUR="0.5")
+    assert "at most 5.50 (+20% or +0.50 EUR" in " ".join(tuned.output.split())
+    assert tables(world) == before
+    assert requests_seen(world) == seen
+
+
+def test_retry_with_a_raised_ceiling_runs_and_history_shows_the_remedy(world: World, dagster_home: Path):
+    import dagster as dg
+
+    order_id = world.order([world.product(price=5.8, cost=5.0)])
+    assert world.run(order_id).success  # needs attention: Kinguin asks more than the cost
+
+    result = invoke(world, "retry", order_id, "--max-unit-price", "6", "--reason", "ticket 12: pay a bit more",
+                    "--by", "lead@bitloot.io", DAGSTER_HOME=str(dagster_home))
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"run [0-9a-f-]{36}: fulfilled \(keys stored and email sent; paid 5.80 per unit for \w+ "
+                     r"against cost 5.00 \(\+0.80\)\)", result.output), result.output
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"bitloot/order_id": order_id}))
+    assert run.tags["bitloot/remedy"] == "max_unit_price_eur=6.00"
+    assert run.run_config["max_unit_price_eur"] == 6.0  # the flat launchpad config, as the UI shows it
+
+    history = invoke(world, "history", order_id, DAGSTER_HOME=str(dagster_home), COLUMNS="80")
+    assert history.exit_code == 0, history.output
+    rows = attempt_rows(history.output.split("\nnow")[0])
+    assert "remedy" not in rows[0]
+    assert re.search(rf"admin run by lead@bitloot.io: ticket 12: pay a bit more remedy: max_unit_price_eur=6.00 "
+                     rf"run {run.run_id} \(success\) → fulfilled: keys stored and email sent; paid 5.80", rows[1])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

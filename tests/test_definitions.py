@@ -44,7 +44,9 @@ def test_secrets_reach_the_resources_only_as_env_vars():
 def test_launchpad_config_is_flat():
     job = defs.resolve_job_def("fulfill_order")
     fields = job.config_mapping.config_schema.config_type.fields
-    assert set(fields) == {"order_id", "reason", "requested_by"}
+    assert set(fields) == {"order_id", "reason", "requested_by", "max_unit_price_eur",
+                           "replace_canceled_supplier_order", "resolution"}
+    assert {name for name, field in fields.items() if field.is_required} == {"order_id", "reason", "requested_by"}
 
 
 def test_a_malformed_setting_stops_the_load_naming_the_variable():

@@ -80,9 +80,10 @@ def test_orders_older_than_the_age_window_are_left_alone(sweep):
     assert sweep.tick() == []
 
 
-def test_leased_backing_off_and_quarantined_orders_are_excluded(sweep):
-    leased, backing_off, quarantined, expired_lease, due = (sweep.order() for _ in range(5))
+def test_leased_backing_off_quarantined_and_resolved_orders_are_excluded(sweep):
+    leased, backing_off, quarantined, expired_lease, due, resolved = (sweep.order() for _ in range(6))
     now = utcnow()
+    sweep.store.update_state(resolved, last_outcome="resolved")  # an admin closed it by hand: never again
     sweep.store.claim(leased, "run-a", dt.timedelta(minutes=10))
     sweep.store.update_state(backing_off, next_attempt_at=now + dt.timedelta(minutes=5))
     sweep.store.update_state(quarantined, last_outcome="needs_attention")

@@ -66,6 +66,8 @@ def what_happens_next(state: ReconcileState | None, *, trigger: str | None, now:
     """What happens to the order next, in words, from its reconcile state (None: the store has no row)."""
     if state is not None and state.last_outcome == Outcome.NEEDS_ATTENTION:
         return QUARANTINED
+    if state is not None and state.last_outcome == Outcome.RESOLVED:
+        return "nothing: an admin resolved the order by hand"
     if state is not None and state.next_attempt_at is not None:
         when = state.next_attempt_at.astimezone(dt.UTC)
         if when > now:

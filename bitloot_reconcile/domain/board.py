@@ -223,7 +223,7 @@ class Board:
 
 def build_board(backlog: Iterable[BacklogOrder], fulfilled: Iterable[FulfilledOrder], *, in_flight: Mapping[str, str],
                 now: dt.datetime, grace: dt.timedelta, max_age: dt.timedelta, limit: int | None = None) -> Board:
-    backlog = list(backlog)
+    backlog = [o for o in backlog if o.state.last_outcome != Outcome.RESOLVED]  # closed by hand: done
     rows = tuple(classify(o, in_flight=in_flight, now=now, grace=grace, max_age=max_age) for o in backlog)
     return Board(rows, trend(fulfilled, backlog, since=now - TREND_WINDOW),
                  truncated=limit is not None and len(backlog) >= limit)

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Protocol
 
 from bitloot_reconcile.adapters.errors import (
@@ -27,7 +28,15 @@ from bitloot_reconcile.adapters.errors import (
     PermanentError,
     TransientError,
 )
-from bitloot_reconcile.adapters.kinguin import MAX_LINES, MAX_QTY, KinguinClient, KinguinKey, KinguinOrder, OrderLine
+from bitloot_reconcile.adapters.kinguin import (
+    MAX_LINES,
+    MAX_QTY,
+    KinguinClient,
+    KinguinKey,
+    KinguinOrder,
+    KinguinProduct,
+    OrderLine,
+)
 from bitloot_reconcile.adapters.nowpayments import (
     NowPaymentsClient,
     PaymentInfo,
@@ -44,6 +53,16 @@ from bitloot_reconcile.domain.outcomes import (
     InvalidRequest,
     Outcome,
     Progress,
+)
+from bitloot_reconcile.domain.remedies import (
+    NO_REMEDY,
+    PriceBound,
+    Remedy,
+    Resolution,
+    price_against_cost,
+    remedy_refusal,
+    replacement_external_id,
+    unit_price,
 )
 from bitloot_reconcile.store.repository import Item, LeaseLost, Order, ReconcileState, Store
 from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
@@ -72,6 +91,14 @@ class OrderSearch(Protocol):
     def search_orders(self, *, order_external_id: str | None = None) -> list[KinguinOrder]: ...
 
 
+class SupplierOrders(OrderReader, OrderSearch, Protocol):
+    """What the supplier-order decision reads: a replacement first asks how the saved order stands."""
+
+
+class ProductReader(Protocol):
+    def get_product(self, product_id: str) -> KinguinProduct | None: ...
+
+
 @dataclass(frozen=True)
 class Stop:
     """A decision that ends the run with this outcome."""
@@ -90,11 +117,19 @@ class UseSupplierOrder:
     kinguin_order_id: str
     found_by_search: bool  # adopted after an earlier attempt: its id is not saved yet
     why: str
+    replaces: str | None = None  # a replacement found by search: the canceled order it takes the place of
 
 
 @dataclass(frozen=True)
 class PlaceSupplierOrder:
     lines: list[OrderLine]
+    order_id: str = ""
+    replaces: str | None = None  # an admin's replacement: the canceled Kinguin order it replaces
+    replacement: int = 0  # its number (the first order is 0)
+
+    @property
+    def external_id(self) -> str:
+        return replacement_external_id(self.order_id, self.replacement) if self.replaces else self.order_id
 
 
 @dataclass(frozen=True)
@@ -164,11 +199,14 @@ def already_done(order: Order) -> Stop | None:
     return None
 
 
-def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.timedelta, admin: bool) -> Progress:
-    """Refuse what cannot be recovered, then take the per-order lease (or end as `busy`)."""
+def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.timedelta, admin: bool,
+                   remedy: Remedy = NO_REMEDY, bound: PriceBound | None = None) -> Progress:
+    """Refuse what cannot be recovered (or a remedy the order rules out), then take the per-order lease (or
+    end as `busy`)."""
     order = _load(store, order_id)
-    progress = Progress(order_id=order.id, lease_owner=owner, lease_seconds=lease_ttl.total_seconds())
-    if refused := refusal(order, admin=admin):
+    progress = Progress(order_id=order.id, lease_owner=owner, lease_seconds=lease_ttl.total_seconds(),
+                        remedy=remedy or None)
+    if refused := refusal(order, admin=admin) or remedy_refusal(order, remedy, bound or PriceBound()):
         raise InvalidRequest(refused)
     if done := already_done(order):
         return progress.stop(done.outcome, done.reason)
@@ -196,6 +234,19 @@ def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:
             return progress.stop(Outcome.BUSY, LEASE_LOST_REASON)
 
     return fenced_step
+
+
+@under_lease
+def resolve_by_hand(store: Store, resolution: Resolution, progress: Progress) -> Progress:
+    """An admin closes the order: no outside call. BitLoot's status changes only when the shop refunded."""
+    order = _load(store, progress.order_id)
+    if resolution is Resolution.refunded_to_customer:
+        moved = store.mark_refunded(order.id, owner=progress.lease_owner)
+        status = (f"orders.status {order.status} -> refunded" if moved
+                  else f"orders.status left {_status_now(store, order.id)}")
+    else:
+        status = f"orders.status left {order.status}"
+    return progress.stop(Outcome.RESOLVED, f"resolved by hand: {resolution} ({status})")
 
 
 def decide_payment(order: Order, nowpayments: PaymentReader) -> Stop | PaymentConfirmed | None:
@@ -251,15 +302,17 @@ def undeliverable_items(order: Order) -> str | None:
     return f"order items must be one unit each (quantity 1); {shown}: fix the order in BitLoot first"
 
 
-def kinguin_lines(order: Order) -> list[OrderLine] | str:
-    """The v2 order lines for the order's items, or the reason they cannot be bought automatically."""
+def kinguin_lines(order: Order, ceiling: Decimal | None = None) -> list[OrderLine] | str:
+    """The v2 order lines for the order's items, or the reason they cannot be bought automatically. Each
+    line's price is the product's cost, or an admin's higher ceiling for this run."""
     units: Counter[tuple[str, str | None, float]] = Counter()
     for item in order.items:
         if item.product_source_type != "kinguin" or not item.kinguin_product_id:
             return "custom-inventory items are not handled here"
         if not item.product_cost or item.product_cost <= 0:
             return f"product {item.product_id} has no cost to send to Kinguin"
-        units[(item.kinguin_product_id, item.kinguin_offer_id, float(item.product_cost))] += item.quantity
+        price = float(unit_price(item.product_cost, ceiling))
+        units[(item.kinguin_product_id, item.kinguin_offer_id, price)] += item.quantity
     if len(units) > MAX_LINES or any(qty > MAX_QTY for qty in units.values()):
         return f"order exceeds Kinguin's limits ({MAX_LINES} lines, {MAX_QTY} units per product)"
     return [
@@ -269,36 +322,83 @@ def kinguin_lines(order: Order) -> list[OrderLine] | str:
 
 
 def decide_supplier_order(
-    order: Order, state: ReconcileState, kinguin: OrderSearch
+    order: Order, state: ReconcileState, kinguin: SupplierOrders, remedy: Remedy = NO_REMEDY
 ) -> Stop | UseSupplierOrder | PlaceSupplierOrder | None:
-    """Exactly one Kinguin order per BitLoot order: reuse the saved one, adopt one an earlier attempt placed
-    (searched only after a recorded intent), or place one. None: the order is fulfilled, nothing to buy."""
+    """Exactly one live Kinguin order per BitLoot order: reuse the saved one, adopt one an earlier attempt
+    placed (searched only after a recorded intent), or place one; an admin's replacement of a canceled one
+    likewise. None: the order is fulfilled, nothing to buy."""
     if order.status == OrderStatus.FULFILLED:
         return None
     if bad_data := undeliverable_items(order):
         return Stop(Outcome.NEEDS_ATTENTION, bad_data)
-    if order.kinguin_reservation_id:
-        return UseSupplierOrder(order.kinguin_reservation_id, False, "saved kinguinReservationId")
-    lines = kinguin_lines(order)
+    ceiling = remedy.max_unit_price_eur
+    if saved := order.kinguin_reservation_id:
+        # A replacement intent with the canceled order still saved: an earlier attempt may have placed it.
+        pending = state.replacements if state.replaced_kinguin_order_id == saved and state.replacements else 0
+        if pending:
+            external_id = replacement_external_id(order.id, pending)
+            if existing := kinguin.search_orders(order_external_id=external_id):
+                chosen = choose_supplier_order(existing)
+                why = f"replacement found by orderExternalId {external_id} after an earlier attempt"
+                return UseSupplierOrder(chosen.order_id, True, why, replaces=saved)
+        if not remedy.replace_canceled_supplier_order:
+            return UseSupplierOrder(saved, False, "saved kinguinReservationId")
+        current = read_supplier_order(kinguin, saved)
+        if current is None or current.status not in DEAD_SUPPLIER_STATUSES:
+            standing = current.status if current else "unknown to Kinguin"
+            return UseSupplierOrder(saved, False, f"saved kinguinReservationId, {standing}: nothing to replace")
+        lines = kinguin_lines(order, ceiling)
+        if isinstance(lines, str):
+            return Stop(Outcome.NEEDS_ATTENTION, lines)
+        return PlaceSupplierOrder(lines, order.id, replaces=saved, replacement=pending or state.replacements + 1)
+    lines = kinguin_lines(order, ceiling)
     if isinstance(lines, str):
         return Stop(Outcome.NEEDS_ATTENTION, lines)
     # After a recorded intent, an earlier attempt may have placed the order and died before saving its id.
     if state.placement_intent_at is not None and (existing := kinguin.search_orders(order_external_id=order.id)):
         chosen = choose_supplier_order(existing)
         return UseSupplierOrder(chosen.order_id, True, "found by orderExternalId after an earlier attempt")
-    return PlaceSupplierOrder(lines)
+    return PlaceSupplierOrder(lines, order.id)
+
+
+# Kinguin's terminal statuses that deliver nothing more: only an admin's replacement buys again.
+DEAD_SUPPLIER_STATUSES = ("canceled", "refunded")
+
+
+def offers_now(lines: list[OrderLine], kinguin: ProductReader) -> tuple[str, Stop | None]:
+    """Kinguin's offers for each line now (product read calls), in words, and the refusal its placement
+    would get: `ProductUnavailable` for a line no offer matches (stock, a price at most the line's, the offer
+    named)."""
+    said, refused = [], None
+    for line in lines:
+        product = kinguin.get_product(line.product_id)
+        offers = [o for o in (product.offers if product else []) if line.offer_id in (None, o.offer_id)]
+        fitting = [o for o in offers if o.price <= line.price + 1e-9 and o.qty >= line.qty]
+        if offers:
+            cheapest = min(offers, key=lambda o: o.price)
+            said.append(f"{line.product_id}: from {cheapest.price:.2f} EUR ({sum(o.qty for o in offers)} on offer), "
+                        f"paying at most {line.price:.2f} for {line.qty}")
+        else:
+            said.append(f"{line.product_id}: no offer (out of stock)")
+        if not fitting:
+            refused = Stop(Outcome.NEEDS_ATTENTION, KINGUIN_REFUSALS["ProductUnavailable"])
+    return "; ".join(said), refused
 
 
 @under_lease
 def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progress) -> Progress:
-    """Apply `decide_supplier_order`: save an adopted order's id, or record the intent and place the order."""
+    """Apply `decide_supplier_order`: save an adopted order's id, or record the intent and place the order.
+    With an admin's price ceiling, Kinguin's offers are read first and the run says what it will pay."""
     order = _load(store, progress.order_id)
-    decision = decide_supplier_order(order, store.get_state(order.id), kinguin)
+    remedy = progress.remedy or NO_REMEDY
+    decision = decide_supplier_order(order, store.get_state(order.id), kinguin, remedy)
     if decision is None:
         return progress.noted("nothing to buy: the order is already fulfilled")
     if isinstance(decision, Stop):
         return progress.stop(decision.outcome, decision.reason)
     if isinstance(decision, UseSupplierOrder):
+        if decision.replaces:
+            return _take_replacement(store, progress, decision.replaces, decision.kinguin_order_id, decision.why)
         if decision.found_by_search:
             store.save_reservation_id(order.id, decision.kinguin_order_id, owner=progress.lease_owner)
             return progress.with_supplier_order(
@@ -307,20 +407,43 @@ def ensure_supplier_order(store: Store, kinguin: KinguinClient, progress: Progre
         return progress.with_supplier_order(
             decision.kinguin_order_id, f"Kinguin order {decision.kinguin_order_id} already placed ({decision.why})"
         )
-    lines = decision.lines
-    store.record_placement_intent(order.id, owner=progress.lease_owner)
+    lines, offers = decision.lines, ""
+    if remedy.max_unit_price_eur is not None:
+        offers, refused = offers_now(lines, kinguin)
+        if refused:
+            return progress.stop(refused.outcome, f"{refused.reason}: no offer within max_unit_price_eur "
+                                                  f"{remedy.max_unit_price_eur} ({offers})")
+    if decision.replaces:
+        store.record_replacement_intent(order.id, decision.replaces, decision.replacement, owner=progress.lease_owner)
+    else:
+        store.record_placement_intent(order.id, owner=progress.lease_owner)
     try:
-        placed = kinguin.place_order(order.id, lines)
+        placed = kinguin.place_order(decision.external_id, lines)
     except DuplicateExternalIdError:
-        existing = kinguin.search_orders(order_external_id=order.id)
+        existing = kinguin.search_orders(order_external_id=decision.external_id)
         if not existing:
             raise TransientError("kinguin", "orderExternalId reported as used but no order found yet") from None
+        if decision.replaces:
+            chosen = choose_supplier_order(existing)
+            why = f"Kinguin reported orderExternalId {decision.external_id} as used: an earlier attempt placed it"
+            return _take_replacement(store, progress, decision.replaces, chosen.order_id, why)
         return _adopt(store, progress, existing)
     except PermanentError as exc:
         return progress.stop(Outcome.NEEDS_ATTENTION, KINGUIN_REFUSALS.get(exc.kind or "", f"Kinguin refused: {exc}"))
-    store.save_reservation_id(order.id, placed.order_id, owner=progress.lease_owner)
     units = sum(line.qty for line in lines)
-    return progress.with_supplier_order(placed.order_id, f"placed Kinguin order {placed.order_id} for {units} key(s)")
+    paid = price_against_cost(order, [(p.product_id or "", p.price) for p in placed.products])
+    said = f"placed Kinguin order {placed.order_id} for {units} key(s)" + (f"; offers now: {offers}" if offers else "")
+    if decision.replaces:
+        return _take_replacement(store, progress, decision.replaces, placed.order_id, said).remarked(paid)
+    store.save_reservation_id(order.id, placed.order_id, owner=progress.lease_owner)
+    return progress.with_supplier_order(placed.order_id, said).remarked(paid)
+
+
+def _take_replacement(store: Store, progress: Progress, replaced: str, replacement: str, why: str) -> Progress:
+    """The replacement becomes the order's saved Kinguin order; both ids stay on record in the outcome."""
+    store.replace_reservation_id(progress.order_id, replaced, replacement, owner=progress.lease_owner)
+    remark = f"canceled Kinguin order {replaced} replaced by {replacement}"
+    return progress.with_supplier_order(replacement, f"{remark}: {why}").remarked(remark)
 
 
 def choose_supplier_order(found: list[KinguinOrder]) -> KinguinOrder:
@@ -350,7 +473,8 @@ def poll_supplier(store: Store, kinguin: KinguinClient, progress: Progress) -> P
     if decision:
         return progress.stop(decision.outcome, decision.reason)
     assert supplier_order is not None  # decide_after_poll stops on an unknown order
-    return progress.noted(
+    paid = price_against_cost(order, [(p.product_id or "", p.price) for p in supplier_order.products])
+    return progress.remarked(paid).noted(
         f"Kinguin order {progress.kinguin_order_id} is {supplier_order.status}, "
         f"{supplier_order.delivered_count} key(s) delivered"
     )
@@ -501,4 +625,9 @@ FULFILLED_REASON = "keys stored and email sent"
 
 
 def final_outcome(progress: Progress) -> Progress:
-    return progress if progress.finished else progress.stop(Outcome.FULFILLED, FULFILLED_REASON)
+    """The run's one outcome; its reason also says what the remarks carried (a replacement, the price paid)."""
+    ended = progress if progress.finished else progress.stop(Outcome.FULFILLED, FULFILLED_REASON)
+    if not ended.remarks or ended.outcome is Outcome.BUSY:
+        return ended
+    assert ended.outcome is not None
+    return ended.stop(ended.outcome, "; ".join(r for r in (ended.reason, *ended.remarks) if r))

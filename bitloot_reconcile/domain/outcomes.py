@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bitloot_reconcile.domain.remedies import Remedy
 
 
 class Outcome(StrEnum):
@@ -18,10 +22,12 @@ class Outcome(StrEnum):
     # One of BitLoot's own switches (feature flags) held the order back; no attempt is used up, the sweep
     # looks again after a short while.
     PAUSED = "paused"
+    # An admin closed the order by hand (a `resolution` remedy): never swept or alerted again.
+    RESOLVED = "resolved"
 
 
 # Outcomes after which the sweep leaves the order alone until a person acts (an admin run still works).
-TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION})
+TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION, Outcome.RESOLVED})
 
 
 LEASE_LOST_REASON = "this run's lease on the order lapsed and another run took it over; nothing more written"
@@ -44,6 +50,11 @@ class Progress:
     reason: str | None = None
     # What the last step did, in words for the run's log and metadata (no secrets).
     note: str | None = None
+    # What the outcome's reason must also say, whichever step ends the run: a replaced Kinguin order, the
+    # price paid against cost when a line cost more (an admin's remedies).
+    remarks: tuple[str, ...] = ()
+    # The admin's remedy for this run (`domain.remedies`), None for a plain run.
+    remedy: Remedy | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,3 +68,8 @@ class Progress:
 
     def with_supplier_order(self, kinguin_order_id: str, note: str) -> Progress:
         return replace(self, kinguin_order_id=kinguin_order_id, note=note)
+
+    def remarked(self, remark: str | None) -> Progress:
+        if not remark or remark in self.remarks:
+            return self
+        return replace(self, remarks=(*self.remarks, remark))

@@ -17,7 +17,7 @@ from bitloot_reconcile.adapters.kinguin import KinguinKey, KinguinOrder, Kinguin
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.domain.fulfilment import PaymentReader, PlaceSupplierOrder, Stop, UseSupplierOrder
-from bitloot_reconcile.domain.outcomes import Outcome
+from bitloot_reconcile.domain.outcomes import TERMINAL_OUTCOMES, Outcome
 from bitloot_reconcile.domain.switches import Switches, claim_hold, email_suppressed, email_waits
 from bitloot_reconcile.store.repository import EmailBounce, Order, ReconcileState
 from bitloot_reconcile.store.statuses import OrderStatus
@@ -47,14 +47,9 @@ class Plan:
 
 
 def placement_refusal(decision: PlaceSupplierOrder, kinguin: KinguinReader) -> Stop | None:
-    """What Kinguin would answer the placement, from its offers now: it refuses a line no offer matches
-    (stock, price at most ours, the offer we name) with ProductUnavailable."""
-    for line in decision.lines:
-        product = kinguin.get_product(line.product_id)
-        offers = [o for o in (product.offers if product else []) if line.offer_id in (None, o.offer_id)]
-        if not any(o.price <= line.price + 1e-9 and o.qty >= line.qty for o in offers):
-            return Stop(Outcome.NEEDS_ATTENTION, fulfilment.KINGUIN_REFUSALS["ProductUnavailable"])
-    return None
+    """What Kinguin would answer the placement, from its offers now (the check a run with a price ceiling
+    makes before it places)."""
+    return fulfilment.offers_now(decision.lines, kinguin)[1]
 
 
 def plan_order(order: Order, state: ReconcileState, assignments: dict[str, str], *, kinguin: KinguinReader,
@@ -74,8 +69,9 @@ def plan_order(order: Order, state: ReconcileState, assignments: dict[str, str],
         return end(done.outcome, done.reason)
     if state.lease_owner and state.lease_expires_at and state.lease_expires_at > now:
         return end(Outcome.BUSY, f"run {state.lease_owner} holds the lease until {state.lease_expires_at:%H:%M}")
-    if not admin and state.last_outcome == Outcome.NEEDS_ATTENTION:
-        return end(LEFT_ALONE, f"needs attention: {state.last_reason}; only an admin retry runs it")
+    if not admin and state.last_outcome in TERMINAL_OUTCOMES:
+        left = "needs attention" if state.last_outcome == Outcome.NEEDS_ATTENTION else "resolved by hand"
+        return end(LEFT_ALONE, f"{left}: {state.last_reason}; only an admin retry runs it")
     if not admin and state.next_attempt_at and state.next_attempt_at > now:
         return end(LEFT_ALONE, f"backing off until {state.next_attempt_at:%Y-%m-%d %H:%M} UTC")
     try:

@@ -12,10 +12,11 @@ import dagster as dg
 from pydantic import Field
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
-from bitloot_reconcile.domain import fulfilment, switches
+from bitloot_reconcile.domain import fulfilment, remedies, switches
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
+from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -30,6 +31,7 @@ from bitloot_reconcile.tags import (
     TAG_OUTCOME,
     TAG_PARENT_RUN,
     TAG_REASON,
+    TAG_REMEDY,
     TAG_REQUESTED_BY,
     TAG_TRIGGER,
     TRIGGER_ADMIN,
@@ -51,6 +53,20 @@ class FulfillOrderRequest(dg.Config):
     order_id: str = Field(description="BitLoot order uuid (orders.id)")
     reason: str = Field(description="Why this order is being retried (required for admin runs)")
     requested_by: str = Field(description="Who asks for this run, e.g. admin@bitloot.io (required for admin runs)")
+    # An admin's remedies (docs/design.md section 13): optional, each recorded in the run's tags and the audit.
+    max_unit_price_eur: float | None = Field(
+        default=None, description="Remedy: pay Kinguin up to this much per unit for this run only, above cost "
+        "but within the shop's bound (RECONCILE_MAX_PRICE_OVER_COST_PERCENT / _EUR)")
+    replace_canceled_supplier_order: bool = Field(
+        default=False, description="Remedy: buy again after Kinguin canceled or refunded the order, under a new "
+        "orderExternalId (<order id>:r<n>)")
+    resolution: Resolution | None = Field(
+        default=None, description="Remedy: close the order by hand (refunded_to_customer | delivered_elsewhere | "
+        "written_off); it is never swept or alerted again")
+
+    @property
+    def remedy(self) -> Remedy:
+        return Remedy.from_fields(self.max_unit_price_eur, self.replace_canceled_supplier_order, self.resolution)
 
 
 class RefusedLaunch(dg.DagsterError):
@@ -62,11 +78,16 @@ def checked_request(request: FulfillOrderRequest) -> FulfillOrderRequest:
     without control characters."""
     try:
         fulfilment.validate_request_text(request.reason, request.requested_by)
+        remedies.validate_remedy_request(request.remedy, request.reason, request.requested_by)
         fulfilment.validate_admin_request(request.reason, request.requested_by)
         order_id = fulfilment.parse_order_id(request.order_id)
     except InvalidRequest as exc:
         raise RefusedLaunch(f"fulfill_order refused: {exc}") from None
-    return FulfillOrderRequest(order_id=order_id, reason=request.reason, requested_by=request.requested_by)
+    return FulfillOrderRequest(
+        order_id=order_id, reason=request.reason, requested_by=request.requested_by,
+        max_unit_price_eur=request.max_unit_price_eur,
+        replace_canceled_supplier_order=request.replace_canceled_supplier_order, resolution=request.resolution,
+    )
 
 
 class StepError(Exception):
@@ -150,9 +171,11 @@ def who_launched(context: dg.OpExecutionContext, config: FulfillOrderRequest) ->
     return Launch(trigger, config.requested_by, config.reason)
 
 
-def launch_tags(order_id: str, launch: Launch) -> dict[str, str]:
+def launch_tags(order_id: str, launch: Launch, remedy: Remedy) -> dict[str, str]:
     tags = request_tags(order_id, trigger=launch.trigger, reason=launch.reason or REEXECUTED_SENSOR_RUN,
                         requested_by=launch.actor or UNKNOWN_PERSON)
+    if remedy:
+        tags[TAG_REMEDY] = remedy.label
     if launch.parent_run_id:
         tags[TAG_PARENT_RUN] = launch.parent_run_id
         tags[TAG_OUTCOME] = OUTCOME_IN_PROGRESS  # not the parent's, copied by Dagster
@@ -168,20 +191,26 @@ REEXECUTED_SENSOR_RUN = "re-execution of a sensor run"
 def load_and_claim(
     context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
 ) -> Iterator[dg.Output]:
-    """Tag the run (canonical order id, who, why), check the request against the store, take the order's lease."""
+    """Tag the run (canonical order id, who, why, the remedy), check the request against the store, take the
+    order's lease; a `resolution` remedy ends the order's run here."""
     order_id = config.order_id  # canonical: checked when the run was launched (`checked_request`)
     launch = who_launched(context, config)
-    _set_tags(context, launch_tags(order_id, launch))
+    remedy = config.remedy
+    _set_tags(context, launch_tags(order_id, launch, remedy))
     repo = store.get_store()
     try:
         with step_errors(policy):
+            remedies.refuse_remedy_on_sweep_run(remedy, admin=launch.admin)
             if launch.trigger == TRIGGER_REEXECUTION and not launch.admin:
                 fulfilment.refuse_quarantined(repo.get_state(order_id))
             progress = switches.hold_before_claim(
                 repo, order_id, owner=context.run_id, admin=launch.admin
             ) or fulfilment.load_and_claim(
-                repo, order_id, owner=context.run_id, lease_ttl=policy.lease_ttl, admin=launch.admin
+                repo, order_id, owner=context.run_id, lease_ttl=policy.lease_ttl, admin=launch.admin,
+                remedy=remedy, bound=policy.price_bound,
             )
+            if remedy.resolution:
+                progress = fulfilment.resolve_by_hand(repo, remedy.resolution, progress)
     except dg.Failure as failure:
         if failure.allow_retries is False:  # an input error: recorded as refused, and nobody is paged
             _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
@@ -200,6 +229,9 @@ def load_and_claim(
         outcome=progress.outcome.value if progress.outcome else None,
         detail=f"re-execution of run {launch.parent_run_id}" if launch.parent_run_id else None,
     )
+    if remedy:
+        repo.append_audit(order_id=order_id, action=REMEDY_ACTION, trigger=launch.trigger, actor=launch.actor,
+                          reason=launch.reason, run_id=context.run_id, outcome=None, detail=remedy.label)
     yield from step_result(context, progress)
 
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from bitloot_reconcile.store.schema import (
+    SWEEP_EXCLUDED_OUTCOMES,
     email_bounces,
     feature_flags,
     order_items,
@@ -33,6 +34,7 @@ from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
 # Rendered into the SQL text, not bound: a generic plan (plan_cache_mode) can then still match the partial
 # indexes whose predicates name these values.
 FULFILLED = sa.literal(OrderStatus.FULFILLED.value, literal_execute=True)
+LEFT_TO_A_PERSON = tuple(sa.literal(outcome, literal_execute=True) for outcome in SWEEP_EXCLUDED_OUTCOMES)
 NEEDS_ATTENTION = sa.literal("needs_attention", literal_execute=True)
 
 
@@ -144,6 +146,8 @@ class ReconcileState:
     last_reason: str | None = None
     last_run_id: str | None = None
     alerted_outcome: str | None = None
+    replacements: int = 0
+    replaced_kinguin_order_id: str | None = None
 
 
 def _state(row: sa.RowMapping) -> ReconcileState:
@@ -325,7 +329,7 @@ class Store:
                     sa.or_(blocker.c.lease_expires_at.is_(None), blocker.c.lease_expires_at >= now),
                 ),
                 blocker.c.next_attempt_at > now,
-                blocker.c.last_outcome == NEEDS_ATTENTION,
+                *(blocker.c.last_outcome == outcome for outcome in LEFT_TO_A_PERSON),
             ),
         )
         # Order and limit on `orders` alone, then fetch the attempt counts of just those rows.
@@ -498,6 +502,12 @@ class Store:
         """paid -> fulfilled; never touches an order an admin moved to refunded or cancelled meanwhile."""
         return self._set_order_status(order_id, OrderStatus.FULFILLED, (OrderStatus.PAID,), owner)
 
+    def mark_refunded(self, order_id: str, *, owner: str | None = None) -> bool:
+        """An admin's `refunded_to_customer` resolution: the status BitLoot's admin panel would set."""
+        return self._set_order_status(
+            order_id, OrderStatus.REFUNDED, (*RECOVERABLE, OrderStatus.FULFILLED), owner
+        )
+
     def _set_order_status(
         self, order_id: str, status: OrderStatus, allowed_from: tuple[OrderStatus, ...], owner: str | None
     ) -> bool:
@@ -518,6 +528,18 @@ class Store:
                 .where(orders.c.id == order_id, orders.c.kinguinReservationId.is_(None))
                 .values(kinguinReservationId=kinguin_order_id, updatedAt=naive_utc(utcnow()))
             )
+
+    def replace_reservation_id(self, order_id: str, replaced: str, replacement: str, *, owner: str | None = None
+                               ) -> bool:
+        """A replacement Kinguin order takes the place of the canceled one, only while the canceled one is the
+        order's saved reservation (so a second attempt changes nothing)."""
+        with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
+            return conn.execute(
+                sa.update(orders)
+                .where(orders.c.id == order_id, orders.c.kinguinReservationId == replaced)
+                .values(kinguinReservationId=replacement, updatedAt=naive_utc(utcnow()))
+            ).rowcount == 1
 
     def record_stored_key(
         self,
@@ -576,6 +598,18 @@ class Store:
                 sa.update(reconcile_state)
                 .where(reconcile_state.c.order_id == order_id, reconcile_state.c.placement_intent_at.is_(None))
                 .values(placement_intent_at=utcnow(), updated_at=utcnow())
+            )
+
+    def record_replacement_intent(self, order_id: str, replaced: str, number: int, *, owner: str | None = None
+                                  ) -> None:
+        """Before placing replacement `number` of the canceled Kinguin order `replaced`: a run that finds
+        this intent with the canceled order still saved searches Kinguin for the replacement first."""
+        with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
+            conn.execute(
+                sa.update(reconcile_state)
+                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.replacements == number - 1)
+                .values(replacements=number, replaced_kinguin_order_id=replaced, updated_at=utcnow())
             )
 
     def assign_key(self, order_id: str, order_item_id: str, kinguin_key_id: str, *, owner: str | None = None) -> None:

@@ -201,6 +201,12 @@ reconcile_state = sa.Table(
     sa.Column("alerted_outcome", sa.String(32), nullable=True),
     sa.Column("created_at", UtcDateTime(), nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", UtcDateTime(), nullable=False, server_default=sa.func.now()),
+    # Replacements of a Kinguin order Kinguin canceled or refunded (an admin's remedy): how many were placed
+    # or about to be (the intent is recorded before the placement, as for the first order), and the canceled
+    # order the latest one replaces. While the order's kinguinReservationId is still that canceled order, the
+    # replacement may exist at Kinguin unsaved: a run searches for it before anything else.
+    sa.Column("replacements", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("replaced_kinguin_order_id", sa.String(255), nullable=True),
 )
 
 reconcile_audit = sa.Table(
@@ -242,12 +248,14 @@ email_pending_index = sa.Index(
 reservation_index = sa.Index("ix_reconcile_orders_kinguin_reservation", orders.c.kinguinReservationId)
 PROJECT_INDEXES = (sweep_index, email_pending_index, reservation_index)
 
-# Only the state rows that can hold an order back from the sweep (leased, backing off, quarantined): the
-# sweep's NOT EXISTS probes this small index instead of reading every order's history.
+# Outcomes after which the sweep never takes the order up by itself (domain.outcomes.TERMINAL_OUTCOMES).
+SWEEP_EXCLUDED_OUTCOMES = ("needs_attention", "resolved")
+# Only the state rows that can hold an order back from the sweep (leased, backing off, quarantined, resolved by
+# hand): the sweep's NOT EXISTS probes this small index instead of reading every order's history.
 _BLOCKING = sa.or_(
     reconcile_state.c.lease_owner.is_not(None),
     reconcile_state.c.next_attempt_at.is_not(None),
-    reconcile_state.c.last_outcome == "needs_attention",
+    *(reconcile_state.c.last_outcome == outcome for outcome in SWEEP_EXCLUDED_OUTCOMES),
 )
 blocking_state_index = sa.Index(
     "ix_reconcile_state_blocking", reconcile_state.c.order_id, postgresql_where=_BLOCKING, sqlite_where=_BLOCKING

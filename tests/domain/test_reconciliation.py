@@ -114,3 +114,23 @@ def test_empty_window():
     empty = rec.classify(Evidence(orders=[]))
     assert empty.empty and list(empty.columns) == rec.COLUMNS
     assert set(rec.class_counts(empty).values()) == {0}
+
+
+def test_one_live_kinguin_order_beside_canceled_ones_is_fine_and_two_live_ones_are_flagged():
+    replaced = order("fulfilled", emailed=True, reservation="KLIVE")
+    twice = order("paid", reservation="KSECOND")
+    report = rec.classify(Evidence(orders=[replaced, twice], supplier_orders=[
+        supplier(replaced.id, "canceled", kid="KFIRST", price=0),
+        supplier(f"{replaced.id}:r1", "refunded", kid="KREPL1", price=0),
+        supplier(f"{replaced.id}:r2", kid="KLIVE"),
+        supplier(twice.id, "processing", kid="KFIRST2"),  # never canceled: its replacement doubled the purchase
+        supplier(f"{twice.id}:r1", kid="KSECOND"),
+    ]))
+
+    rows = report.set_index("order_id")
+    assert rows.loc[replaced.id, "class"] == "ok"
+    assert set(rows.loc[replaced.id, "kinguin_orders"].split(", ")) == {
+        "KFIRST:canceled", "KREPL1:refunded", "KLIVE:completed"}
+    assert rows.loc[twice.id, "class"] == "duplicate_supplier_orders"
+    assert rows.loc[twice.id, "detail"].startswith("2 live Kinguin orders for one store order")
+    assert len(report) == 2  # replacements belong to their store order: no orphan rows

@@ -58,12 +58,12 @@ def test_upgrade_on_empty_postgres_creates_every_table_and_index(empty_pg_url):
     assert any(
         table == "payments" and definition == 'UNIQUE ("externalId")' for table, _, definition in snap["constraints"]
     )
-    assert _versions(empty_pg_url) == ["0001"]
+    assert _versions(empty_pg_url) == ["0002"]
 
     _migrate(empty_pg_url)  # a second run is a no-op
     again = ddl.full_snapshot(empty_pg_url)
     assert again == snap
-    assert _versions(empty_pg_url) == ["0001"]
+    assert _versions(empty_pg_url) == ["0002"]
 
 
 def test_upgrade_on_empty_postgres_seeds_bitloots_feature_flags(empty_pg_url):
@@ -131,7 +131,7 @@ def test_upgrade_on_bitloot_database_adds_only_the_projects_objects(bitloot_pg_u
     added = {k: v for k, v in after["indexes"].items() if k not in before["indexes"]}
     assert set(added) == {("orders", name) for name in ddl.PROJECT_ORDER_INDEXES}
     assert {k: v for k, v in after["indexes"].items() if k in before["indexes"]} == before["indexes"]
-    assert _versions(bitloot_pg_url) == ["0001"]
+    assert _versions(bitloot_pg_url) == ["0002"]
 
     _migrate(bitloot_pg_url)  # twice: nothing more
     assert ddl.full_snapshot(bitloot_pg_url) == after
@@ -171,6 +171,36 @@ def test_downgrade_to_base_removes_only_the_projects_objects(bitloot_pg_url):
     assert reupgraded["columns"] == before["columns"]
 
 
+def test_a_store_at_0001_gets_the_replacement_columns_and_the_widened_blocking_index(empty_pg_url):
+    """A store migrated before the admin remedies: 0002 adds the state's replacement columns and lets the
+    sweep's partial index cover the orders resolved by hand."""
+    _migrate(empty_pg_url, revision="0001")
+    engine = create_store_engine(empty_pg_url)
+    try:
+        with engine.begin() as conn:  # 0001 builds tables from today's schema: make it the old shape
+            conn.execute(sa.text("ALTER TABLE reconcile_state DROP COLUMN replacements, "
+                                 "DROP COLUMN replaced_kinguin_order_id"))
+            conn.execute(sa.text("DROP INDEX ix_reconcile_state_blocking"))
+            conn.execute(sa.text("CREATE INDEX ix_reconcile_state_blocking ON reconcile_state (order_id) WHERE "
+                                 "lease_owner IS NOT NULL OR next_attempt_at IS NOT NULL "
+                                 "OR last_outcome = 'needs_attention'"))
+            conn.execute(sa.text("INSERT INTO reconcile_state (order_id, attempts) "
+                                 "VALUES ('5c91f65c-4b12-463c-9277-8cfc139ceda4', 2)"))
+        _migrate(empty_pg_url)
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT attempts, replacements, replaced_kinguin_order_id "
+                                       "FROM reconcile_state")).one()
+            index = conn.execute(sa.text("SELECT indexdef FROM pg_indexes "
+                                         "WHERE indexname = 'ix_reconcile_state_blocking'")).scalar_one()
+    finally:
+        engine.dispose()
+    assert tuple(row) == (2, 0, None)
+    assert "'resolved'" in index and "'needs_attention'" in index
+    assert _versions(empty_pg_url) == ["0002"]
+    _migrate(empty_pg_url, "downgrade", "0001")
+    assert _versions(empty_pg_url) == ["0001"]
+
+
 # --- (c) SQLite -------------------------------------------------------------------------------------------
 def test_upgrade_on_sqlite_file_twice(tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
@@ -184,7 +214,7 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
         assert set(inspector.get_table_names()) == expected
         assert set(ddl.PROJECT_ORDER_INDEXES) <= {ix["name"] for ix in inspector.get_indexes("orders")}
         with engine.connect() as conn:
-            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0001"]
+            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0002"]
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
@@ -200,4 +230,4 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
     finally:
         engine.dispose()
     _migrate(url)
-    assert _versions(url) == ["0001"]
+    assert _versions(url) == ["0002"]

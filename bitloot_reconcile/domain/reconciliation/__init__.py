@@ -8,7 +8,8 @@ share them; how a report is shown belongs to each of those.
 Classes, most serious first; an order matching several gets the first, and `flags` keeps all of them:
 
 1. orphan_supplier_order: a Kinguin order whose orderExternalId is no store order (money spent for nothing)
-2. duplicate_supplier_orders: more than one Kinguin order for one store order (money spent twice)
+2. duplicate_supplier_orders: more than one live Kinguin order for one store order (money spent twice); one
+   live order beside canceled or refunded ones (an admin's replacements) is not a duplicate
 3. fulfilled_missing_keys: the customer was told "fulfilled" and an item has no keys row or no stored object
 4. supplier_canceled_or_refunded: Kinguin canceled or refunded the order; nothing arrives without a person
 5. store_unpaid_but_payment_finished: the customer paid, the store still says created/waiting/confirming/failed

@@ -10,7 +10,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
-from bitloot_reconcile.domain.reconciliation.collecting import Evidence, created_at
+from bitloot_reconcile.domain.fulfilment import DEAD_SUPPLIER_STATUSES
+from bitloot_reconcile.domain.reconciliation.collecting import Evidence, created_at, store_order_of
 from bitloot_reconcile.store.repository import Order
 from bitloot_reconcile.store.statuses import LOOKS_UNPAID, OrderStatus
 
@@ -61,7 +62,7 @@ def classify(evidence: Evidence) -> pd.DataFrame:
     """One row per store order of the window and one per orphan orderExternalId, worst first."""
     by_external: dict[str | None, list[KinguinOrder]] = defaultdict(list)
     for supplier in sorted(evidence.supplier_orders, key=lambda o: (o.created_at or "", o.order_id)):
-        by_external[supplier.order_external_id].append(supplier)
+        by_external[store_order_of(supplier) or supplier.order_external_id].append(supplier)
     by_id = {o.order_id: o for o in evidence.supplier_orders}
     claimed: set[str] = set()
     rows = []
@@ -75,7 +76,8 @@ def classify(evidence: Evidence) -> pd.DataFrame:
     orphans = [o for o in evidence.supplier_orders if o.order_id not in claimed]
     groups: dict[str, list[KinguinOrder]] = defaultdict(list)
     for supplier in orphans:  # orders sent without an orderExternalId are orphans one by one
-        groups[supplier.order_external_id or f"(none: {supplier.order_id})"].append(supplier)
+        groups[store_order_of(supplier) or supplier.order_external_id or f"(none: {supplier.order_id})"].append(
+            supplier)
     rows += [_orphan_row(external_id, suppliers) for external_id, suppliers in groups.items()]
     import pandas as pd
 
@@ -91,8 +93,10 @@ def _store_row(order: Order, suppliers: list[KinguinOrder], evidence: Evidence) 
     primary = next((s for s in suppliers if s.order_id == order.kinguin_reservation_id), None)
     primary = primary or (suppliers[0] if suppliers else None)
     fulfilled = order.status == OrderStatus.FULFILLED
-    if len(suppliers) > 1:
-        found[Mismatch.DUPLICATE] = f"{len(suppliers)} Kinguin orders for one store order"
+    # One live Kinguin order and any number Kinguin canceled or refunded (an admin replaced them) is fine.
+    live = [s for s in suppliers if s.status not in DEAD_SUPPLIER_STATUSES]
+    if len(live) > 1:
+        found[Mismatch.DUPLICATE] = f"{len(live)} live Kinguin orders for one store order"
     if fulfilled:
         no_row = sum(1 for item in order.items if not item.key_refs)
         no_object = evidence.missing_objects.get(order.id, 0)
@@ -150,7 +154,7 @@ def _overcharges(order: Order, suppliers: list[KinguinOrder]) -> str:
 
 def _orphan_row(external_id: str, suppliers: list[KinguinOrder]) -> dict:
     found = {Mismatch.ORPHAN: f"{len(suppliers)} Kinguin order(s) for an orderExternalId that is no store order"}
-    if len(suppliers) > 1:
+    if len([s for s in suppliers if s.status not in DEAD_SUPPLIER_STATUSES]) > 1:
         found[Mismatch.DUPLICATE] = f"{len(suppliers)} Kinguin orders for one orderExternalId"
     return _row(found, order_id=external_id, source="kinguin", store_status=None,
                 created_at=_iso(created_at(suppliers[0])),

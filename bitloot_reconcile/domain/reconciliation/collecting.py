@@ -11,6 +11,7 @@ from bitloot_reconcile.adapters.kinguin import KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentVerdict
 from bitloot_reconcile.domain.fulfilment import parse_order_id, payment_verdict
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome
+from bitloot_reconcile.domain.remedies import external_id_order, replacement_external_id
 from bitloot_reconcile.store.repository import Order, Store
 from bitloot_reconcile.store.statuses import LOOKS_UNPAID, OrderStatus
 
@@ -29,6 +30,7 @@ class Evidence:
     payments_seen: dict[str, tuple[bool, str]] = field(default_factory=dict)  # order id -> (paid?, what was seen)
     missing_objects: dict[str, int] = field(default_factory=dict)  # fulfilled order id -> items without object
     held: dict[str, str] = field(default_factory=dict)  # order id -> why a BitLoot switch holds its recovery
+    replacements: dict[str, int] = field(default_factory=dict)  # order id -> replacement Kinguin orders placed
 
 
 def collect(store: Store, kinguin, nowpayments, vault, start: dt.datetime, end: dt.datetime, *,
@@ -50,6 +52,8 @@ def collect(store: Store, kinguin, nowpayments, vault, start: dt.datetime, end: 
                 evidence.placement_intents.add(order_id)
             if state.last_outcome == Outcome.PAUSED:
                 evidence.held[order_id] = state.last_reason or "held"
+            if state.replacements:
+                evidence.replacements[order_id] = state.replacements
         tick("store", n, len(ids))
     _collect_supplier(evidence, store, kinguin, start, end, tick)
     unpaid = [o for o in evidence.orders if o.status in LOOKS_UNPAID and o.payments]
@@ -70,19 +74,22 @@ def collect(store: Store, kinguin, nowpayments, vault, start: dt.datetime, end: 
 def _collect_supplier(evidence: Evidence, store: Store, kinguin, start: dt.datetime, end: dt.datetime,
                       tick: ReportProgress) -> None:
     """Kinguin orders created in the window, plus every Kinguin order of the window's store orders that were
-    placed or were about to be (found by orderExternalId, whenever Kinguin created them)."""
+    placed or were about to be (found by orderExternalId, whenever Kinguin created them), replacements too."""
     store_ids = {o.id for o in evidence.orders}
     window = [o for o in kinguin.search_orders(created_at_from=start, created_at_to=end)
               if _within(o, start, end)]
     # A window order for another day's store order belongs to that day's report, not to the orphans here.
-    foreign = {_as_uuid(o.order_external_id) for o in window if o.order_external_id not in store_ids} - {None}
+    foreign = {store_order_of(o) for o in window if store_order_of(o) not in store_ids} - {None}
     elsewhere = store.existing_order_ids(foreign)
-    found = {o.order_id: o for o in window if o.order_external_id not in elsewhere}
+    found = {o.order_id: o for o in window if store_order_of(o) not in elsewhere}
     placed = [o for o in evidence.orders if o.kinguin_reservation_id or o.id in evidence.placement_intents]
     tick("Kinguin", 1, len(placed) + 1)
     for n, order in enumerate(placed, 2):
-        for supplier in kinguin.search_orders(order_external_id=order.id):
-            found.setdefault(supplier.order_id, supplier)
+        external_ids = [order.id] + [replacement_external_id(order.id, number)
+                                     for number in range(1, evidence.replacements.get(order.id, 0) + 1)]
+        for external_id in external_ids:
+            for supplier in kinguin.search_orders(order_external_id=external_id):
+                found.setdefault(supplier.order_id, supplier)
         reservation = order.kinguin_reservation_id
         if reservation and reservation not in found:
             try:
@@ -107,8 +114,13 @@ def _within(order: KinguinOrder, start: dt.datetime, end: dt.datetime) -> bool:
     return moment is None or start <= moment < end
 
 
-def _as_uuid(value: str | None) -> str | None:
+def store_order_of(order: KinguinOrder) -> str | None:
+    """The store order a Kinguin order was bought for: its orderExternalId is the order id, or a replacement's
+    `<order id>:r<n>`; None when it is neither."""
+    ours = external_id_order(order.order_external_id)
+    if ours is None:
+        return None
     try:
-        return parse_order_id(value or "")
+        return parse_order_id(ours[0])
     except InvalidRequest:
         return None
