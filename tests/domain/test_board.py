@@ -78,3 +78,12 @@ def test_without_fulfilments_in_24_hours_the_percentiles_are_left_out_not_zero()
                                "quarantined_now": 0, "recovered_24h": 0, "kinguin_orders_placed_24h": 0}
     assert bd.skipped_summary(board.rows, grace=GRACE) == ""
     assert bd.short_age(dt.timedelta(minutes=119)) == "119m" and bd.short_age(dt.timedelta(hours=47)) == "47h"
+
+
+def test_an_order_an_admin_closed_by_hand_is_off_the_board():
+    closed = order(last_outcome="resolved", last_reason="written_off: duplicate test order")
+    open_one = order(last_outcome="needs_attention", last_reason="supplier canceled Kinguin order K")
+
+    board = bd.build_board([closed, open_one], [], in_flight={}, now=NOW, grace=GRACE, max_age=WINDOW)
+
+    assert [row.order_id for row in board.rows] == [open_one.id]
