@@ -238,6 +238,9 @@ class SeaweedS3:
             "-webdav=false", "-admin.ui=false",
             "-s3.autoCreateBucket=false",      # R2 answers NoSuchBucket; SeaweedFS would create it on upload
             "-volume.preStopSeconds=0",
+            # Every bucket is a collection with volumes of its own, and the volume count is capped by free disk
+            # over the volume size (1 GiB by default): small volumes keep hundreds of test buckets writable.
+            "-master.volumeSizeLimitMB=32",
             *(f"-{name}={port}" for name, port in ports.items()),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
