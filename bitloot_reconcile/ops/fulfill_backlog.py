@@ -11,8 +11,9 @@ from contextlib import ExitStack, contextmanager
 import dagster as dg
 from pydantic import Field
 
-from bitloot_reconcile.domain import backlog
+from bitloot_reconcile.domain import backlog, fulfilment
 from bitloot_reconcile.domain.attempt import AttemptPolicy, AttemptResult, Services, Who, work_order
+from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
 from bitloot_reconcile.ops.fulfill_order import TRANSIENT_RETRY
 from bitloot_reconcile.order_history import add_order_partitions, attempt_event
@@ -57,7 +58,10 @@ def work_backlog(
     """Work every order on `batch_workers` threads. An order's failure is that order's outcome (`retry_later`
     after its retries), never the run's; a killed run leaves each order it held to its lapsing lease."""
     orders = config.orders[: policy.batch_max_orders]
-    reasons = {due.order_id: due.reason for due in orders}
+    try:  # the sweep gives canonical ids; a hand-made config is checked before anything is claimed
+        reasons = {fulfilment.parse_order_id(due.order_id): due.reason for due in orders}
+    except InvalidRequest as exc:
+        raise dg.Failure(description=f"fulfill_backlog refused: {exc}", allow_retries=False) from None
     repo, vault, limits = store.get_store(), r2.get_vault(), attempt_policy(policy)
     add_order_partitions(context.instance, list(reasons))
 
@@ -76,7 +80,7 @@ def work_backlog(
         who = Who(run_id=context.run_id, trigger=TRIGGER_SENSOR, actor=SENSOR_ACTOR, reason=reasons[order_id])
         return work_order(services, order_id, who=who, policy=limits)
 
-    context.log.info(f"working {len(orders)} order(s) on {policy.batch_workers} worker(s)")
+    context.log.info(f"working {len(reasons)} order(s) on {policy.batch_workers} worker(s)")
     counts: dict[str, int] = {}
     for result in backlog.drain(list(reasons), workers=policy.batch_workers, open_services=open_services,
                                 work=work):
@@ -86,7 +90,7 @@ def work_backlog(
             context.log_event(attempt_event(
                 result.order_id, outcome=result.outcome, reason=result.reason, trigger=TRIGGER_SENSOR,
                 actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))
-    unworked = len(orders) - sum(counts.values())
+    unworked = len(reasons) - sum(counts.values())
     if unworked:
         context.log.warning(f"{unworked} order(s) not worked by this run; the sweep takes them up again")
-    return dg.Output(counts, metadata={"orders": len(orders), **{k: v for k, v in sorted(counts.items())}})
+    return dg.Output(counts, metadata={"orders": len(reasons), **{k: v for k, v in sorted(counts.items())}})

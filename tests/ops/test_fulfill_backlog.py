@@ -258,3 +258,13 @@ def test_a_batch_killed_mid_way_leaves_every_order_to_the_next_one(world: World)
         assert_fully_delivered(world, order_id)
     assert len(world.resend.sent) == 4
     assert world.store.get_state(leased[0]).attempts == 2  # the killed attempt counted, the order recovered
+
+
+def test_a_malformed_order_id_in_a_hand_made_batch_fails_it_before_anything_is_claimed(world: World):
+    order_id = world.order([world.product()])
+    result = world.batch([order_id.upper(), "not-a-uuid"])
+    assert not result.success
+    assert world.store.get_state(order_id).attempts == 0 and world.kinguin.requests == []
+    result = world.batch([f" {order_id.upper()} "])  # canonicalised, as the launchpad does for one order
+    assert result.success and world.store.get_state(order_id).last_outcome == "fulfilled"
+    assert {r["order_id"] for r in world.store.audit_trail(order_id)} == {order_id}
