@@ -434,6 +434,9 @@ def policy_env(settings: Settings) -> dict[str, str]:
         # Retry-After answers here are 1-2 s; waits must fit twice in the short lease.
         "RECONCILE_MAX_RETRY_WAIT_SECONDS": str(settings.lease_seconds / 4),
         "RECONCILE_MAX_RUNS_PER_TICK": "25",
+        # The chaos loop launches per-order runs only; the batch path's invariants are tested in
+        # tests/ops/test_fulfill_backlog.py.
+        "RECONCILE_BATCH_THRESHOLD": "1000000",
     }
 
 

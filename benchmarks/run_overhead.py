@@ -54,8 +54,10 @@ DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunS
 
 def sensor_requests(stack, instance: dg.DagsterInstance, n: int) -> list[dg.RunRequest]:
     stack.paid_orders(n)
+    # Per-order runs are measured here: the threshold keeps the sweep from batching them.
+    policy = ReconcilePolicy(max_runs_per_tick=n, batch_threshold=n)
     context = dg.build_sensor_context(instance=instance, resources={
-        "store": StoreResource(database_url=stack.store_url), "policy": ReconcilePolicy(max_runs_per_tick=n)})
+        "store": StoreResource(database_url=stack.store_url), "policy": policy})
     requests = stuck_orders_sensor(context).run_requests
     assert len(requests) == n, len(requests)
     return requests

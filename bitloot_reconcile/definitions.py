@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from bitloot_reconcile.assets import ASSETS, SCHEDULES
-from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.alerts import DEFAULT_WEBSERVER_URL, AlertsResource
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
@@ -46,7 +46,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[fulfill_order],
+    jobs=[fulfill_order, fulfill_backlog],
     schedules=SCHEDULES,
     sensors=SENSORS,
     resources=build_resources(load_settings()),

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from bitloot_reconcile.ops.fulfill_backlog import work_backlog
 from bitloot_reconcile.ops.fulfill_order import (
     FulfillOrderRequest,
     checked_request,
@@ -44,3 +45,13 @@ def fulfill_order() -> None:
         stopped_at_claim, stopped_at_payment, stopped_at_supplier_order, stopped_at_poll, stopped_at_keys,
         stopped_at_fulfilled, stopped_at_email, emailed,
     ])
+
+
+@dg.job(
+    executor_def=dg.in_process_executor,
+    tags={"dagster/max_runtime": "3600"},
+    description="Recover a backlog of stuck BitLoot orders in one run (launched by the sweep above its threshold): "
+    "each order worked exactly as fulfill_order does, several at a time; one order's failure is its own.",
+)
+def fulfill_backlog() -> None:
+    work_backlog()

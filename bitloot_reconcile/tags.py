@@ -15,6 +15,8 @@ TAG_OUTCOME = "bitloot/outcome"
 TAG_REMEDY = "bitloot/remedy"
 # A re-executed run's parent (Dagster's "Re-execute"): the run it repeats.
 TAG_PARENT_RUN = "bitloot/parent_run_id"
+# A `fulfill_backlog` run: how many orders the sweep gave it (its order ids are in its run config).
+TAG_BATCH_SIZE = "bitloot/batch_size"
 TRIGGER_SENSOR = "sensor"
 TRIGGER_ADMIN = "admin"
 TRIGGER_REEXECUTION = "reexecution"

@@ -10,13 +10,14 @@ import dagster as dg
 import pytest
 from dagster._core.events import DagsterEvent, DagsterEventType
 
-from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.sensors import stuck_orders_sensor
 from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
 from tests.fixtures.board import seed_every_state
+from tests.fixtures.world import backlog_config
 from tests.store import bitloot_ddl
 
 
@@ -262,3 +263,74 @@ def test_skip_message_names_at_most_five_orders_per_reason(sweep, dagster_instan
 
     assert message == (f"no stuck orders due; 7 skipped: 7 backing off, next attempt from {later:%H:%M} UTC "
                        f"({', '.join(backing_off[:5])}, ...)")
+
+
+# -- the backlog path -------------------------------------------------------------------------------------------
+def test_above_the_threshold_one_batch_run_of_the_oldest_due_orders(sweep):
+    orders = [sweep.order(age=dt.timedelta(minutes=20 + n)) for n in range(5)]
+    oldest_first = list(reversed(orders))
+
+    assert sorted(ids(sweep.tick(batch_threshold=5))) == sorted(orders)  # at the threshold: one run each
+    (batch,) = sweep.tick(batch_threshold=4)
+    assert batch.job_name == "fulfill_backlog"
+    due = batch.run_config["ops"]["work_backlog"]["config"]["orders"]
+    assert [d["order_id"] for d in due] == oldest_first
+    assert all(d["reason"].startswith("stuck in paid for") for d in due)
+    assert "bitloot/order_id" not in batch.tags  # no per-order launch limit: the leases guard each order
+    assert batch.tags["bitloot/trigger"] == "sensor" and batch.tags["bitloot/batch_size"] == "5"
+    assert dg.validate_run_config(fulfill_backlog, batch.run_config)
+    (bounded,) = sweep.tick(batch_threshold=2, batch_max_orders=3)
+    assert [d["order_id"] for d in bounded.run_config["ops"]["work_backlog"]["config"]["orders"]] == oldest_first[:3]
+    assert bounded.run_key != batch.run_key
+    assert sweep.tick(batch_threshold=4)[0].run_key == batch.run_key  # the same due orders: the same key
+
+
+def batch_run(instance: dg.DagsterInstance, order_ids: list[str], *, started: dt.datetime | None = None
+              ) -> dg.DagsterRun:
+    run = instance.create_run_for_job(fulfill_backlog, run_config=backlog_config(order_ids))
+    if started:
+        instance.report_dagster_event(
+            DagsterEvent(DagsterEventType.RUN_START.value, job_name=fulfill_backlog.name), run.run_id,
+            timestamp=started.timestamp(),
+        )
+    return run
+
+
+def test_orders_inside_a_batch_in_flight_are_skipped(sweep, dagster_instance):
+    inside = [sweep.order() for _ in range(2)]
+    outside = sweep.order()
+    run = batch_run(dagster_instance, inside)
+    try:
+        assert ids(sweep.tick()) == [outside]
+    finally:
+        dagster_instance.delete_run(run.run_id)
+    assert sorted(ids(sweep.tick())) == sorted([*inside, outside])
+
+
+def test_a_batch_whose_worker_died_is_failed_and_its_orders_taken_up(sweep, dagster_instance):
+    lease = {"lease_seconds": 60, "max_retry_wait_seconds": 20}
+    now = utcnow()
+    worked, held, never = (sweep.order() for _ in range(3))
+    dead = batch_run(dagster_instance, [worked, held, never], started=now - dt.timedelta(minutes=5))
+    sweep.store.claim(worked, dead.run_id, dt.timedelta(seconds=60))
+    sweep.store.append_audit(order_id=worked, action="fulfill_order", trigger="sensor", actor=None, reason=None,
+                             run_id=dead.run_id, outcome="retry_later")
+    sweep.store.finish_run(worked, dead.run_id, last_outcome="retry_later", last_run_id=dead.run_id,
+                           next_attempt_at=now + dt.timedelta(hours=1))
+    sweep.store.claim(held, dead.run_id, dt.timedelta(seconds=60))
+    alive_other = [sweep.order() for _ in range(2)]
+    alive = batch_run(dagster_instance, alive_other, started=now - dt.timedelta(minutes=5))
+    sweep.store.claim(alive_other[0], alive.run_id, dt.timedelta(seconds=60))
+    try:
+        # The dead batch still holds a live lease on `held`: it counts as working.
+        assert ids(sweep.tick(**lease)) == []
+        sweep.store.update_state(held, lease_expires_at=now - dt.timedelta(seconds=1))  # its lease lapsed
+
+        assert sorted(ids(sweep.tick(**lease))) == sorted([held, never])
+        assert dagster_instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert dagster_instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.STARTED
+        failure = dagster_instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)
+        assert "run worker gone" in failure[0].message and "2 of its orders" in failure[0].message
+    finally:
+        for run in (dead, alive):
+            dagster_instance.delete_run(run.run_id)

@@ -621,6 +621,11 @@ def send_completion_email(
     return progress.noted("completion email sent")
 
 
+def email_deferred(progress: Progress, error: Exception) -> Progress:
+    """Resend stayed down through the step's retries: the order is fulfilled, the sweep sends the email later."""
+    return progress.stop(Outcome.FULFILLED, f"keys delivered; completion email not sent yet ({error})")
+
+
 FULFILLED_REASON = "keys stored and email sent"
 
 

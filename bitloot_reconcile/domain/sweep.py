@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from bitloot_reconcile.store.repository import ReconcileState, StuckOrder
 from bitloot_reconcile.store.statuses import OrderStatus
-from bitloot_reconcile.tags import TAG_ATTEMPT, TRIGGER_SENSOR, request_tags
+from bitloot_reconcile.tags import (
+    TAG_ATTEMPT,
+    TAG_BATCH_SIZE,
+    TAG_REASON,
+    TAG_REQUESTED_BY,
+    TAG_TRIGGER,
+    TRIGGER_SENSOR,
+    request_tags,
+)
 
 SENSOR_ACTOR = "stuck_orders_sensor"
 
@@ -62,3 +72,54 @@ def run_worker_gone(
     if state.lease_owner == run_id:
         return state.lease_expires_at is not None and state.lease_expires_at < now
     return started_at + lease_ttl < now
+
+
+@dataclass(frozen=True)
+class BacklogBatch:
+    """One batch run of many due orders (the backlog path), instead of one run each."""
+
+    requests: list[SweepRequest]
+
+    @property
+    def run_key(self) -> str:
+        """Changes whenever any of its orders' own run keys would (attempt, time bucket, last run)."""
+        digest = hashlib.sha256("|".join(r.run_key for r in self.requests).encode()).hexdigest()[:24]
+        return f"backlog:{len(self.requests)}:{digest}"
+
+    @property
+    def orders(self) -> list[dict[str, str]]:
+        return [{"order_id": r.order_id, "reason": r.reason} for r in self.requests]
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """No order id here (a batch is not limited per order; its orders' leases are)."""
+        return {TAG_TRIGGER: TRIGGER_SENSOR, TAG_REQUESTED_BY: SENSOR_ACTOR,
+                TAG_REASON: f"backlog of {len(self.requests)} stuck orders", TAG_BATCH_SIZE: str(len(self.requests))}
+
+
+def split_backlog(
+    requests: list[SweepRequest], *, threshold: int, max_orders: int, max_runs: int
+) -> tuple[list[SweepRequest], BacklogBatch | None]:
+    """Above `threshold` due orders, one batch of the oldest `max_orders`; otherwise at most `max_runs`
+    per-order runs."""
+    if len(requests) > threshold:
+        return [], BacklogBatch(requests[:max_orders])
+    return requests[:max_runs], None
+
+
+def batch_worker_gone(
+    run_id: str, started_at: dt.datetime, order_ids: Collection[str], states: dict[str, ReconcileState],
+    attempted: set[str], *, lease_ttl: dt.timedelta, now: dt.datetime,
+) -> bool:
+    """Whether a batch run Dagster still shows as started has stopped working. A live batch holds (and renews)
+    the lease of every order it is working; it is gone when, a lease period after it started, it holds no live
+    lease while some of its orders were never attempted (no audit row of its own): its worker died, and the
+    orders it held are free again once their leases lapsed."""
+    if started_at + lease_ttl >= now:
+        return False
+    holding = any(
+        (state := states.get(order_id)) is not None and state.lease_owner == run_id
+        and state.lease_expires_at is not None and state.lease_expires_at >= now
+        for order_id in order_ids
+    )
+    return not holding and any(order_id not in attempted for order_id in order_ids)

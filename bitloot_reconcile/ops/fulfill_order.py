@@ -17,6 +17,7 @@ from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
+from bitloot_reconcile.order_history import add_order_partitions, attempt_event
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -329,7 +330,7 @@ def send_completion_email(
         except TransientError as exc:
             if context.retry_number < TRANSIENT_RETRY.max_retries:
                 raise  # retried by the policy (or after Retry-After) like every other step
-            progress = progress.stop(Outcome.FULFILLED, f"keys delivered; completion email not sent yet ({exc})")
+            progress = fulfilment.email_deferred(progress, exc)
     yield from step_result(context, progress)
 
 
@@ -352,6 +353,10 @@ def record_outcome(
     )
     _set_tags(context, {TAG_OUTCOME: final.outcome.value})
     context.log.info(f"order {final.order_id}: {final.outcome} ({final.reason})")
+    add_order_partitions(context.instance, [final.order_id])
+    context.log_event(attempt_event(
+        final.order_id, outcome=final.outcome.value, reason=final.reason, trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
+        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name))
     return dg.Output(
         final.outcome.value,
         metadata={"order_id": final.order_id, "outcome": final.outcome.value, "reason": final.reason or ""},
@@ -392,3 +397,7 @@ def record_failed_run(context: dg.HookContext) -> None:
         schedule=context.resources.policy.retry_schedule(),
     )
     context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: final.outcome.value})
+    add_order_partitions(context.instance, [order_id])
+    context.instance.report_runless_asset_event(attempt_event(
+        order_id, outcome=final.outcome.value, reason=final.reason, trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
+        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name))

@@ -5,9 +5,9 @@ import datetime as dt
 import dagster as dg
 
 from bitloot_reconcile.domain.board import load_board, skipped_summary
-from bitloot_reconcile.domain.sweep import plan_sweep, run_worker_gone
+from bitloot_reconcile.domain.sweep import batch_worker_gone, plan_sweep, run_worker_gone, split_backlog
 from bitloot_reconcile.domain.switches import read_switches
-from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.settings import load_settings
@@ -27,36 +27,73 @@ def _in_flight_records(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
     return [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
 
 
+def _batches_in_flight(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
+    return list(instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_backlog.name, statuses=IN_FLIGHT)))
+
+
+def batch_order_ids(run: dg.DagsterRun) -> list[str]:
+    """The orders a `fulfill_backlog` run was given (its run config: ids and reasons, nothing secret)."""
+    config = ((run.run_config or {}).get("ops", {}).get("work_backlog", {}).get("config", {}))
+    return [due["order_id"] for due in config.get("orders", [])]
+
+
 def runs_in_flight(instance: dg.DagsterInstance) -> dict[str, str]:
-    """Order id -> its queued or running `fulfill_order` run, as Dagster shows them (reads only: the board)."""
-    return {r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in _in_flight_records(instance)}
+    """Order id -> its queued or running `fulfill_order` run, or the batch it is in, as Dagster shows them
+    (reads only: the board)."""
+    in_flight = {order_id: r.dagster_run.run_id for r in _batches_in_flight(instance)
+                 for order_id in batch_order_ids(r.dagster_run)}
+    in_flight.update({r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in _in_flight_records(instance)})
+    return in_flight
+
+
+def _since(record: dg.RunRecord) -> dt.datetime:
+    """Started: since its start; still starting (the worker died while loading): since its last change."""
+    return (dt.datetime.fromtimestamp(record.start_time, dt.UTC) if record.start_time
+            else record.update_timestamp.astimezone(dt.UTC))
 
 
 def orders_in_flight(
     instance: dg.DagsterInstance, store: Store, *, lease_ttl: dt.timedelta, now: dt.datetime
 ) -> dict[str, str]:
-    """Order id -> its queued or running `fulfill_order` run. A launched run whose worker is gone (see
-    `run_worker_gone`) is marked failed here, which frees its order for a new run in this same tick. Queued
-    runs are left alone: they wait for a slot, not for a worker."""
+    """Order id -> its queued or running `fulfill_order` run, or the `fulfill_backlog` run it is in. A launched
+    run whose worker is gone (see `run_worker_gone`, `batch_worker_gone`) is marked failed here, which frees
+    its orders for new runs in this same tick. Queued runs are left alone: they wait for a slot, not a worker."""
     tagged = _in_flight_records(instance)
     launched = [r for r in tagged if r.dagster_run.status != dg.DagsterRunStatus.QUEUED]
-    states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in launched})
+    batches = _batches_in_flight(instance)
+    launched_batches = [r for r in batches if r.dagster_run.status != dg.DagsterRunStatus.QUEUED]
+    states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in launched}
+                             | {o for r in launched_batches for o in batch_order_ids(r.dagster_run)})
     gone = set()
     for record in launched:
         run = record.dagster_run
         order_id = run.tags[TAG_ORDER_ID]
         state = states.get(order_id) or ReconcileState(order_id=order_id)  # never claimed yet
-        # Started: since its start; still starting (the worker died while loading): since its last change.
-        since = (dt.datetime.fromtimestamp(record.start_time, dt.UTC) if record.start_time
-                 else record.update_timestamp.astimezone(dt.UTC))
-        if run_worker_gone(run.run_id, since, state, lease_ttl=lease_ttl, now=now):
+        if run_worker_gone(run.run_id, _since(record), state, lease_ttl=lease_ttl, now=now):
             instance.report_run_failed(
                 run,
                 message=f"run worker gone: it stopped renewing the lease on order {order_id}; "
                 "the sweep takes the order up again",
             )
             gone.add(run.run_id)
-    return {r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in tagged if r.dagster_run.run_id not in gone}
+    for record in launched_batches:
+        run = record.dagster_run
+        order_ids = batch_order_ids(run)
+        if _since(record) + lease_ttl >= now:
+            continue  # young: not worth the audit read
+        attempted = store.attempted_by(run.run_id, set(order_ids))
+        if batch_worker_gone(run.run_id, _since(record), order_ids, states, attempted, lease_ttl=lease_ttl, now=now):
+            instance.report_run_failed(
+                run,
+                message=f"run worker gone: it holds no live lease and {len(set(order_ids) - attempted)} of its "
+                "orders were never attempted; the sweep takes them up again",
+            )
+            gone.add(run.run_id)
+    in_flight = {order_id: r.dagster_run.run_id for r in batches if r.dagster_run.run_id not in gone
+                 for order_id in batch_order_ids(r.dagster_run)}
+    in_flight.update({r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in tagged
+                      if r.dagster_run.run_id not in gone})
+    return in_flight
 
 
 def nothing_due(store: Store, in_flight: dict[str, str], policy: ReconcilePolicy, now: dt.datetime) -> str:
@@ -74,13 +111,15 @@ SWEEP_INTERVAL_SECONDS = load_settings().reconcile.sweep_interval_seconds
 
 
 @dg.sensor(
-    job=fulfill_order, minimum_interval_seconds=SWEEP_INTERVAL_SECONDS, default_status=dg.DefaultSensorStatus.RUNNING
+    jobs=[fulfill_order, fulfill_backlog], minimum_interval_seconds=SWEEP_INTERVAL_SECONDS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def stuck_orders_sensor(
     context: dg.SensorEvaluationContext, store: StoreResource, policy: ReconcilePolicy
 ) -> dg.SensorResult | dg.SkipReason:
-    """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each, unless BitLoot's own
-    switches stop automatic fulfilment."""
+    """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each; or, when more are due than
+    `batch_threshold`, one `fulfill_backlog` run of them all (bounded); unless BitLoot's own switches stop
+    automatic fulfilment."""
     held = read_switches(store.get_store()).sweep_hold
     if held:
         return dg.SkipReason(f"launching nothing: {held}")
@@ -88,16 +127,24 @@ def stuck_orders_sensor(
     repo = store.get_store()
     in_flight = orders_in_flight(context.instance, repo, lease_ttl=policy.lease_ttl, now=now)
     # Orders with a run in flight are still stuck in the store: read past them, so they never use up the tick.
+    wanted = max(policy.max_runs_per_tick, policy.batch_max_orders, policy.batch_threshold + 1)
     stuck = repo.find_stuck_orders(
         now=now,
         grace=dt.timedelta(minutes=policy.grace_minutes),
         max_age=dt.timedelta(days=policy.max_age_days),
-        limit=policy.max_runs_per_tick + len(in_flight),
+        limit=wanted + len(in_flight),
     )
-    requests = plan_sweep(stuck, in_flight=set(in_flight), now=now, lease_ttl=policy.lease_ttl)[
-        : policy.max_runs_per_tick]
+    due = plan_sweep(stuck, in_flight=set(in_flight), now=now, lease_ttl=policy.lease_ttl)
+    requests, batch = split_backlog(due, threshold=policy.batch_threshold, max_orders=policy.batch_max_orders,
+                                    max_runs=policy.max_runs_per_tick)
+    if batch is not None:
+        return dg.SensorResult(run_requests=[dg.RunRequest(
+            run_key=batch.run_key, job_name=fulfill_backlog.name, tags=batch.tags,
+            run_config={"ops": {"work_backlog": {"config": {"orders": batch.orders}}}},
+        )])
     if not requests:
         return dg.SkipReason(nothing_due(repo, in_flight, policy, now))
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=r.run_key, run_config=r.run_config, tags=r.tags) for r in requests]
-    )
+    return dg.SensorResult(run_requests=[
+        dg.RunRequest(run_key=r.run_key, job_name=fulfill_order.name, run_config=r.run_config, tags=r.tags)
+        for r in requests
+    ])

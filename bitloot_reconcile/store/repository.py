@@ -291,6 +291,17 @@ class Store:
             ).mappings()
             return {row["order_id"]: _state(row) for row in rows}
 
+    def attempted_by(self, run_id: str, order_ids: set[str]) -> set[str]:
+        """Which of these orders have an audit row written by this run (a batch's orders it got to)."""
+        if not order_ids:
+            return set()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(reconcile_audit.c.order_id).distinct()
+                .where(reconcile_audit.c.order_id.in_(sorted(order_ids)), reconcile_audit.c.run_id == run_id)
+            )
+            return {str(row.order_id) for row in rows}
+
     def audit_trail(self, order_id: str) -> list[dict]:
         with self.engine.connect() as conn:
             rows = conn.execute(

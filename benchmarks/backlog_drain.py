@@ -1,0 +1,306 @@
+"""A backlog of N stuck orders drained by the real daemon (batch path) vs a plain thread pool of 8, side by side.
+
+Stand-ins: the Kinguin, NOWPayments and Resend simulators with `--latency` added to every request (50 ms by
+default; SeaweedFS answers at its own speed), a fresh PostgreSQL store per side holding N one-item orders
+stuck in `paid` for 30 minutes.
+
+1. daemon: a `dagster api grpc` code server and a `dagster-daemon` as separate processes, on a fresh PostgreSQL
+   Dagster database configured by the repository's `dagster.yaml` and reached through its `workspace.yaml`; the
+   sweep ticks every `--sweep-seconds` (5; production 30) and, N being above the threshold, launches one
+   `fulfill_backlog` run. Timed from the daemon's start until every order is fulfilled and emailed.
+2. peer: `domain.backlog.drain` with 8 threads calling `domain.attempt.work_order` (the same step functions)
+   in this process, on a second store holding a fresh copy of the same orders.
+
+CPU-seconds: the daemon side sums user+system time of every process in the code server's and the daemon's
+process groups (the run worker included), sampled from /proc while they run, minus what they had used when the
+drain started; the peer side sums the worker threads' own CPU time. PostgreSQL is the whole local server's
+CPU over each drain (a shared server: other load shows up there). The floor is N x 4 calls x latency / 8.
+
+Usage: uv run python benchmarks/backlog_drain.py [--orders 100] [--latency 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import dagster as dg
+import sqlalchemy as sa
+from _harness import (
+    REPO_ROOT,
+    Stack,
+    console,
+    migrated_store,
+    print_machine,
+    print_table,
+    stand_ins,
+    temp_database,
+)
+
+from bitloot_reconcile.domain.attempt import Services, Who, work_order
+from bitloot_reconcile.domain.backlog import drain
+from bitloot_reconcile.ops.fulfill_backlog import attempt_policy
+from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.store.schema import orders
+
+BIN = Path(sys.executable).parent
+TICKS = os.sysconf("SC_CLK_TCK")
+ROUTES = {"kinguin": ("place_order_v2", "get_order", "get_keys", "search_orders", "get_product"),
+          "nowpayments": ("get_payment",), "resend": ("send_email",)}
+
+
+def add_latency(stack: Stack, seconds: float) -> None:
+    for service, routes in ROUTES.items():
+        for route in routes:
+            getattr(stack, service).inject(route, Fault(latency=seconds, times=10**9))
+
+
+def done_count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(orders).where(
+            orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(True))).scalar_one()
+
+
+# -- CPU and memory from /proc -----------------------------------------------------------------------------------
+def _stat(pid: int) -> tuple[int, float, str] | None:
+    """(process group, CPU seconds, command) of a live process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1: raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[2]), (int(fields[11]) + int(fields[12])) / TICKS, comm
+
+
+def _rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def processes() -> dict[int, tuple[int, float, str]]:
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))):
+            found[int(entry)] = stat
+    return found
+
+
+def postgres_cpu() -> float:
+    return sum(cpu for _, cpu, comm in processes().values() if comm.startswith("postgres"))
+
+
+class GroupSampler:
+    """CPU seconds and peak RSS of every process in the given process groups, sampled while they live."""
+
+    def __init__(self, groups: set[int]):
+        self.groups, self.cpu, self.rss, self.names = groups, {}, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        for pid, (group, cpu, comm) in processes().items():
+            if group in self.groups:
+                self.cpu[pid] = cpu
+                self.rss[pid] = max(self.rss.get(pid, 0.0), _rss_mb(pid))
+                self.names[pid] = comm
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self.sample()
+
+    def start(self) -> GroupSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+# -- the daemon side ------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def production_shape(stack: Stack, dagster_db_url: str, sweep_seconds: int, logs: Path):
+    """Code server + daemon, as in production, each in its own process group; stopped with all their children."""
+    home = Path(tempfile.mkdtemp(prefix="bench_backlog_home_"))
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    code_port = free_port()
+    env = {**os.environ, **stack.env(), "DAGSTER_HOME": str(home),
+           "DAGSTER_PG_URL": dagster_db_url.replace("postgresql+psycopg://", "postgresql+psycopg2://"),
+           "DAGSTER_CODE_SERVER_HOST": "127.0.0.1", "DAGSTER_CODE_SERVER_PORT": str(code_port),
+           "RECONCILE_SWEEP_INTERVAL_SECONDS": str(sweep_seconds)}
+    previous = {name: os.environ.get(name) for name in ("DAGSTER_HOME", "DAGSTER_PG_URL")}
+    os.environ.update({name: env[name] for name in previous})
+    procs: list[subprocess.Popen] = []
+    try:
+        # Dagster's tables are created from this process first: two processes initialising one database race.
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            def start(name: str, args: list[str]) -> subprocess.Popen:
+                log = (logs / f"{name}.log").open("wb")
+                proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                procs.append(proc)
+                return proc
+
+            server = start("code_server", [str(BIN / "dagster"), "api", "grpc", "-m", "bitloot_reconcile.definitions",
+                                           "-h", "127.0.0.1", "-p", str(code_port)])
+            wait_port(code_port, server)
+            yield instance, start, {server.pid}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=15)
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the code server exited (see its log)"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the code server did not open its port")
+
+
+def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: float) -> dict:
+    stack.paid_orders(n)
+    with temp_database("bench_backlog_dagster") as dagster_db, \
+            production_shape(stack, f"{dagster_db}", sweep_seconds, logs) as (instance, start, groups):
+        calls, pg = len(stack.kinguin.requests), postgres_cpu()
+        sampler = GroupSampler(groups).start()
+        baseline = dict(sampler.cpu)
+        started = time.monotonic()
+        daemon = start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")])
+        groups.add(daemon.pid)
+        while done_count(stack.engine) < n:
+            assert daemon.poll() is None, "the daemon exited (see its log)"
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{done_count(stack.engine)} of {n} orders done after {timeout} s")
+            time.sleep(0.2)
+        wall = time.monotonic() - started
+        pg = postgres_cpu() - pg
+        ended = time.monotonic() + 60  # every order is done; the run still writes its last events
+        while time.monotonic() < ended and any(not r.dagster_run.is_finished for r in instance.get_run_records()):
+            time.sleep(0.2)
+        sampler.stop()
+        runs = instance.get_run_records()
+        jobs = Counter(r.dagster_run.job_name for r in runs)
+        body = [r.end_time - r.start_time for r in runs if r.start_time and r.end_time]
+    cpu = sum(cpu - baseline.get(pid, 0.0) for pid, cpu in sampler.cpu.items())
+    workers = [pid for pid in sampler.cpu if pid not in baseline and pid != daemon.pid]
+    return {"wall": wall, "cpu": cpu, "pg": pg, "calls": len(stack.kinguin.requests) - calls,
+            "rss": max((sampler.rss[p] for p in workers), default=0.0), "runs": dict(jobs),
+            "run_body": max(body, default=0.0)}
+
+
+# -- the peer --------------------------------------------------------------------------------------------------------
+def peer_side(stack: Stack, n: int) -> dict:
+    with migrated_store("bench_backlog_peer") as (url, engine):
+        copy = Stack(url, engine, stack.kinguin, stack.nowpayments, stack.resend, stack.s3, stack.bucket)
+        order_ids = copy.paid_orders(n)
+        resources = copy.resources()
+        policy, mailer, r2 = resources["policy"], resources["mailer"], resources["r2"]
+        limits, store, vault = attempt_policy(policy), Store(engine), r2.get_vault()
+        cpu, lock = [0.0], threading.Lock()
+
+        @contextmanager
+        def open_services():
+            with ExitStack() as clients:
+                yield Services(store=store, vault=vault, sender=mailer.sender, frontend_url=policy.frontend_url,
+                               presign_seconds=r2.presign_expiry_seconds,
+                               nowpayments=clients.enter_context(resources["nowpayments"].get_client()),
+                               kinguin=clients.enter_context(resources["kinguin"].get_client()),
+                               mailer=clients.enter_context(mailer.get_client()))
+
+        def work(services: Services, order_id: str):
+            before = time.thread_time()
+            result = work_order(services, order_id, who=Who("peer", "sensor", "peer", "benchmark"), policy=limits)
+            with lock:
+                cpu[0] += time.thread_time() - before
+            return result
+
+        calls, pg = len(stack.kinguin.requests), postgres_cpu()
+        started = time.monotonic()
+        outcomes = Counter(r.outcome for r in drain(order_ids, workers=8, open_services=open_services, work=work))
+        wall = time.monotonic() - started
+        pg = postgres_cpu() - pg
+        done = done_count(engine)
+    return {"wall": wall, "cpu": cpu[0], "pg": pg, "calls": len(stack.kinguin.requests) - calls,
+            "outcomes": dict(outcomes), "done": done}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=100)
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every simulator request")
+    parser.add_argument("--sweep-seconds", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    print_machine()
+    n = args.orders
+    logs = Path(tempfile.mkdtemp(prefix="backlog_drain_logs_"))
+    with stand_ins() as stack:
+        add_latency(stack, args.latency)
+        peer = peer_side(stack, n)
+        daemon = daemon_side(stack, n, args.sweep_seconds, logs, args.timeout)
+        placed = Counter(o.order_external_id for o in stack.kinguin.orders.values())
+        emails = Counter(m["idempotency_key"] for m in stack.resend.sent)
+    floor = n * 4 * args.latency / 8
+
+    def row(name: str, side: dict) -> list[object]:
+        return [name, f"{side['wall']:.1f} s", f"{n / side['wall'] * 60:.0f}", f"{side['cpu'] / n:.3f}",
+                f"{side['pg'] / n:.3f}", f"{side['calls'] / n:.2f}", f"{side.get('rss', 0):.0f} MB"]
+
+    print_table(f"Backlog of {n} stuck orders, {args.latency * 1000:.0f} ms per simulator request",
+                ["path", "drain", "orders/min", "CPU-s/order", "PostgreSQL CPU-s/order (server)",
+                 "Kinguin calls/order", "peak RSS (run worker)"],
+                [row("daemon: sweep -> fulfill_backlog", daemon), row("thread pool of 8 (same steps)", peer),
+                 ["floor: N x 4 calls x latency / 8", f"{floor:.1f} s", f"{n / floor * 60:.0f}", "", "", "", ""]])
+    console.print(
+        f"daemon / peer: {daemon['wall'] / peer['wall']:.2f}x drain time, "
+        f"{daemon['cpu'] / max(peer['cpu'], 1e-9):.2f}x CPU; daemon / floor {daemon['wall'] / floor:.1f}x. "
+        f"Daemon runs: {daemon['runs']}, the longest from its start to its end {daemon['run_body']:.1f} s (the rest "
+        "of the drain is the daemon's start, the first tick and the run worker's start). Daemon CPU counts until "
+        "the run ended.",
+        highlight=False)
+    console.print(f"peer outcomes: {peer['outcomes']}; Kinguin orders per order id: "
+                  f"{dict(Counter(placed.values()))}; emails per order: {dict(Counter(emails.values()))}; "
+                  f"logs: {logs}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The `fulfill_backlog` job's one op: a thin shell over `domain.attempt` and `domain.backlog`.
+
+The sweep launches it when more orders are due than `batch_threshold`: one run works them all on a bounded
+pool of threads, each order exactly as a `fulfill_order` run would (same steps, same lease, same recording),
+with the batch's run id in each order's audit rows and history.
+"""
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import dagster as dg
+from pydantic import Field
+
+from bitloot_reconcile.domain import backlog, fulfilment
+from bitloot_reconcile.domain.attempt import AttemptPolicy, AttemptResult, Services, Who, work_order
+from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
+from bitloot_reconcile.ops.fulfill_order import TRANSIENT_RETRY
+from bitloot_reconcile.order_history import add_order_partitions, attempt_event
+from bitloot_reconcile.resources.kinguin import KinguinResource
+from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.r2 import R2Resource
+from bitloot_reconcile.resources.resend import ResendResource
+from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.tags import TRIGGER_SENSOR
+
+
+class DueOrder(dg.Config):
+    order_id: str = Field(description="BitLoot order uuid, canonical (the sweep's)")
+    reason: str = Field(description="Why the sweep takes it up, e.g. 'stuck in paid for 20 min'")
+
+
+class BacklogRequest(dg.Config):
+    orders: list[DueOrder] = Field(description="The due orders, oldest first; at most batch_max_orders are worked")
+
+
+def attempt_policy(policy: ReconcilePolicy) -> AttemptPolicy:
+    return AttemptPolicy(
+        lease_ttl=policy.lease_ttl, schedule=policy.retry_schedule(), price_bound=policy.price_bound,
+        supplier_poll_attempts=policy.supplier_poll_attempts, supplier_poll_seconds=policy.supplier_poll_seconds,
+        max_retry_wait_seconds=policy.max_retry_wait_seconds, max_retries=TRANSIENT_RETRY.max_retries,
+        retry_delay_seconds=TRANSIENT_RETRY.delay or 1.0,
+    )
+
+
+@dg.op
+def work_backlog(
+    context: dg.OpExecutionContext,
+    config: BacklogRequest,
+    store: StoreResource,
+    nowpayments: NowPaymentsResource,
+    kinguin: KinguinResource,
+    r2: R2Resource,
+    mailer: ResendResource,
+    policy: ReconcilePolicy,
+) -> dg.Output[dict[str, int]]:
+    """Work every order on `batch_workers` threads. An order's failure is that order's outcome (`retry_later`
+    after its retries), never the run's; a killed run leaves each order it held to its lapsing lease."""
+    orders = config.orders[: policy.batch_max_orders]
+    try:  # the sweep gives canonical ids; a hand-made config is checked before anything is claimed
+        reasons = {fulfilment.parse_order_id(due.order_id): due.reason for due in orders}
+    except InvalidRequest as exc:
+        raise dg.Failure(description=f"fulfill_backlog refused: {exc}", allow_retries=False) from None
+    repo, vault, limits = store.get_store(), r2.get_vault(), attempt_policy(policy)
+    add_order_partitions(context.instance, list(reasons))
+
+    @contextmanager
+    def open_services() -> Iterator[Services]:
+        with ExitStack() as stack:
+            yield Services(
+                store=repo, vault=vault,
+                nowpayments=stack.enter_context(nowpayments.get_client()),
+                kinguin=stack.enter_context(kinguin.get_client()),
+                mailer=stack.enter_context(mailer.get_client()),
+                sender=mailer.sender, frontend_url=policy.frontend_url, presign_seconds=r2.presign_expiry_seconds,
+            )
+
+    def work(services: Services, order_id: str) -> AttemptResult:
+        who = Who(run_id=context.run_id, trigger=TRIGGER_SENSOR, actor=SENSOR_ACTOR, reason=reasons[order_id])
+        return work_order(services, order_id, who=who, policy=limits)
+
+    context.log.info(f"working {len(reasons)} order(s) on {policy.batch_workers} worker(s)")
+    counts: dict[str, int] = {}
+    for result in backlog.drain(list(reasons), workers=policy.batch_workers, open_services=open_services,
+                                work=work):
+        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+        context.log.info(f"order {result.order_id}: {result.outcome} ({result.reason})")
+        if result.recorded:
+            context.log_event(attempt_event(
+                result.order_id, outcome=result.outcome, reason=result.reason, trigger=TRIGGER_SENSOR,
+                actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))
+    unworked = len(reasons) - sum(counts.values())
+    if unworked:
+        context.log.warning(f"{unworked} order(s) not worked by this run; the sweep takes them up again")
+    return dg.Output(counts, metadata={"orders": len(reasons), **{k: v for k, v in sorted(counts.items())}})
