@@ -8,22 +8,17 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 
 import dagster as dg
 import pytest
 
 from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
-from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.postgres import temporary_database
-from bitloot_reconcile.store.engine import create_store_engine
-from bitloot_reconcile.store.migrate import upgrade
-from bitloot_reconcile.store.repository import Store
 from tests.e2e.test_daemon import BIN, REPO, STUCK, Processes, done_in, free_port, wait_for
 from tests.fixtures.db import PG_SERVER_URL
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
-from tests.fixtures.world import FRONTEND, World
+from tests.fixtures.world import FRONTEND, migrated_world
 
 pytestmark = pytest.mark.e2e
 
@@ -40,13 +35,8 @@ def test_daemon_drains_a_backlog_in_one_batch_then_a_lone_order_in_its_own_run(
         temporary_database(PG_SERVER_URL, "brbl_dagster") as dagster_db,
     ):
         store_url = f"{PG_SERVER_URL}/{store_db}"
-        engine = create_store_engine(store_url)
-        upgrade(engine)
-        r2 = R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
-                        secret_access_key=seaweed.secret_access_key, bucket=f"e2e-{uuid.uuid4().hex[:12]}")
-        r2.get_vault().ensure_bucket()
-        world = World(engine=engine, store=Store(engine), store_url=store_url, kinguin=kinguin_sim,
-                      nowpayments=nowpayments_sim, resend=resend_sim, vault=r2.get_vault(), r2=r2, instance=None)
+        world = migrated_world(store_url, kinguin_sim, nowpayments_sim, resend_sim, seaweed)
+        engine, r2 = world.engine, world.r2
         game = world.product()
         backlog = [world.order([game], age=STUCK) for _ in range(4)]
         refused_by_kinguin = world.order([world.product(price=9.0, cost=5.0)], age=STUCK)

@@ -30,17 +30,14 @@ import pytest
 from dagster._core.scheduler.instigation import InstigatorType
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
-from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.postgres import temporary_database
-from bitloot_reconcile.store.engine import create_store_engine
-from bitloot_reconcile.store.migrate import upgrade
 from bitloot_reconcile.store.repository import Store
 from tests.fixtures.db import PG_SERVER_URL
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.webhook import Receiver
-from tests.fixtures.world import FRONTEND, World
+from tests.fixtures.world import FRONTEND, migrated_world
 
 pytestmark = pytest.mark.e2e
 
@@ -165,14 +162,9 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
     ):
         # -- the store, its outside services, and the stuck orders ---------------------------------------------
         store_url = f"{PG_SERVER_URL}/{store_db}"
-        engine = create_store_engine(store_url)
-        stack.callback(engine.dispose)
-        upgrade(engine)
-        r2 = R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
-                        secret_access_key=seaweed.secret_access_key, bucket=f"e2e-{uuid.uuid4().hex[:12]}")
-        r2.get_vault().ensure_bucket()
-        world = World(engine=engine, store=Store(engine), store_url=store_url, kinguin=kinguin_sim,
-                      nowpayments=nowpayments_sim, resend=resend_sim, vault=r2.get_vault(), r2=r2, instance=None)
+        world = migrated_world(store_url, kinguin_sim, nowpayments_sim, resend_sim, seaweed)
+        stack.callback(world.engine.dispose)
+        r2 = world.r2
         game = world.product(price=5.0)
 
         webhook_missed = world.order([game], age=STUCK)
