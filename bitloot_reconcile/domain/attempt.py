@@ -25,7 +25,7 @@ from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain import fulfilment, switches
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
-from bitloot_reconcile.domain.recording import record_outcome
+from bitloot_reconcile.domain.recording import record_failure, record_outcome, record_refusal
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import PriceBound
 from bitloot_reconcile.domain.schedule import RetrySchedule
@@ -33,8 +33,6 @@ from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import OUTCOME_REFUSED
 
 log = logging.getLogger(__name__)
-
-MAX_FAILURE_REASON_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,12 @@ def work_order(services: Services, order_id: str, *, who: Who, policy: AttemptPo
                                actor=who.actor, reason=who.reason, schedule=policy.schedule)
         return AttemptResult(order_id, str(final.outcome), final.reason, True)
     except _StepFailed as failed:
-        return _record_failure(repo, order_id, who, policy, f"{failed.step} failed: {describe_error(failed.error)}")
+        final = record_failure(repo, order_id, step=failed.step, error=failed.error, run_id=who.run_id,
+                               trigger=who.trigger, actor=who.actor, reason=who.reason, schedule=policy.schedule)
+        if final is None:  # failed before it held the order: nothing recorded, the lease is not this attempt's
+            failure = f"{failed.step} failed: {describe_error(failed.error)}"
+            return AttemptResult(order_id, str(Outcome.RETRY_LATER), failure, False)
+        return AttemptResult(order_id, str(final.outcome), final.reason, True)
     except Exception as exc:  # recording itself failed (the store is down): the lease lapses, the sweep returns
         log.warning("order %s: attempt not recorded: %s", order_id, describe_error(exc))
         return AttemptResult(order_id, str(Outcome.RETRY_LATER), f"not recorded: {describe_error(exc)}", False)
@@ -125,8 +128,8 @@ def _claim(services: Services, order_id: str, who: Who, policy: AttemptPolicy,
     except _StepFailed as failed:
         if not isinstance(failed.error, InvalidRequest):
             raise
-        repo.append_audit(order_id=order_id, action="refused", trigger=who.trigger, actor=who.actor,
-                          reason=who.reason, run_id=who.run_id, outcome=OUTCOME_REFUSED, detail=str(failed.error))
+        record_refusal(repo, order_id, run_id=who.run_id, trigger=who.trigger, actor=who.actor, reason=who.reason,
+                       why=str(failed.error))
         return str(failed.error)
     repo.append_audit(order_id=order_id, action="requested", trigger=who.trigger, actor=who.actor,
                       reason=who.reason, run_id=who.run_id,
@@ -201,13 +204,3 @@ def _retried(name: str, call: Callable[[], Progress], policy: AttemptPolicy,
             sleep(min(wait, policy.max_retry_wait_seconds))
     raise AssertionError("unreachable")
 
-
-def _record_failure(repo: Store, order_id: str, who: Who, policy: AttemptPolicy, reason: str) -> AttemptResult:
-    """`retry_later` (or the quarantine it leads to) and the lease handed back, only if this attempt holds it."""
-    if repo.get_state(order_id).lease_owner != who.run_id:
-        return AttemptResult(order_id, str(Outcome.RETRY_LATER), reason, False)
-    final = record_outcome(
-        repo, Progress(order_id=order_id, lease_owner=who.run_id).stop(Outcome.RETRY_LATER,
-                                                                         reason[:MAX_FAILURE_REASON_CHARS]),
-        run_id=who.run_id, trigger=who.trigger, actor=who.actor, reason=who.reason, schedule=policy.schedule)
-    return AttemptResult(order_id, str(final.outcome), final.reason, True)

@@ -6,8 +6,12 @@ import datetime as dt
 import random
 
 from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, Outcome, Progress
+from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.schedule import NextStep, RetrySchedule, plan_next_step
 from bitloot_reconcile.store.repository import Store, utcnow
+from bitloot_reconcile.tags import OUTCOME_REFUSED
+
+MAX_FAILURE_REASON_CHARS = 500
 
 
 def record_outcome(
@@ -67,3 +71,33 @@ def record_outcome(
         detail=step.reason,
     )
     return progress.stop(step.outcome, step.reason)
+
+
+def record_failure(
+    store: Store,
+    order_id: str,
+    *,
+    step: str,
+    error: BaseException | None,
+    run_id: str,
+    trigger: str,
+    actor: str | None,
+    reason: str | None,
+    schedule: RetrySchedule,
+) -> Progress | None:
+    """A step failed for good: record `retry_later` (or the quarantine it leads to) with the error in words and
+    hand the lease back, when this run holds the order's lease. None when it never claimed the order."""
+    if store.get_state(order_id).lease_owner != run_id:
+        return None
+    failure = f"{step} failed" + (f": {describe_error(error)}" if error else "")
+    stopped = Progress(order_id=order_id, lease_owner=run_id).stop(
+        Outcome.RETRY_LATER, failure[:MAX_FAILURE_REASON_CHARS])
+    return record_outcome(store, stopped, run_id=run_id, trigger=trigger, actor=actor, reason=reason,
+                          schedule=schedule)
+
+
+def record_refusal(store: Store, order_id: str, *, run_id: str, trigger: str, actor: str | None,
+                   reason: str | None, why: str) -> None:
+    """An input error found with the store: nothing changed but this audit row."""
+    store.append_audit(order_id=order_id, action="refused", trigger=trigger, actor=actor, reason=reason,
+                       run_id=run_id, outcome=OUTCOME_REFUSED, detail=why)

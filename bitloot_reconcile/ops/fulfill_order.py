@@ -14,6 +14,7 @@ from pydantic import Field
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import fulfilment, remedies, switches
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
+from bitloot_reconcile.domain.recording import record_failure, record_refusal
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
@@ -215,9 +216,8 @@ def load_and_claim(
     except dg.Failure as failure:
         if failure.allow_retries is False:  # an input error: recorded as refused, and nobody is paged
             _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
-            repo.append_audit(order_id=order_id, action="refused", trigger=launch.trigger, actor=launch.actor,
-                              reason=launch.reason, run_id=context.run_id, outcome=OUTCOME_REFUSED,
-                              detail=failure.description)
+            record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
+                           reason=launch.reason, why=failure.description or "")
         raise
     _set_tags(context, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
     repo.append_audit(
@@ -382,20 +382,19 @@ def record_failed_run(context: dg.HookContext) -> None:
         order_id = fulfilment.parse_order_id(tags.get(TAG_ORDER_ID, ""))
     except InvalidRequest:
         return
-    repo = context.resources.store.get_store()
-    if repo.get_state(order_id).lease_owner != context.run_id:
-        return  # never claimed (bad input, or failed before the claim): nothing to record or release
-    error = context.op_exception
-    reason = f"{context.op.name} failed" + (f": {describe_error(error)}" if error else "")
-    final = record_outcome_step(
-        repo,
-        Progress(order_id=order_id, lease_owner=context.run_id).stop(Outcome.RETRY_LATER, reason[:500]),
+    final = record_failure(
+        context.resources.store.get_store(),
+        order_id,
+        step=context.op.name,
+        error=context.op_exception,
         run_id=context.run_id,
         trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
         actor=_recorded_actor(tags),
         reason=_recorded_reason(tags),
         schedule=context.resources.policy.retry_schedule(),
     )
+    if final is None:
+        return  # never claimed (bad input, or failed before the claim): nothing to record or release
     context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: final.outcome.value})
     add_order_partitions(context.instance, [order_id])
     context.instance.report_runless_asset_event(attempt_event(
