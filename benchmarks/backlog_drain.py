@@ -7,14 +7,17 @@ stuck in `paid` for 30 minutes.
 1. daemon: a `dagster api grpc` code server and a `dagster-daemon` as separate processes, on a fresh PostgreSQL
    Dagster database configured by the repository's `dagster.yaml` and reached through its `workspace.yaml`; the
    sweep ticks every `--sweep-seconds` (5; production 30) and, N being above the threshold, launches one
-   `fulfill_backlog` run. Timed from the daemon's start until every order is fulfilled and emailed.
+   `fulfill_backlog` run per `batch_max_orders`. The orders pile up while BitLoot's `auto_fulfill_enabled` is
+   off and the daemon is already running (its start is printed apart); timed from switching it back on until
+   every order is fulfilled and emailed.
 2. peer: `domain.backlog.drain` with 8 threads calling `domain.attempt.work_order` (the same step functions)
    in this process, on a second store holding a fresh copy of the same orders.
 
 CPU-seconds: the daemon side sums user+system time of every process in the code server's and the daemon's
-process groups (the run worker included), sampled from /proc while they run, minus what they had used when the
+process groups (the run workers included), sampled from /proc while they run, minus what they had used when the
 drain started; the peer side sums the worker threads' own CPU time. PostgreSQL is the whole local server's
-CPU over each drain (a shared server: other load shows up there). The floor is N x 4 calls x latency / 8.
+CPU over each drain, backends that exited included (a shared server: other load shows up there). The floor is
+N x 4 calls x latency / 8.
 
 Usage: uv run python benchmarks/backlog_drain.py [--orders 100] [--latency 0.05]
 """
@@ -53,10 +56,11 @@ from bitloot_reconcile.domain.attempt import Services, Who, work_order
 from bitloot_reconcile.domain.backlog import drain
 from bitloot_reconcile.ops.fulfill_backlog import attempt_policy
 from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.sandbox.seed import set_feature_flag
 from bitloot_reconcile.store.schema import orders
 
 BIN = Path(sys.executable).parent
+AUTO_FULFIL = "auto_fulfill_enabled"
 TICKS = os.sysconf("SC_CLK_TCK")
 ROUTES = {"kinguin": ("place_order_v2", "get_order", "get_keys", "search_orders", "get_product"),
           "nowpayments": ("get_payment",), "resend": ("send_email",)}
@@ -75,6 +79,20 @@ def done_count(engine: sa.Engine) -> int:
 
 
 # -- CPU and memory from /proc -----------------------------------------------------------------------------------
+def _fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command: [state, ppid, pgrp, ...], utime at 11, cutime at 13."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def _parent(pid: int) -> int:
+    fields = _fields(pid)
+    return int(fields[1]) if fields else 0
+
+
 def _stat(pid: int) -> tuple[int, float, str] | None:
     """(process group, CPU seconds, command) of a live process."""
     try:
@@ -103,7 +121,17 @@ def processes() -> dict[int, tuple[int, float, str]]:
 
 
 def postgres_cpu() -> float:
-    return sum(cpu for _, cpu, comm in processes().values() if comm.startswith("postgres"))
+    """The whole local server: the postmaster, its live backends, and (its children's total) every backend
+    that has exited since it started: a connection that closes takes its CPU time into the postmaster's."""
+    live = processes()
+    backends = {pid for pid, (_, _, comm) in live.items() if comm.startswith("postgres")}
+    postmasters = {pid for pid in backends if _parent(pid) not in backends}
+    total = 0.0
+    for pid in postmasters:
+        fields = _fields(pid)
+        if fields:
+            total += sum(int(v) for v in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
+    return total + sum(live[pid][1] for pid in backends - postmasters)
 
 
 class GroupSampler:
@@ -196,35 +224,75 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise TimeoutError("the code server did not open its port")
 
 
+def commits(url: str) -> int:
+    """Transactions committed in one database so far (PostgreSQL's statistics, flushed within a second)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+            return conn.execute(sa.text(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def sweep_ticks(url: str) -> int:
+    """The sweep's finished ticks (skipped or launching) in Dagster's schedule storage."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT count(*) FROM job_ticks WHERE tick_body LIKE '%stuck_orders_sensor%' "
+                "AND status IN ('SKIPPED', 'SUCCESS')")).scalar_one()
+    finally:
+        engine.dispose()
+
+
 def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: float) -> dict:
+    """The daemon runs as in production while BitLoot's `auto_fulfill_enabled` is off (the shop paused
+    automatic fulfilment during the outage) and N stuck orders pile up; switching it back on makes the whole
+    backlog due at once. Timed from that switch."""
+    set_feature_flag(stack.engine, AUTO_FULFIL, False)
     stack.paid_orders(n)
     with temp_database("bench_backlog_dagster") as dagster_db, \
             production_shape(stack, f"{dagster_db}", sweep_seconds, logs) as (instance, start, groups):
-        calls, pg = len(stack.kinguin.requests), postgres_cpu()
         sampler = GroupSampler(groups).start()
-        baseline = dict(sampler.cpu)
-        started = time.monotonic()
+        cold = time.monotonic()
         daemon = start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")])
         groups.add(daemon.pid)
+        while sweep_ticks(dagster_db) == 0:  # the daemon is up and its sweep held: nothing launched
+            assert daemon.poll() is None, "the daemon exited (see its log)"
+            if time.monotonic() - cold > timeout:
+                raise TimeoutError("the sweep never ticked")
+            time.sleep(0.2)
+        warm_up = time.monotonic() - cold
+        time.sleep(1.5)  # let the statistics of Dagster's database settle before reading them
+        sampler.sample()
+        baseline, xacts = dict(sampler.cpu), commits(dagster_db)
+        calls, pg = len(stack.kinguin.requests), postgres_cpu()
+        started = time.monotonic()
+        set_feature_flag(stack.engine, AUTO_FULFIL, True)
         while done_count(stack.engine) < n:
             assert daemon.poll() is None, "the daemon exited (see its log)"
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{done_count(stack.engine)} of {n} orders done after {timeout} s")
             time.sleep(0.2)
         wall = time.monotonic() - started
-        pg = postgres_cpu() - pg
-        ended = time.monotonic() + 60  # every order is done; the run still writes its last events
+        ended = time.monotonic() + 60  # every order is done; the runs still write their last events
         while time.monotonic() < ended and any(not r.dagster_run.is_finished for r in instance.get_run_records()):
             time.sleep(0.2)
         sampler.stop()
+        pg = postgres_cpu() - pg
+        time.sleep(1.5)
+        xacts = commits(dagster_db) - xacts
         runs = instance.get_run_records()
         jobs = Counter(r.dagster_run.job_name for r in runs)
         body = [r.end_time - r.start_time for r in runs if r.start_time and r.end_time]
     cpu = sum(cpu - baseline.get(pid, 0.0) for pid, cpu in sampler.cpu.items())
-    workers = [pid for pid in sampler.cpu if pid not in baseline and pid != daemon.pid]
+    workers = [pid for pid in sampler.cpu if pid not in baseline]
     return {"wall": wall, "cpu": cpu, "pg": pg, "calls": len(stack.kinguin.requests) - calls,
             "rss": max((sampler.rss[p] for p in workers), default=0.0), "runs": dict(jobs),
-            "run_body": max(body, default=0.0)}
+            "run_body": max(body, default=0.0), "warm_up": warm_up, "dagster_xacts": xacts}
 
 
 # -- the peer --------------------------------------------------------------------------------------------------------
@@ -234,7 +302,7 @@ def peer_side(stack: Stack, n: int) -> dict:
         order_ids = copy.paid_orders(n)
         resources = copy.resources()
         policy, mailer, r2 = resources["policy"], resources["mailer"], resources["r2"]
-        limits, store, vault = attempt_policy(policy), Store(engine), r2.get_vault()
+        limits, store, vault = attempt_policy(policy), resources["store"].get_store(), r2.get_vault()
         cpu, lock = [0.0], threading.Lock()
 
         @contextmanager
@@ -253,14 +321,21 @@ def peer_side(stack: Stack, n: int) -> dict:
                 cpu[0] += time.thread_time() - before
             return result
 
+        statements = Counter()
+
+        @sa.event.listens_for(store.engine, "before_cursor_execute")
+        def count(conn, cursor, statement, parameters, context, executemany):
+            statements[statement.split(None, 1)[0].upper()] += 1
+
         calls, pg = len(stack.kinguin.requests), postgres_cpu()
         started = time.monotonic()
         outcomes = Counter(r.outcome for r in drain(order_ids, workers=8, open_services=open_services, work=work))
         wall = time.monotonic() - started
         pg = postgres_cpu() - pg
+        sa.event.remove(store.engine, "before_cursor_execute", count)
         done = done_count(engine)
     return {"wall": wall, "cpu": cpu[0], "pg": pg, "calls": len(stack.kinguin.requests) - calls,
-            "outcomes": dict(outcomes), "done": done}
+            "outcomes": dict(outcomes), "done": done, "statements": statements}
 
 
 def main() -> None:
@@ -283,24 +358,30 @@ def main() -> None:
 
     def row(name: str, side: dict) -> list[object]:
         return [name, f"{side['wall']:.1f} s", f"{n / side['wall'] * 60:.0f}", f"{side['cpu'] / n:.3f}",
-                f"{side['pg'] / n:.3f}", f"{side['calls'] / n:.2f}", f"{side.get('rss', 0):.0f} MB"]
+                f"{side['pg'] / n:.3f}", f"{(side['cpu'] + side['pg']) / n:.3f}", f"{side['calls'] / n:.2f}",
+                f"{side['rss']:.0f} MB" if "rss" in side else "-"]
 
     print_table(f"Backlog of {n} stuck orders, {args.latency * 1000:.0f} ms per simulator request",
-                ["path", "drain", "orders/min", "CPU-s/order", "PostgreSQL CPU-s/order (server)",
+                ["path", "drain", "orders/min", "CPU-s/order (processes)", "PostgreSQL (server)", "CPU-s/order total",
                  "Kinguin calls/order", "peak RSS (run worker)"],
                 [row("daemon: sweep -> fulfill_backlog", daemon), row("thread pool of 8 (same steps)", peer),
-                 ["floor: N x 4 calls x latency / 8", f"{floor:.1f} s", f"{n / floor * 60:.0f}", "", "", "", ""]])
+                 ["floor: N x 4 calls x latency / 8", f"{floor:.1f} s", f"{n / floor * 60:.0f}", "", "", "", "", ""]])
+    statements = peer["statements"]
     console.print(
         f"daemon / peer: {daemon['wall'] / peer['wall']:.2f}x drain time, "
-        f"{daemon['cpu'] / max(peer['cpu'], 1e-9):.2f}x CPU; daemon / floor {daemon['wall'] / floor:.1f}x. "
-        f"Daemon runs: {daemon['runs']}, the longest from its start to its end {daemon['run_body']:.1f} s (the rest "
-        "of the drain is the daemon's start, the first tick and the run worker's start). Daemon CPU counts until "
-        "the run ended.",
+        f"{(daemon['cpu'] + daemon['pg']) / max(peer['cpu'] + peer['pg'], 1e-9):.2f}x CPU; "
+        f"daemon / floor {daemon['wall'] / floor:.1f}x. Daemon runs: {daemon['runs']}, the longest from its start "
+        f"to its end {daemon['run_body']:.1f} s; the rest of the drain is the sweep's next tick and the run "
+        f"worker's start. Before the timing: the daemon's start to its first tick, {daemon['warm_up']:.1f} s.",
+        highlight=False)
+    console.print(
+        f"SQL statements per order on the store (the step functions, counted on the peer's engine): "
+        f"{sum(statements.values()) / n:.1f} ({', '.join(f'{k} {v / n:.1f}' for k, v in statements.most_common())}); "
+        f"transactions per order in Dagster's database (daemon side): {daemon['dagster_xacts'] / n:.1f}.",
         highlight=False)
     console.print(f"peer outcomes: {peer['outcomes']}; Kinguin orders per order id: "
                   f"{dict(Counter(placed.values()))}; emails per order: {dict(Counter(emails.values()))}; "
                   f"logs: {logs}", highlight=False)
-
 
 if __name__ == "__main__":
     main()

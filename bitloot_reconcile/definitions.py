@@ -20,7 +20,7 @@ from bitloot_reconcile.settings import Settings, load_settings
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """Non-secret settings are given as values; secrets as EnvVar, so the UI shows only their names."""
     return {
-        "store": StoreResource(database_url=dg.EnvVar("DATABASE_URL")),
+        "store": StoreResource(database_url=dg.EnvVar("DATABASE_URL"), pool_size=settings.reconcile.batch_workers + 2),
         "kinguin": KinguinResource(base_url=settings.kinguin_base_url, api_key=dg.EnvVar("KINGUIN_API_KEY")),
         "nowpayments": NowPaymentsResource(
             base_url=settings.nowpayments_base, api_key=dg.EnvVar("NOWPAYMENTS_API_KEY")

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.kinguin import KinguinClient
@@ -91,7 +91,9 @@ class _StepFailed(Exception):
 
 def work_order(services: Services, order_id: str, *, who: Who, policy: AttemptPolicy,
                sleep: Callable[[float], None] = time.sleep) -> AttemptResult:
-    """Claim, recover and record one order, as one `fulfill_order` run launched by `who.trigger` would."""
+    """Claim, recover and record one order, as one `fulfill_order` run launched by `who.trigger` would.
+    The steps share one view of the order, read again only after their own writes (`Store.for_attempt`)."""
+    services = replace(services, store=services.store.for_attempt())
     repo = services.store
     try:
         progress = _claim(services, order_id, who, policy, sleep)

@@ -5,6 +5,7 @@ pool of threads, each order exactly as a `fulfill_order` run would (same steps, 
 with the batch's run id in each order's audit rows and history.
 """
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -16,7 +17,7 @@ from bitloot_reconcile.domain.attempt import AttemptPolicy, AttemptResult, Servi
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
 from bitloot_reconcile.ops.fulfill_order import TRANSIENT_RETRY
-from bitloot_reconcile.order_history import add_order_partitions, attempt_event
+from bitloot_reconcile.order_history import add_order_partitions, attempt_event, log_attempt_events
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -24,6 +25,16 @@ from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import TRIGGER_SENSOR
+
+
+PROGRESS_EVERY_SECONDS = 10.0
+# Attempt events written to Dagster per batch write: a killed run loses at most this many (the store's audit
+# rows keep every attempt regardless).
+EVENT_CHUNK = 25
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "none"
 
 
 class DueOrder(dg.Config):
@@ -82,15 +93,28 @@ def work_backlog(
 
     context.log.info(f"working {len(reasons)} order(s) on {policy.batch_workers} worker(s)")
     counts: dict[str, int] = {}
+    pending: list[dg.AssetMaterialization] = []
+    said = time.monotonic()
+    # Every event is a write to Dagster's storage: an attempt's event (its outcome) is written with others in a
+    # chunk; the run's log gets a line per order only for attempts without an event, plus a running count.
     for result in backlog.drain(list(reasons), workers=policy.batch_workers, open_services=open_services,
                                 work=work):
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
-        context.log.info(f"order {result.order_id}: {result.outcome} ({result.reason})")
         if result.recorded:
-            context.log_event(attempt_event(
+            pending.append(attempt_event(
                 result.order_id, outcome=result.outcome, reason=result.reason, trigger=TRIGGER_SENSOR,
                 actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))
+        else:
+            context.log.info(f"order {result.order_id}: {result.outcome} ({result.reason})")
+        if len(pending) >= EVENT_CHUNK or time.monotonic() - said >= PROGRESS_EVERY_SECONDS:
+            log_attempt_events(context, pending)
+            pending = []
+        if time.monotonic() - said >= PROGRESS_EVERY_SECONDS:
+            said = time.monotonic()
+            context.log.info(f"{sum(counts.values())} of {len(reasons)} order(s) worked: {_counted(counts)}")
+    log_attempt_events(context, pending)
     unworked = len(reasons) - sum(counts.values())
     if unworked:
         context.log.warning(f"{unworked} order(s) not worked by this run; the sweep takes them up again")
+    context.log.info(f"{sum(counts.values())} of {len(reasons)} order(s) worked: {_counted(counts)}")
     return dg.Output(counts, metadata={"orders": len(reasons), **{k: v for k, v in sorted(counts.items())}})

@@ -14,8 +14,12 @@ def normalize_store_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_store_engine(url: str, *, statement_timeout_ms: int = 15000) -> sa.Engine:
-    """An engine with a connect timeout and, on PostgreSQL, a statement timeout on every connection."""
+POOL_RECYCLE_SECONDS = 600
+
+
+def create_store_engine(url: str, *, statement_timeout_ms: int = 15000, pool_size: int = 5) -> sa.Engine:
+    """An engine with a connect timeout and, on PostgreSQL, a statement timeout on every connection.
+    `pool_size`: connections kept open; more threads than that at once would open and close connections."""
     url = normalize_store_url(url)
     # hide_parameters: error text would otherwise quote bound values (presigned URLs, customer data).
     if url.startswith("sqlite"):
@@ -29,9 +33,13 @@ def create_store_engine(url: str, *, statement_timeout_ms: int = 15000) -> sa.En
             cursor.close()
 
         return engine
+    # No ping before each checkout (a round trip per transaction): connections are replaced after
+    # `POOL_RECYCLE_SECONDS`, and one the server closed fails a single statement, which the step's retry or
+    # the next sweep tick repeats on a fresh connection (SQLAlchemy discards the pool after a disconnect).
     return sa.create_engine(
         url,
-        pool_pre_ping=True,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        pool_size=pool_size,
         hide_parameters=True,
         connect_args={"connect_timeout": 10, "options": f"-c statement_timeout={statement_timeout_ms}"},
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from decimal import Decimal
 
@@ -194,15 +196,43 @@ def _insert_ignore(engine: sa.Engine, table: sa.Table, values: dict, index: list
 
 
 class Store:
-    def __init__(self, engine: sa.Engine):
+    def __init__(self, engine: sa.Engine, *, keep_orders: bool = False):
         self.engine = engine
+        self._kept: dict[str, Order] | None = {} if keep_orders else None
+
+    def _reading(self) -> sa.Connection:
+        """A connection for reads: each statement on its own, without BEGIN and ROLLBACK round trips. Under READ
+        COMMITTED a transaction would not make two reads see one snapshot either."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def for_attempt(self) -> Store:
+        """A view for one attempt on one thread: an order it read is read again only after one of its own
+        writes. A change by someone else between two steps is still caught where it matters: every write is
+        guarded by its WHERE clause, and a guarded write that changed nothing reads the order again."""
+        return Store(self.engine, keep_orders=True)
 
     # -- reads ---------------------------------------------------------------------------------------
     def load_order(self, order_id: str) -> Order | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(orders).where(orders.c.id == order_id)).mappings().first()
-            if row is None:
+        if self._kept is not None and order_id in self._kept:
+            return self._kept[order_id]
+        order = self._read_order(order_id)
+        if self._kept is not None and order is not None:
+            self._kept[order_id] = order
+        return order
+
+    def _read_order(self, order_id: str) -> Order | None:
+        with self._reading() as conn:
+            # One row per payment (or one without), payments oldest first.
+            order_rows = conn.execute(
+                sa.select(orders, payments.c.externalId.label("payment_id"), payments.c.status.label("payment_status"))
+                .select_from(orders.outerjoin(payments, payments.c.orderId == orders.c.id))
+                .where(orders.c.id == order_id)
+                .order_by(payments.c.createdAt)
+            ).mappings().all()
+            if not order_rows:
                 return None
+            row = order_rows[0]
+            # One row per item and keys row (BitLoot's `keys` may hold several for an item), items in id order.
             item_rows = conn.execute(
                 sa.select(
                     order_items,
@@ -212,18 +242,23 @@ class Store:
                     products.c.kinguinOfferId,
                     products.c.cost,
                     products.c.isPreorder,
+                    keys_table.c.storageRef.label("key_ref"),
+                    keys_table.c.id.label("key_id"),
                 )
-                .select_from(order_items.outerjoin(products, self._item_product_match()))
+                .select_from(
+                    order_items.outerjoin(products, self._item_product_match())
+                    .outerjoin(keys_table, keys_table.c.orderItemId == order_items.c.id)
+                )
                 .where(order_items.c.orderId == order_id)
                 .order_by(order_items.c.id)
-            ).mappings()
+            ).mappings().all()
+            firsts: dict[str, sa.RowMapping] = {}
             refs: dict[str, list[str]] = {}
-            for key_row in conn.execute(
-                sa.select(keys_table.c.orderItemId, keys_table.c.storageRef)
-                .join(order_items, order_items.c.id == keys_table.c.orderItemId)
-                .where(order_items.c.orderId == order_id)
-            ):
-                refs.setdefault(key_row.orderItemId, []).append(key_row.storageRef or "")
+            for r in item_rows:
+                firsts.setdefault(r["id"], r)
+                refs.setdefault(r["id"], [])
+                if r["key_id"] is not None:
+                    refs[r["id"]].append(r["key_ref"] or "")
             items = tuple(
                 Item(
                     id=r["id"],
@@ -238,18 +273,12 @@ class Store:
                     kinguin_offer_id=r["kinguinOfferId"],
                     product_cost=r["cost"],
                     is_preorder=bool(r["isPreorder"]),
-                    key_refs=tuple(refs.get(r["id"], ())),
+                    key_refs=tuple(refs[item_id]),
                 )
-                for r in item_rows
+                for item_id, r in firsts.items()
             )
-            pays = tuple(
-                Payment(external_id=p.externalId, status=p.status)
-                for p in conn.execute(
-                    sa.select(payments.c.externalId, payments.c.status)
-                    .where(payments.c.orderId == order_id)
-                    .order_by(payments.c.createdAt)
-                )
-            )
+            pays = tuple(Payment(external_id=r["payment_id"], status=r["payment_status"])
+                         for r in order_rows if r["payment_id"] is not None)
         return Order(
             id=row["id"],
             email=row["email"],
@@ -273,7 +302,7 @@ class Store:
 
     @needs_project_tables
     def get_state(self, order_id: str) -> ReconcileState:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(
                 sa.select(reconcile_state).where(reconcile_state.c.order_id == order_id)
             ).mappings().first()
@@ -285,7 +314,7 @@ class Store:
         """The reconcile state of each order that has one."""
         if not order_ids:
             return {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 sa.select(reconcile_state).where(reconcile_state.c.order_id.in_(sorted(order_ids)))
             ).mappings()
@@ -295,7 +324,7 @@ class Store:
         """Which of these orders have an audit row written by this run (a batch's orders it got to)."""
         if not order_ids:
             return set()
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 sa.select(reconcile_audit.c.order_id).distinct()
                 .where(reconcile_audit.c.order_id.in_(sorted(order_ids)), reconcile_audit.c.run_id == run_id)
@@ -303,7 +332,7 @@ class Store:
             return {str(row.order_id) for row in rows}
 
     def audit_trail(self, order_id: str) -> list[dict]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 sa.select(reconcile_audit)
                 .where(reconcile_audit.c.order_id == order_id)
@@ -312,7 +341,7 @@ class Store:
             return [dict(r) for r in rows]
 
     def key_assignments(self, order_id: str) -> dict[str, str]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 sa.select(reconcile_key_assignment.c.order_item_id, reconcile_key_assignment.c.kinguin_key_id)
                 .where(reconcile_key_assignment.c.order_id == order_id)
@@ -364,7 +393,7 @@ class Store:
             .select_from(due.outerjoin(reconcile_state, reconcile_state.c.order_id == due.c.id))
             .order_by(due.c.updatedAt)
         )
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [
                 StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts, r.last_run_id)
                 for r in conn.execute(query)
@@ -409,7 +438,7 @@ class Store:
             .order_by(wanted.c.createdAt, wanted.c.id)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [
                 BacklogOrder(
                     r["id"], r["status"], bool(r["completionEmailSent"]), r["createdAt"], r["updatedAt"],
@@ -430,7 +459,7 @@ class Store:
         )
         joined, state = self._with_state(fulfilled)
         query = sa.select(fulfilled, state.c.last_outcome, state.c.placement_intent_at).select_from(joined)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [
                 FulfilledOrder(r.id, r.createdAt, r.updatedAt, r.kinguinReservationId,
                                r.last_outcome, r.placement_intent_at)
@@ -504,6 +533,15 @@ class Store:
         if held != 1:
             raise LeaseLost(order_id, owner)
 
+    @contextmanager
+    def _write(self, order_id: str, owner: str | None) -> Iterator[sa.Connection]:
+        """A run's write transaction, fenced by its lease; an attempt's view reads the order again after it."""
+        if self._kept is not None:
+            self._kept.clear()
+        with self.engine.begin() as conn:
+            self._fence(conn, order_id, owner)
+            yield conn
+
     # -- writes to BitLoot's tables (each fenced by the writing run's lease) ----------------------------
     def mark_paid(self, order_id: str, *, owner: str | None = None) -> bool:
         """waiting/confirming/failed -> paid, only after the payment was confirmed."""
@@ -522,8 +560,7 @@ class Store:
     def _set_order_status(
         self, order_id: str, status: OrderStatus, allowed_from: tuple[OrderStatus, ...], owner: str | None
     ) -> bool:
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             return conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.status.in_([s.value for s in allowed_from]))
@@ -532,8 +569,7 @@ class Store:
 
     def save_reservation_id(self, order_id: str, kinguin_order_id: str, *, owner: str | None = None) -> None:
         """Saved at once, in its own transaction, and never overwritten once set."""
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.kinguinReservationId.is_(None))
@@ -544,8 +580,7 @@ class Store:
                                ) -> bool:
         """A replacement Kinguin order takes the place of the canceled one, only while the canceled one is the
         order's saved reservation (so a second attempt changes nothing)."""
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             return conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.kinguinReservationId == replaced)
@@ -567,8 +602,7 @@ class Store:
         The item row is locked before the check, so two writers of one item take turns and the second sees
         the first one's row (BitLoot's `keys` has no unique rule on the item and may hold old duplicates)."""
         now = naive_utc(utcnow())
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             conn.execute(sa.select(order_items.c.id).where(order_items.c.id == order_item_id).with_for_update())
             has_row = conn.execute(
                 sa.select(keys_table.c.id).where(keys_table.c.orderItemId == order_item_id).limit(1)
@@ -592,8 +626,7 @@ class Store:
             )
 
     def mark_email_sent(self, order_id: str, *, owner: str | None = None) -> None:
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.completionEmailSent.is_(False))
@@ -615,8 +648,7 @@ class Store:
                                   ) -> None:
         """Before placing replacement `number` of the canceled Kinguin order `replaced`: a run that finds
         this intent with the canceled order still saved searches Kinguin for the replacement first."""
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             conn.execute(
                 sa.update(reconcile_state)
                 .where(reconcile_state.c.order_id == order_id, reconcile_state.c.replacements == number - 1)
@@ -624,8 +656,7 @@ class Store:
             )
 
     def assign_key(self, order_id: str, order_item_id: str, kinguin_key_id: str, *, owner: str | None = None) -> None:
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
+        with self._write(order_id, owner) as conn:
             conn.execute(
                 sa.insert(reconcile_key_assignment).values(
                     order_id=order_id, order_item_id=order_item_id, kinguin_key_id=kinguin_key_id
@@ -704,7 +735,7 @@ class Store:
             .order_by(state.c.updated_at)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [_state(row) for row in conn.execute(query).mappings()]
 
     def mark_alerted(self, seen: ReconcileState) -> bool:
@@ -725,7 +756,7 @@ class Store:
     def order_ids_created_between(self, start: dt.datetime, end: dt.datetime) -> list[str]:
         """Orders created in [start, end), oldest first. BitLoot indexes "createdAt" only behind status, so
         this scans; it runs once a day per window, never on the sweep's path."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return list(
                 conn.execute(
                     sa.select(orders.c.id)
@@ -738,14 +769,14 @@ class Store:
         """Which of these order uuids are orders of the store (any day)."""
         if not order_ids:
             return set()
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return set(conn.execute(sa.select(orders.c.id).where(orders.c.id.in_(sorted(order_ids)))).scalars())
 
     # -- BitLoot's switches: its feature flags and its email suppression list (reads only) -------------------
     def feature_flags(self) -> dict[str, bool] | None:
         """Every flag row in one query; None when BitLoot has no `feature_flags` table (older than its flags)."""
         try:
-            with self.engine.connect() as conn:
+            with self._reading() as conn:
                 rows = conn.execute(sa.select(feature_flags.c.name, feature_flags.c.enabled))
                 return {row.name: bool(row.enabled) for row in rows}
         except sa.exc.DBAPIError:
@@ -765,7 +796,7 @@ class Store:
             .limit(1)
         )
         try:
-            with self.engine.connect() as conn:
+            with self._reading() as conn:
                 row = conn.execute(query).first()
         except sa.exc.DBAPIError:
             if self._has_table(email_bounces):
