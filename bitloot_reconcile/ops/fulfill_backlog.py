@@ -26,7 +26,6 @@ from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import TRIGGER_SENSOR
 
-
 PROGRESS_EVERY_SECONDS = 10.0
 # Attempt events written to Dagster per batch write: a killed run loses at most this many (the store's audit
 # rows keep every attempt regardless).
