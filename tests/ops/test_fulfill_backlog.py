@@ -15,7 +15,8 @@ import pytest
 from bitloot_reconcile.adapters.errors import PermanentError
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
-from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
+from bitloot_reconcile.ops.fulfill_backlog import EVENT_CHUNK
+from bitloot_reconcile.order_history import EVENT_BATCH_SIZE_VAR, ORDER_ATTEMPTS_KEY, ORDER_IDS
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault
@@ -105,6 +106,52 @@ def test_every_attempt_is_an_event_on_the_orders_partition_whatever_run_made_it(
     for key in supplier_order.keys:
         assert key.serial not in text
     assert "X-Amz-Signature" not in text
+
+
+def test_a_batchs_attempt_events_are_written_a_chunk_at_a_time(world: World, monkeypatch):
+    orders = [world.order([world.product()]) for _ in range(EVENT_CHUNK + 5)]
+    storage = world.instance.event_log_storage
+    chunks: list[int] = []
+    write_batch = storage.store_event_batch
+
+    def counted(events):
+        chunks.append(len(events))
+        write_batch(events)
+
+    monkeypatch.setattr(storage, "store_event_batch", counted)
+    monkeypatch.delenv(EVENT_BATCH_SIZE_VAR, raising=False)
+
+    result = world.batch(orders)
+
+    assert result.success
+    assert sum(chunks) == len(orders) and max(chunks) <= EVENT_CHUNK and len(chunks) >= 2
+    assert EVENT_BATCH_SIZE_VAR not in os.environ  # set only while a chunk is written
+    for order_id in orders:
+        (record,) = world.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=ORDER_ATTEMPTS_KEY, asset_partitions=[order_id]), limit=5).records
+        assert record.asset_materialization.metadata["outcome"].value == "fulfilled"
+        assert record.run_id == result.run_id
+
+
+def test_answers_lost_inside_a_batch_buy_once_and_email_once(world: World):
+    lost_order, lost_email, plain = (world.order([world.product()]) for _ in range(3))
+    world.kinguin.inject("place_order_v2", Fault(lose_response=True,
+                                                 match=lambda body: body.get("orderExternalId") == lost_order))
+    world.resend.inject("send_email", Fault(lose_response=True,
+                                            match=lambda body: lost_email[:8].upper() in body.get("subject", "")))
+
+    result = world.batch([lost_order, lost_email, plain])
+
+    assert result.success
+    for order_id in (lost_order, lost_email, plain):
+        assert world.store.get_state(order_id).last_outcome == "fulfilled"
+        assert len(world.kinguin.orders_for_external_id(order_id)) == 1
+        assert_fully_delivered(world, order_id)
+        subject = f"#{order_id[:8].upper()}"
+        assert len([m for m in world.resend.sent if subject in m["subject"]]) == 1
+    assert world.kinguin_calls().count("search_orders") == 1  # the lost placement is adopted, not bought again
+    tries = [r for r in world.resend.requests_to("send_email") if lost_email[:8].upper() in r.body["subject"]]
+    assert len(tries) == 2  # the answer was lost once; the retry under the same key sent nothing again
 
 
 def test_r2_down_for_one_order_leaves_the_others_alone(world: World, seaweed):

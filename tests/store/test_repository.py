@@ -17,7 +17,7 @@ from bitloot_reconcile.sandbox.seed import insert_order as insert_seeded_order
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
-from bitloot_reconcile.store.repository import Store, utcnow
+from bitloot_reconcile.store.repository import LeaseLost, Store, utcnow
 from tests.store import bitloot_ddl as ddl
 
 OLD = dt.datetime(2026, 1, 2, 3, 4, 5)  # BitLoot timestamps are naive UTC
@@ -218,6 +218,74 @@ def test_load_order_unknown_returns_none(engine, store):
 
 
 # --- guarded status writes ------------------------------------------------------------------------------------
+def test_load_order_item_with_two_key_rows_and_an_order_with_two_payments(engine, store):
+    # BitLoot's `keys` may hold old duplicates for an item; the item is still listed once, with both refs.
+    order_id, [first, second] = insert_order(engine, items=2)
+    with engine.begin() as conn:
+        for ref in ("a.txt", "b.txt"):
+            conn.execute(sa.insert(schema.keys).values(id=new_id(), orderItemId=first, storageRef=ref))
+        for number, status in enumerate(["waiting", "finished"]):
+            conn.execute(sa.insert(schema.payments).values(
+                id=new_id(), orderId=order_id, externalId=f"50000000{number}", status=status,
+                createdAt=OLD + dt.timedelta(seconds=number)))
+
+    order = store.load_order(order_id)
+
+    assert [item.id for item in order.items] == sorted([first, second])
+    by_id = {item.id: item for item in order.items}
+    assert sorted(by_id[first].key_refs) == ["a.txt", "b.txt"]
+    assert by_id[second].key_refs == ()
+    assert [(p.external_id, p.status) for p in order.payments] == [("500000000", "waiting"), ("500000001", "finished")]
+
+
+# --- one attempt's view ---------------------------------------------------------------------------------------
+def count_statements(engine: sa.Engine) -> list[str]:
+    seen: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    return seen
+
+
+def test_an_attempts_view_reads_the_order_again_only_after_its_own_write(engine, store):
+    order_id, _ = insert_order(engine)
+    store.claim(order_id, "run-1", dt.timedelta(minutes=5))
+    view = store.for_attempt()
+    statements = count_statements(engine)
+
+    first = view.load_order(order_id)
+    assert view.load_order(order_id) is first
+    reads = len(statements)
+    assert reads == 2  # the order with its payments, the items with their keys
+
+    # Someone else's write is not seen until the view writes itself; the guarded writes do not depend on it.
+    Store(engine).save_reservation_id(order_id, "THEIRS00001")
+    assert view.load_order(order_id).kinguin_reservation_id is None
+    assert view.mark_fulfilled(order_id, owner="run-1")
+    after = view.load_order(order_id)
+    assert (after.status, after.kinguin_reservation_id) == ("fulfilled", "THEIRS00001")
+    assert view.load_order(order_id) is after
+
+
+def test_a_plain_store_reads_the_order_every_time(engine, store):
+    order_id, _ = insert_order(engine)
+    statements = count_statements(engine)
+    store.load_order(order_id)
+    store.load_order(order_id)
+    assert len(statements) == 4
+    Store(engine).save_reservation_id(order_id, "THEIRS00001")
+    assert store.load_order(order_id).kinguin_reservation_id == "THEIRS00001"
+
+
+def test_a_failed_write_of_the_view_still_drops_what_it_kept(engine, store):
+    order_id, _ = insert_order(engine)
+    store.claim(order_id, "run-1", dt.timedelta(minutes=5))
+    view = store.for_attempt()
+    view.load_order(order_id)
+    Store(engine).mark_fulfilled(order_id)
+    with pytest.raises(LeaseLost):
+        view.mark_email_sent(order_id, owner="run-2")
+    assert view.load_order(order_id).status == "fulfilled"
+
+
 def test_mark_paid_from_unconfirmed_states(engine, store):
     for status in ("waiting", "confirming", "failed"):
         order_id, _ = insert_order(engine, status=status)
