@@ -288,11 +288,17 @@ def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: f
         runs = instance.get_run_records()
         jobs = Counter(r.dagster_run.job_name for r in runs)
         body = [r.end_time - r.start_time for r in runs if r.start_time and r.end_time]
-    cpu = sum(cpu - baseline.get(pid, 0.0) for pid, cpu in sampler.cpu.items())
+    used = {pid: cpu - baseline.get(pid, 0.0) for pid, cpu in sampler.cpu.items()}
     workers = [pid for pid in sampler.cpu if pid not in baseline]
+    server = min(groups - {daemon.pid})
+    split = {"code server": used.get(server, 0.0), "daemon": used.get(daemon.pid, 0.0),
+             "run workers": sum(used[pid] for pid in workers)}
+    split["other"] = sum(used.values()) - sum(split.values())
+    cpu = sum(used.values())
     return {"wall": wall, "cpu": cpu, "pg": pg, "calls": len(stack.kinguin.requests) - calls,
             "rss": max((sampler.rss[p] for p in workers), default=0.0), "runs": dict(jobs),
-            "run_body": max(body, default=0.0), "warm_up": warm_up, "dagster_xacts": xacts}
+            "run_body": max(body, default=0.0), "warm_up": warm_up, "dagster_xacts": xacts,
+            "split": split}
 
 
 # -- the peer --------------------------------------------------------------------------------------------------------
@@ -379,6 +385,8 @@ def main() -> None:
         f"{sum(statements.values()) / n:.1f} ({', '.join(f'{k} {v / n:.1f}' for k, v in statements.most_common())}); "
         f"transactions per order in Dagster's database (daemon side): {daemon['dagster_xacts'] / n:.1f}.",
         highlight=False)
+    console.print("Daemon side CPU-s by process: " + ", ".join(
+        f"{name} {seconds:.1f}" for name, seconds in daemon["split"].items()), highlight=False)
     console.print(f"peer outcomes: {peer['outcomes']}; Kinguin orders per order id: "
                   f"{dict(Counter(placed.values()))}; emails per order: {dict(Counter(emails.values()))}; "
                   f"logs: {logs}", highlight=False)

@@ -46,10 +46,12 @@ class PolicyValues(BaseModel):
     max_price_over_cost_percent: float = Field(default=20.0, ge=0)
     max_price_over_cost_eur: float = Field(default=5.0, ge=0)
     # The backlog path: above `batch_threshold` due orders, the sweep launches one `fulfill_backlog` run of
-    # at most `batch_max_orders` orders, worked `batch_workers` at a time, instead of one run each.
+    # at most `batch_max_orders` orders, worked `batch_workers` at a time, instead of one run each; while
+    # `batch_max_runs` batches are in flight the next one waits.
     batch_threshold: int = Field(default=25, ge=0)
-    batch_max_orders: int = Field(default=200, ge=1)
+    batch_max_orders: int = Field(default=500, ge=1)
     batch_workers: int = Field(default=8, ge=1)
+    batch_max_runs: int = Field(default=2, ge=1)
 
     @property
     def price_bound(self) -> PriceBound:

@@ -307,6 +307,28 @@ def test_orders_inside_a_batch_in_flight_are_skipped(sweep, dagster_instance):
     assert sorted(ids(sweep.tick())) == sorted([*inside, outside])
 
 
+def test_the_next_batch_waits_while_batch_max_runs_batches_are_in_flight(sweep, dagster_instance, store_url):
+    running = [batch_run(dagster_instance, [sweep.order()]) for _ in range(2)]
+    due = [sweep.order() for _ in range(3)]
+
+    def tick(max_runs: int) -> dg.SensorResult | dg.SkipReason:
+        context = dg.build_sensor_context(instance=dagster_instance, resources={
+            "store": StoreResource(database_url=store_url),
+            "policy": ReconcilePolicy(batch_threshold=2, batch_max_runs=max_runs)})
+        return stuck_orders_sensor(context)
+
+    try:
+        waiting = tick(2)
+        assert isinstance(waiting, dg.SkipReason)
+        assert waiting.skip_message == ("3 due orders wait for the next batch: 2 fulfill_backlog run(s) in flight, "
+                                        "at most 2 at once")
+        (batch,) = tick(3).run_requests
+        assert sorted(o["order_id"] for o in batch.run_config["ops"]["work_backlog"]["config"]["orders"]) == sorted(due)
+    finally:
+        for run in running:
+            dagster_instance.delete_run(run.run_id)
+
+
 def test_a_batch_whose_worker_died_is_failed_and_its_orders_taken_up(sweep, dagster_instance):
     lease = {"lease_seconds": 60, "max_retry_wait_seconds": 20}
     now = utcnow()

@@ -199,7 +199,7 @@ def load_and_claim(
     launch = who_launched(context, config)
     remedy = config.remedy
     _set_tags(context, launch_tags(order_id, launch, remedy))
-    repo = store.get_store()
+    repo = store.get_store().for_attempt()  # the hold and the claim read the order once
     try:
         with step_errors(policy):
             remedies.refuse_remedy_on_sweep_run(remedy, admin=launch.admin)
@@ -321,11 +321,12 @@ def send_completion_email(
 ) -> Iterator[dg.Output]:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
     with step_errors(policy):
-        progress = switches.hold_before_email(store.get_store(), progress)
+        repo = store.get_store().for_attempt()  # the hold and the email read the order once
+        progress = switches.hold_before_email(repo, progress)
         try:
             with mailer.get_client() as client:
                 progress = fulfilment.send_completion_email(
-                    store.get_store(), client, progress, sender=mailer.sender, frontend_url=policy.frontend_url
+                    repo, client, progress, sender=mailer.sender, frontend_url=policy.frontend_url
                 )
         except TransientError as exc:
             if context.retry_number < TRANSIENT_RETRY.max_retries:

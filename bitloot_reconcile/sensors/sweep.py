@@ -138,6 +138,10 @@ def stuck_orders_sensor(
     requests, batch = split_backlog(due, threshold=policy.batch_threshold, max_orders=policy.batch_max_orders,
                                     max_runs=policy.max_runs_per_tick)
     if batch is not None:
+        running = len(_batches_in_flight(context.instance))
+        if running >= policy.batch_max_runs:  # the batches' workers are the load on Kinguin and on this host
+            return dg.SkipReason(f"{len(batch.requests)} due orders wait for the next batch: {running} "
+                                 f"fulfill_backlog run(s) in flight, at most {policy.batch_max_runs} at once")
         return dg.SensorResult(run_requests=[dg.RunRequest(
             run_key=batch.run_key, job_name=fulfill_backlog.name, tags=batch.tags,
             run_config={"ops": {"work_backlog": {"config": {"orders": batch.orders}}}},
