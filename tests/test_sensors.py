@@ -279,9 +279,13 @@ def test_above_the_threshold_one_batch_run_of_the_oldest_due_orders(sweep):
     assert "bitloot/order_id" not in batch.tags  # no per-order launch limit: the leases guard each order
     assert batch.tags["bitloot/trigger"] == "sensor" and batch.tags["bitloot/batch_size"] == "5"
     assert dg.validate_run_config(fulfill_backlog, batch.run_config)
-    (bounded,) = sweep.tick(batch_threshold=2, batch_max_orders=3)
+    (bounded,) = sweep.tick(batch_threshold=2, batch_max_orders=3, batch_max_runs=1)
     assert [d["order_id"] for d in bounded.run_config["ops"]["work_backlog"]["config"]["orders"]] == oldest_first[:3]
     assert bounded.run_key != batch.run_key
+    # More than one batch's worth and two slots: both batches at once, the oldest orders first.
+    first, second = sweep.tick(batch_threshold=2, batch_max_orders=3, batch_max_runs=2)
+    assert [[d["order_id"] for d in b.run_config["ops"]["work_backlog"]["config"]["orders"]] for b in (first, second)
+            ] == [oldest_first[:3], oldest_first[3:]]
     assert sweep.tick(batch_threshold=4)[0].run_key == batch.run_key  # the same due orders: the same key
 
 
@@ -320,7 +324,7 @@ def test_the_next_batch_waits_while_batch_max_runs_batches_are_in_flight(sweep, 
     try:
         waiting = tick(2)
         assert isinstance(waiting, dg.SkipReason)
-        assert waiting.skip_message == ("3 due orders wait for the next batch: 2 fulfill_backlog run(s) in flight, "
+        assert waiting.skip_message == ("3 due orders wait for a batch: 2 fulfill_backlog run(s) in flight, "
                                         "at most 2 at once")
         (batch,) = tick(3).run_requests
         assert sorted(o["order_id"] for o in batch.run_config["ops"]["work_backlog"]["config"]["orders"]) == sorted(due)

@@ -97,14 +97,30 @@ class BacklogBatch:
                 TAG_REASON: f"backlog of {len(self.requests)} stuck orders", TAG_BATCH_SIZE: str(len(self.requests))}
 
 
+# A run worker costs about as much CPU to start as 50 orders take to work: a backlog is split into parts of
+# at least this many orders.
+MIN_ORDERS_PER_BATCH = 100
+
+
 def split_backlog(
-    requests: list[SweepRequest], *, threshold: int, max_orders: int, max_runs: int
-) -> tuple[list[SweepRequest], BacklogBatch | None]:
-    """Above `threshold` due orders, one batch of the oldest `max_orders`; otherwise at most `max_runs`
-    per-order runs."""
-    if len(requests) > threshold:
-        return [], BacklogBatch(requests[:max_orders])
-    return requests[:max_runs], None
+    requests: list[SweepRequest], *, threshold: int, max_orders: int, max_runs: int, batch_slots: int
+) -> tuple[list[SweepRequest], list[BacklogBatch]]:
+    """At most `max_runs` per-order runs up to `threshold` due orders. Above it, the oldest orders as up to
+    `batch_slots` batches of at most `max_orders` each, split evenly (one run worker is one process: several
+    use more than one core), parts of at least `MIN_ORDERS_PER_BATCH`; none while no slot is free."""
+    if len(requests) <= threshold:
+        return requests[:max_runs], []
+    if batch_slots <= 0:
+        return [], []
+    taken = requests[: max_orders * batch_slots]
+    count = min(batch_slots, max(-(-len(taken) // max_orders), len(taken) // MIN_ORDERS_PER_BATCH, 1))
+    size, extra = divmod(len(taken), count)
+    batches, start = [], 0
+    for number in range(count):
+        end = start + size + (1 if number < extra else 0)
+        batches.append(BacklogBatch(taken[start:end]))
+        start = end
+    return [], batches
 
 
 def batch_worker_gone(

@@ -105,10 +105,11 @@ def work_backlog(
                 actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))
         else:
             context.log.info(f"order {result.order_id}: {result.outcome} ({result.reason})")
-        if len(pending) >= EVENT_CHUNK or time.monotonic() - said >= PROGRESS_EVERY_SECONDS:
+        say = time.monotonic() - said >= PROGRESS_EVERY_SECONDS
+        if len(pending) >= EVENT_CHUNK or say:
             log_attempt_events(context, pending)
             pending = []
-        if time.monotonic() - said >= PROGRESS_EVERY_SECONDS:
+        if say:
             said = time.monotonic()
             context.log.info(f"{sum(counts.values())} of {len(reasons)} order(s) worked: {_counted(counts)}")
     log_attempt_events(context, pending)

@@ -118,8 +118,8 @@ def stuck_orders_sensor(
     context: dg.SensorEvaluationContext, store: StoreResource, policy: ReconcilePolicy
 ) -> dg.SensorResult | dg.SkipReason:
     """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each; or, when more are due than
-    `batch_threshold`, one `fulfill_backlog` run of them all (bounded); unless BitLoot's own switches stop
-    automatic fulfilment."""
+    `batch_threshold`, `fulfill_backlog` runs of them (bounded in size and number); unless BitLoot's own
+    switches stop automatic fulfilment."""
     held = read_switches(store.get_store()).sweep_hold
     if held:
         return dg.SkipReason(f"launching nothing: {held}")
@@ -127,7 +127,7 @@ def stuck_orders_sensor(
     repo = store.get_store()
     in_flight = orders_in_flight(context.instance, repo, lease_ttl=policy.lease_ttl, now=now)
     # Orders with a run in flight are still stuck in the store: read past them, so they never use up the tick.
-    wanted = max(policy.max_runs_per_tick, policy.batch_max_orders, policy.batch_threshold + 1)
+    wanted = max(policy.max_runs_per_tick, policy.batch_max_orders * policy.batch_max_runs, policy.batch_threshold + 1)
     stuck = repo.find_stuck_orders(
         now=now,
         grace=dt.timedelta(minutes=policy.grace_minutes),
@@ -135,17 +135,17 @@ def stuck_orders_sensor(
         limit=wanted + len(in_flight),
     )
     due = plan_sweep(stuck, in_flight=set(in_flight), now=now, lease_ttl=policy.lease_ttl)
-    requests, batch = split_backlog(due, threshold=policy.batch_threshold, max_orders=policy.batch_max_orders,
-                                    max_runs=policy.max_runs_per_tick)
-    if batch is not None:
-        running = len(_batches_in_flight(context.instance))
-        if running >= policy.batch_max_runs:  # the batches' workers are the load on Kinguin and on this host
-            return dg.SkipReason(f"{len(batch.requests)} due orders wait for the next batch: {running} "
-                                 f"fulfill_backlog run(s) in flight, at most {policy.batch_max_runs} at once")
+    running = len(_batches_in_flight(context.instance))
+    requests, batches = split_backlog(due, threshold=policy.batch_threshold, max_orders=policy.batch_max_orders,
+                                      max_runs=policy.max_runs_per_tick, batch_slots=policy.batch_max_runs - running)
+    if batches:
         return dg.SensorResult(run_requests=[dg.RunRequest(
             run_key=batch.run_key, job_name=fulfill_backlog.name, tags=batch.tags,
             run_config={"ops": {"work_backlog": {"config": {"orders": batch.orders}}}},
-        )])
+        ) for batch in batches])
+    if len(due) > policy.batch_threshold:  # the batches' workers are the load on Kinguin and on this host
+        return dg.SkipReason(f"{len(due)} due orders wait for a batch: {running} fulfill_backlog run(s) in "
+                             f"flight, at most {policy.batch_max_runs} at once")
     if not requests:
         return dg.SkipReason(nothing_due(repo, in_flight, policy, now))
     return dg.SensorResult(run_requests=[

@@ -207,8 +207,9 @@ class Store:
 
     def for_attempt(self) -> Store:
         """A view for one attempt (or one step of a run) on one thread: an order it read is read again only
-        after one of its own writes. A change by someone else between two steps is still caught where it matters: every write is
-        guarded by its WHERE clause, and a guarded write that changed nothing reads the order again."""
+        after one of its own writes. A change by someone else between two steps is still caught where it
+        matters: every write is guarded by its WHERE clause, and a guarded write that changed nothing reads the
+        order again."""
         return Store(self.engine, keep_orders=True)
 
     # -- reads ---------------------------------------------------------------------------------------

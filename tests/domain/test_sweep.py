@@ -15,20 +15,42 @@ def requests(n: int) -> list[SweepRequest]:
     return [SweepRequest(f"order-{i}", f"order-{i}:1:0", "stuck", {}) for i in range(n)]
 
 
+def order_ids(batches) -> list[list[str]]:
+    return [[o["order_id"] for o in batch.orders] for batch in batches]
+
+
 def test_at_the_threshold_per_order_runs_above_it_one_bounded_batch():
-    runs, batch = split_backlog(requests(5), threshold=5, max_orders=3, max_runs=4)
-    assert [r.order_id for r in runs] == ["order-0", "order-1", "order-2", "order-3"] and batch is None
-    runs, batch = split_backlog(requests(6), threshold=5, max_orders=3, max_runs=4)
-    assert runs == [] and [o["order_id"] for o in batch.orders] == ["order-0", "order-1", "order-2"]
+    runs, batches = split_backlog(requests(5), threshold=5, max_orders=3, max_runs=4, batch_slots=1)
+    assert [r.order_id for r in runs] == ["order-0", "order-1", "order-2", "order-3"] and batches == []
+    runs, (batch,) = split_backlog(requests(6), threshold=5, max_orders=3, max_runs=4, batch_slots=1)
+    assert runs == [] and order_ids([batch]) == [["order-0", "order-1", "order-2"]]
     assert batch.tags["bitloot/batch_size"] == "3" and "bitloot/order_id" not in batch.tags
 
 
+def test_a_backlog_is_split_evenly_over_the_free_slots_in_parts_of_at_least_the_minimum():
+    # Small: one batch even with slots free (another run worker would cost more than it saves).
+    assert order_ids(split_backlog(requests(150), threshold=25, max_orders=500, max_runs=25, batch_slots=2)[1]) == [
+        [f"order-{i}" for i in range(150)]]
+    # Large enough for two: split evenly, oldest first.
+    halves = order_ids(split_backlog(requests(301), threshold=25, max_orders=500, max_runs=25, batch_slots=2)[1])
+    assert [len(h) for h in halves] == [151, 150] and halves[0][0] == "order-0" and halves[1][0] == "order-151"
+    # Bounded by the slots and the batch size: the rest waits for a later tick.
+    parts = order_ids(split_backlog(requests(1200), threshold=25, max_orders=500, max_runs=25, batch_slots=2)[1])
+    assert [len(p) for p in parts] == [500, 500]
+    # More batches than the minimum would give, when one batch cannot hold them all.
+    assert [len(p) for p in order_ids(split_backlog(requests(60), threshold=25, max_orders=20, max_runs=25,
+                                                    batch_slots=4)[1])] == [20, 20, 20]
+    # No free slot: nothing launched, per-order runs neither.
+    assert split_backlog(requests(60), threshold=25, max_orders=500, max_runs=25, batch_slots=0) == ([], [])
+
+
 def test_a_batchs_run_key_follows_its_orders_run_keys():
-    first = split_backlog(requests(6), threshold=0, max_orders=6, max_runs=1)[1]
-    same = split_backlog(requests(6), threshold=0, max_orders=6, max_runs=1)[1]
+    def batch_of(reqs):
+        return split_backlog(reqs, threshold=0, max_orders=6, max_runs=1, batch_slots=1)[1][0]
+
     moved = requests(6)
     moved[2] = SweepRequest("order-2", "order-2:2:0", "stuck", {})  # its attempt moved on
-    assert first.run_key == same.run_key != split_backlog(moved, threshold=0, max_orders=6, max_runs=1)[1].run_key
+    assert batch_of(requests(6)).run_key == batch_of(requests(6)).run_key != batch_of(moved).run_key
 
 
 def lease(owner: str, expires: dt.datetime) -> ReconcileState:
