@@ -6,8 +6,8 @@ stuck in `paid` for 30 minutes.
 
 1. daemon: a `dagster api grpc` code server and a `dagster-daemon` as separate processes, on a fresh PostgreSQL
    Dagster database configured by the repository's `dagster.yaml` and reached through its `workspace.yaml`; the
-   sweep ticks every `--sweep-seconds` (5; production 30) and, N being above the threshold, launches one
-   `fulfill_backlog` run per `batch_max_orders`. The orders pile up while BitLoot's `auto_fulfill_enabled` is
+   sweep ticks every `--sweep-seconds` (5; production 30) and, N being above the threshold, launches
+   `fulfill_backlog` runs with the default batch settings. The orders pile up while BitLoot's `auto_fulfill_enabled` is
    off and the daemon is already running (its start is printed apart); timed from switching it back on until
    every order is fulfilled and emailed.
 2. peer: `domain.backlog.drain` with 8 threads calling `domain.attempt.work_order` (the same step functions)
@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -56,7 +60,7 @@ from bitloot_reconcile.domain.attempt import Services, Who, work_order
 from bitloot_reconcile.domain.backlog import drain
 from bitloot_reconcile.ops.fulfill_backlog import attempt_policy
 from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.seed import set_feature_flag
+from bitloot_reconcile.sandbox.seed import insert_order, set_feature_flag
 from bitloot_reconcile.store.schema import orders
 
 BIN = Path(sys.executable).parent
@@ -72,10 +76,14 @@ def add_latency(stack: Stack, seconds: float) -> None:
             getattr(stack, service).inject(route, Fault(latency=seconds, times=10**9))
 
 
-def done_count(engine: sa.Engine) -> int:
+def done_count(engine: sa.Engine, order_ids: list[str] | None = None) -> int:
+    """Orders fulfilled and emailed (of `order_ids`, when given)."""
+    query = sa.select(sa.func.count()).select_from(orders).where(
+        orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(True))
+    if order_ids is not None:
+        query = query.where(orders.c.id.in_(order_ids))
     with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(orders).where(
-            orders.c.status == "fulfilled", orders.c.completionEmailSent.is_(True))).scalar_one()
+        return conn.execute(query).scalar_one()
 
 
 # -- CPU and memory from /proc -----------------------------------------------------------------------------------
@@ -224,14 +232,15 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise TimeoutError("the code server did not open its port")
 
 
-def commits(url: str) -> int:
-    """Transactions committed in one database so far (PostgreSQL's statistics, flushed within a second)."""
+def commits(url: str) -> tuple[int, int]:
+    """Transactions committed and connections opened in one database so far (PostgreSQL's statistics, flushed
+    within a second)."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
-            return conn.execute(sa.text(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")).scalar_one()
+            return tuple(conn.execute(sa.text(
+                "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = current_database()")).one())
     finally:
         engine.dispose()
 
@@ -248,12 +257,15 @@ def sweep_ticks(url: str) -> int:
         engine.dispose()
 
 
-def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: float) -> dict:
+def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: float, admin_retry: bool) -> dict:
     """The daemon runs as in production while BitLoot's `auto_fulfill_enabled` is off (the shop paused
     automatic fulfilment during the outage) and N stuck orders pile up; switching it back on makes the whole
     backlog due at once. Timed from that switch."""
     set_feature_flag(stack.engine, AUTO_FULFIL, False)
-    stack.paid_orders(n)
+    backlog = stack.paid_orders(n)
+    # Paid a minute ago, inside the sweep's grace period: only an admin's retry works it.
+    admin_order = insert_order(stack.engine, [stack.product()], age=dt.timedelta(minutes=1))
+    admin_run_id, launched_at = str(uuid.uuid4()), None
     with temp_database("bench_backlog_dagster") as dagster_db, \
             production_shape(stack, f"{dagster_db}", sweep_seconds, logs) as (instance, start, groups):
         sampler = GroupSampler(groups).start()
@@ -270,12 +282,19 @@ def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: f
         sampler.sample()
         baseline, xacts = dict(sampler.cpu), commits(dagster_db)
         calls, pg = len(stack.kinguin.requests), postgres_cpu()
-        started = time.monotonic()
+        started, switched = time.monotonic(), time.time()
         set_feature_flag(stack.engine, AUTO_FULFIL, True)
-        while done_count(stack.engine) < n:
+        while done_count(stack.engine, backlog) < n:
             assert daemon.poll() is None, "the daemon exited (see its log)"
             if time.monotonic() - started > timeout:
-                raise TimeoutError(f"{done_count(stack.engine)} of {n} orders done after {timeout} s")
+                raise TimeoutError(f"{done_count(stack.engine, backlog)} of {n} orders done after {timeout} s")
+            if admin_retry and launched_at is None and any(r.dagster_run.status == dg.DagsterRunStatus.STARTED
+                                           for r in instance.get_run_records()):
+                launched_at = time.time()  # an admin retries one order from the launchpad while the batches run
+                start("admin_retry", [str(BIN / "dagster"), "job", "launch", "-w", str(REPO_ROOT / "workspace.yaml"),
+                                      "-j", "fulfill_order", "--run-id", admin_run_id, "--config-json", json.dumps(
+                                          {"order_id": admin_order, "reason": "customer asked", "requested_by":
+                                           "admin@bitloot.io"})])
             time.sleep(0.2)
         wall = time.monotonic() - started
         ended = time.monotonic() + 60  # every order is done; the runs still write their last events
@@ -284,21 +303,39 @@ def daemon_side(stack: Stack, n: int, sweep_seconds: int, logs: Path, timeout: f
         sampler.stop()
         pg = postgres_cpu() - pg
         time.sleep(1.5)
-        xacts = commits(dagster_db) - xacts
-        runs = instance.get_run_records()
+        xacts = tuple(after - before for after, before in zip(commits(dagster_db), xacts, strict=True))
+        admin = instance.get_run_record_by_id(admin_run_id)
+        # Not the backlog's work: the admin's run, and any other job the daemon ran meanwhile (the board's
+        # schedule). Their workers' CPU is left out; their share of PostgreSQL's CPU cannot be.
+        others = [r.dagster_run.run_id for r in instance.get_run_records()
+                  if r.dagster_run.job_name != "fulfill_backlog"]
+        other_pids = {int(pid) for run_id in others for entry in instance.all_logs(run_id)
+                      for pid in re.findall(r"\(pid: (\d+)\)", entry.user_message or "")}
+        runs = [r for r in instance.get_run_records() if r.dagster_run.run_id != admin_run_id]
         jobs = Counter(r.dagster_run.job_name for r in runs)
         body = [r.end_time - r.start_time for r in runs if r.start_time and r.end_time]
-    used = {pid: cpu - baseline.get(pid, 0.0) for pid, cpu in sampler.cpu.items()}
-    workers = [pid for pid in sampler.cpu if pid not in baseline]
+        first = min(runs, key=lambda r: r.create_timestamp)
+        timeline = (first.create_timestamp.timestamp() - switched, (first.start_time or switched) - switched)
+    used = {pid: cpu - baseline.get(pid, 0.0) for pid, cpu in sampler.cpu.items() if pid not in other_pids}
+    workers = [pid for pid in used if pid not in baseline]
     server = min(groups - {daemon.pid})
     split = {"code server": used.get(server, 0.0), "daemon": used.get(daemon.pid, 0.0),
              "run workers": sum(used[pid] for pid in workers)}
     split["other"] = sum(used.values()) - sum(split.values())
     cpu = sum(used.values())
-    return {"wall": wall, "cpu": cpu, "pg": pg, "calls": len(stack.kinguin.requests) - calls,
+    admin_supplier = {o.order_id for o in stack.kinguin.orders_for_external_id(admin_order)}
+    backlog_calls = [r for r in stack.kinguin.requests[calls:]
+                     if not (isinstance(r.body, dict) and r.body.get("orderExternalId") == admin_order)
+                     and not any(order_id in r.path for order_id in admin_supplier)]
+    return {"wall": wall, "cpu": cpu, "pg": pg, "calls": len(backlog_calls),
             "rss": max((sampler.rss[p] for p in workers), default=0.0), "runs": dict(jobs),
             "run_body": max(body, default=0.0), "warm_up": warm_up, "dagster_xacts": xacts,
-            "split": split}
+            "split": split, "timeline": timeline, "admin": {
+                "created": admin.create_timestamp.timestamp() - launched_at if admin else None,
+                "started": admin.start_time - launched_at if admin and admin.start_time else None,
+                "ended": admin.end_time - launched_at if admin and admin.end_time else None,
+                "status": admin.dagster_run.status.value if admin else "never created",
+                "outcome": admin.dagster_run.tags.get("bitloot/outcome") if admin else None}}
 
 
 # -- the peer --------------------------------------------------------------------------------------------------------
@@ -350,6 +387,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every simulator request")
     parser.add_argument("--sweep-seconds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--admin-retry", action="store_true",
+                        help="also launch one admin retry while the batches run and time it (its launch command "
+                             "and its run add to the server's PostgreSQL CPU figure)")
     args = parser.parse_args()
     print_machine()
     n = args.orders
@@ -357,7 +397,7 @@ def main() -> None:
     with stand_ins() as stack:
         add_latency(stack, args.latency)
         peer = peer_side(stack, n)
-        daemon = daemon_side(stack, n, args.sweep_seconds, logs, args.timeout)
+        daemon = daemon_side(stack, n, args.sweep_seconds, logs, args.timeout, args.admin_retry)
         placed = Counter(o.order_external_id for o in stack.kinguin.orders.values())
         emails = Counter(m["idempotency_key"] for m in stack.resend.sent)
     floor = n * 4 * args.latency / 8
@@ -377,14 +417,23 @@ def main() -> None:
         f"daemon / peer: {daemon['wall'] / peer['wall']:.2f}x drain time, "
         f"{(daemon['cpu'] + daemon['pg']) / max(peer['cpu'] + peer['pg'], 1e-9):.2f}x CPU; "
         f"daemon / floor {daemon['wall'] / floor:.1f}x. Daemon runs: {daemon['runs']}, the longest from its start "
-        f"to its end {daemon['run_body']:.1f} s; the rest of the drain is the sweep's next tick and the run "
-        f"worker's start. Before the timing: the daemon's start to its first tick, {daemon['warm_up']:.1f} s.",
+        f"to its end {daemon['run_body']:.1f} s; the first was created {daemon['timeline'][0]:.1f} s after the "
+        f"switch (the sweep's next tick) and started {daemon['timeline'][1]:.1f} s after it (queue, run worker "
+        f"start). Before the timing: the daemon's start to its first tick, {daemon['warm_up']:.1f} s.",
         highlight=False)
     console.print(
         f"SQL statements per order on the store (the step functions, counted on the peer's engine): "
         f"{sum(statements.values()) / n:.1f} ({', '.join(f'{k} {v / n:.1f}' for k, v in statements.most_common())}); "
-        f"transactions per order in Dagster's database (daemon side): {daemon['dagster_xacts'] / n:.1f}.",
+        f"Dagster's database (daemon side), per order: {daemon['dagster_xacts'][0] / n:.1f} transactions, "
+        f"{daemon['dagster_xacts'][1] / n:.2f} connections opened.",
         highlight=False)
+    admin = daemon["admin"]
+    if args.admin_retry:
+        console.print(
+            "An admin's retry launched during the drain (`dagster job launch`, as the launchpad does) once a batch "
+            f"had started: run created {admin['created']:.1f} s, started {admin['started']:.1f} s, ended "
+            f"{admin['ended']:.1f} s after the launch command ({admin['status']}, outcome {admin['outcome']})."
+            if admin["ended"] is not None else f"An admin's retry during the drain: {admin}", highlight=False)
     console.print("Daemon side CPU-s by process: " + ", ".join(
         f"{name} {seconds:.1f}" for name, seconds in daemon["split"].items()), highlight=False)
     console.print(f"peer outcomes: {peer['outcomes']}; Kinguin orders per order id: "

@@ -200,9 +200,10 @@ class Store:
         self.engine = engine
         self._kept: dict[str, Order] | None = {} if keep_orders else None
 
-    def _reading(self) -> sa.Connection:
-        """A connection for reads: each statement on its own, without BEGIN and ROLLBACK round trips. Under READ
-        COMMITTED a transaction would not make two reads see one snapshot either."""
+    def _autocommit(self) -> sa.Connection:
+        """A connection on which each statement is its own transaction, without BEGIN and COMMIT/ROLLBACK round
+        trips: for reads (under READ COMMITTED a transaction would not make two reads see one snapshot either)
+        and for writes whose statements each stand alone."""
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     def for_attempt(self) -> Store:
@@ -222,7 +223,7 @@ class Store:
         return order
 
     def _read_order(self, order_id: str) -> Order | None:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             # One row per payment (or one without), payments oldest first.
             order_rows = conn.execute(
                 sa.select(orders, payments.c.externalId.label("payment_id"), payments.c.status.label("payment_status"))
@@ -303,7 +304,7 @@ class Store:
 
     @needs_project_tables
     def get_state(self, order_id: str) -> ReconcileState:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             row = conn.execute(
                 sa.select(reconcile_state).where(reconcile_state.c.order_id == order_id)
             ).mappings().first()
@@ -315,7 +316,7 @@ class Store:
         """The reconcile state of each order that has one."""
         if not order_ids:
             return {}
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             rows = conn.execute(
                 sa.select(reconcile_state).where(reconcile_state.c.order_id.in_(sorted(order_ids)))
             ).mappings()
@@ -325,7 +326,7 @@ class Store:
         """Which of these orders have an audit row written by this run (a batch's orders it got to)."""
         if not order_ids:
             return set()
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             rows = conn.execute(
                 sa.select(reconcile_audit.c.order_id).distinct()
                 .where(reconcile_audit.c.order_id.in_(sorted(order_ids)), reconcile_audit.c.run_id == run_id)
@@ -333,7 +334,7 @@ class Store:
             return {str(row.order_id) for row in rows}
 
     def audit_trail(self, order_id: str) -> list[dict]:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             rows = conn.execute(
                 sa.select(reconcile_audit)
                 .where(reconcile_audit.c.order_id == order_id)
@@ -342,7 +343,7 @@ class Store:
             return [dict(r) for r in rows]
 
     def key_assignments(self, order_id: str) -> dict[str, str]:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             rows = conn.execute(
                 sa.select(reconcile_key_assignment.c.order_item_id, reconcile_key_assignment.c.kinguin_key_id)
                 .where(reconcile_key_assignment.c.order_id == order_id)
@@ -394,7 +395,7 @@ class Store:
             .select_from(due.outerjoin(reconcile_state, reconcile_state.c.order_id == due.c.id))
             .order_by(due.c.updatedAt)
         )
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return [
                 StuckOrder(r.id, r.status, r.updatedAt, bool(r.completionEmailSent), r.attempts, r.last_run_id)
                 for r in conn.execute(query)
@@ -439,7 +440,7 @@ class Store:
             .order_by(wanted.c.createdAt, wanted.c.id)
             .limit(limit)
         )
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return [
                 BacklogOrder(
                     r["id"], r["status"], bool(r["completionEmailSent"]), r["createdAt"], r["updatedAt"],
@@ -460,7 +461,7 @@ class Store:
         )
         joined, state = self._with_state(fulfilled)
         query = sa.select(fulfilled, state.c.last_outcome, state.c.placement_intent_at).select_from(joined)
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return [
                 FulfilledOrder(r.id, r.createdAt, r.updatedAt, r.kinguinReservationId,
                                r.last_outcome, r.placement_intent_at)
@@ -481,7 +482,7 @@ class Store:
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
         """Take the order's lease if it is free, expired or already ours; one conditional UPDATE decides."""
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._autocommit() as conn:
             conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
             won = conn.execute(
                 sa.update(reconcile_state)
@@ -503,7 +504,7 @@ class Store:
         return won == 1
 
     def release(self, order_id: str, owner: str) -> None:
-        with self.engine.begin() as conn:
+        with self._autocommit() as conn:
             conn.execute(
                 sa.update(reconcile_state)
                 .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
@@ -512,7 +513,7 @@ class Store:
 
     def renew_lease(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
         """Extend the lease from now, only while `owner` still holds it (even if it lapsed: nobody took it)."""
-        with self.engine.begin() as conn:
+        with self._autocommit() as conn:
             return conn.execute(
                 sa.update(reconcile_state)
                 .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
@@ -667,7 +668,7 @@ class Store:
     def finish_run(self, order_id: str, owner: str, **values) -> bool:
         """The run's last write: its outcome into the state row and the lease handed back, in one statement
         that only applies while `owner` still holds the lease. False when another run took the order over."""
-        with self.engine.begin() as conn:
+        with self._autocommit() as conn:
             return conn.execute(
                 sa.update(reconcile_state)
                 .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
@@ -695,7 +696,7 @@ class Store:
         outcome: str | None,
         detail: str | None = None,
     ) -> None:
-        with self.engine.begin() as conn:
+        with self._autocommit() as conn:
             conn.execute(
                 sa.insert(reconcile_audit).values(
                     order_id=order_id,
@@ -736,7 +737,7 @@ class Store:
             .order_by(state.c.updated_at)
             .limit(limit)
         )
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return [_state(row) for row in conn.execute(query).mappings()]
 
     def mark_alerted(self, seen: ReconcileState) -> bool:
@@ -757,7 +758,7 @@ class Store:
     def order_ids_created_between(self, start: dt.datetime, end: dt.datetime) -> list[str]:
         """Orders created in [start, end), oldest first. BitLoot indexes "createdAt" only behind status, so
         this scans; it runs once a day per window, never on the sweep's path."""
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return list(
                 conn.execute(
                     sa.select(orders.c.id)
@@ -770,14 +771,14 @@ class Store:
         """Which of these order uuids are orders of the store (any day)."""
         if not order_ids:
             return set()
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return set(conn.execute(sa.select(orders.c.id).where(orders.c.id.in_(sorted(order_ids)))).scalars())
 
     # -- BitLoot's switches: its feature flags and its email suppression list (reads only) -------------------
     def feature_flags(self) -> dict[str, bool] | None:
         """Every flag row in one query; None when BitLoot has no `feature_flags` table (older than its flags)."""
         try:
-            with self._reading() as conn:
+            with self._autocommit() as conn:
                 rows = conn.execute(sa.select(feature_flags.c.name, feature_flags.c.enabled))
                 return {row.name: bool(row.enabled) for row in rows}
         except sa.exc.DBAPIError:
@@ -797,7 +798,7 @@ class Store:
             .limit(1)
         )
         try:
-            with self._reading() as conn:
+            with self._autocommit() as conn:
                 row = conn.execute(query).first()
         except sa.exc.DBAPIError:
             if self._has_table(email_bounces):
