@@ -195,6 +195,60 @@ def _insert_ignore(engine: sa.Engine, table: sa.Table, values: dict, index: list
     return dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=index)
 
 
+# The lease's two most frequent statements (every step renews, every write is fenced), built once.
+_HELD_BY = sa.and_(
+    reconcile_state.c.order_id == sa.bindparam("held_order", type_=reconcile_state.c.order_id.type),
+    reconcile_state.c.lease_owner == sa.bindparam("holder", type_=reconcile_state.c.lease_owner.type),
+)
+_RENEW = sa.update(reconcile_state).where(_HELD_BY).values(
+    lease_expires_at=sa.bindparam("until", type_=reconcile_state.c.lease_expires_at.type),
+    updated_at=sa.bindparam("now", type_=reconcile_state.c.updated_at.type),
+)
+_FENCE = sa.update(reconcile_state).where(_HELD_BY).values(
+    updated_at=sa.bindparam("now", type_=reconcile_state.c.updated_at.type))
+
+
+@functools.cache
+def _order_queries(dialect: str) -> tuple[sa.Select, sa.Select]:
+    """The two reads of an order, built once per dialect: building a statement costs about as much CPU as
+    running it."""
+    order_id = sa.bindparam("order_id", type_=orders.c.id.type)
+    # order_items.productId holds products.id as dashed uuid text (no FK); sa.Uuid stores uuids on SQLite as 32
+    # hex digits without dashes.
+    if dialect == "sqlite":
+        product_match = products.c.id == sa.func.replace(sa.func.lower(order_items.c.productId), "-", "")
+    else:
+        product_match = sa.cast(products.c.id, sa.String) == order_items.c.productId
+    # One row per payment (or one without), payments oldest first.
+    with_payments = (
+        sa.select(orders, payments.c.externalId.label("payment_id"), payments.c.status.label("payment_status"))
+        .select_from(orders.outerjoin(payments, payments.c.orderId == orders.c.id))
+        .where(orders.c.id == order_id)
+        .order_by(payments.c.createdAt)
+    )
+    # One row per item and keys row (BitLoot's `keys` may hold several for an item), items in id order.
+    items_with_keys = (
+        sa.select(
+            order_items,
+            products.c.title,
+            products.c.sourceType.label("product_source"),
+            products.c.kinguinProductId,
+            products.c.kinguinOfferId,
+            products.c.cost,
+            products.c.isPreorder,
+            keys_table.c.storageRef.label("key_ref"),
+            keys_table.c.id.label("key_id"),
+        )
+        .select_from(
+            order_items.outerjoin(products, product_match)
+            .outerjoin(keys_table, keys_table.c.orderItemId == order_items.c.id)
+        )
+        .where(order_items.c.orderId == order_id)
+        .order_by(order_items.c.id)
+    )
+    return with_payments, items_with_keys
+
+
 class Store:
     def __init__(self, engine: sa.Engine, *, keep_orders: bool = False):
         self.engine = engine
@@ -223,37 +277,13 @@ class Store:
         return order
 
     def _read_order(self, order_id: str) -> Order | None:
+        with_payments, items_with_keys = _order_queries(self.engine.dialect.name)
         with self._autocommit() as conn:
-            # One row per payment (or one without), payments oldest first.
-            order_rows = conn.execute(
-                sa.select(orders, payments.c.externalId.label("payment_id"), payments.c.status.label("payment_status"))
-                .select_from(orders.outerjoin(payments, payments.c.orderId == orders.c.id))
-                .where(orders.c.id == order_id)
-                .order_by(payments.c.createdAt)
-            ).mappings().all()
+            order_rows = conn.execute(with_payments, {"order_id": order_id}).mappings().all()
             if not order_rows:
                 return None
             row = order_rows[0]
-            # One row per item and keys row (BitLoot's `keys` may hold several for an item), items in id order.
-            item_rows = conn.execute(
-                sa.select(
-                    order_items,
-                    products.c.title,
-                    products.c.sourceType.label("product_source"),
-                    products.c.kinguinProductId,
-                    products.c.kinguinOfferId,
-                    products.c.cost,
-                    products.c.isPreorder,
-                    keys_table.c.storageRef.label("key_ref"),
-                    keys_table.c.id.label("key_id"),
-                )
-                .select_from(
-                    order_items.outerjoin(products, self._item_product_match())
-                    .outerjoin(keys_table, keys_table.c.orderItemId == order_items.c.id)
-                )
-                .where(order_items.c.orderId == order_id)
-                .order_by(order_items.c.id)
-            ).mappings().all()
+            item_rows = conn.execute(items_with_keys, {"order_id": order_id}).mappings().all()
             firsts: dict[str, sa.RowMapping] = {}
             refs: dict[str, list[str]] = {}
             for r in item_rows:
@@ -294,13 +324,6 @@ class Store:
             items=items,
             payments=pays,
         )
-
-    def _item_product_match(self) -> sa.ColumnElement[bool]:
-        """order_items.productId holds products.id as dashed uuid text (no FK)."""
-        if self.engine.dialect.name == "sqlite":
-            # sa.Uuid stores uuids on SQLite as 32 hex digits without dashes.
-            return products.c.id == sa.func.replace(sa.func.lower(order_items.c.productId), "-", "")
-        return sa.cast(products.c.id, sa.String) == order_items.c.productId
 
     @needs_project_tables
     def get_state(self, order_id: str) -> ReconcileState:
@@ -513,12 +536,10 @@ class Store:
 
     def renew_lease(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
         """Extend the lease from now, only while `owner` still holds it (even if it lapsed: nobody took it)."""
+        now = utcnow()
         with self._autocommit() as conn:
-            return conn.execute(
-                sa.update(reconcile_state)
-                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
-                .values(lease_expires_at=utcnow() + ttl, updated_at=utcnow())
-            ).rowcount == 1
+            return conn.execute(_RENEW, {"held_order": order_id, "holder": owner, "until": now + ttl,
+                                         "now": now}).rowcount == 1
 
     @staticmethod
     def _fence(conn: sa.Connection, order_id: str, owner: str | None) -> None:
@@ -527,11 +548,7 @@ class Store:
         `owner=None` is for writes made outside a run (seeding, fixtures)."""
         if owner is None:
             return
-        held = conn.execute(
-            sa.update(reconcile_state)
-            .where(reconcile_state.c.order_id == order_id, reconcile_state.c.lease_owner == owner)
-            .values(updated_at=utcnow())
-        ).rowcount
+        held = conn.execute(_FENCE, {"held_order": order_id, "holder": owner, "now": utcnow()}).rowcount
         if held != 1:
             raise LeaseLost(order_id, owner)
 
