@@ -6,7 +6,7 @@ stuck in `paid` for 30 minutes.
 
 1. daemon: a `dagster api grpc` code server and a `dagster-daemon` as separate processes, on a fresh PostgreSQL
    Dagster database configured by the repository's `dagster.yaml` and reached through its `workspace.yaml`; the
-   sweep ticks every `--sweep-seconds` (5; production 30) and, N being above the threshold, launches
+   sweep ticks every `--sweep-seconds` (4; production 30) and, N being above the threshold, launches
    `fulfill_backlog` runs with the default batch settings. The orders pile up while BitLoot's `auto_fulfill_enabled` is
    off and the daemon is already running (its start is printed apart); timed from switching it back on until
    every order is fulfilled and emailed.
@@ -385,7 +385,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=100)
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every simulator request")
-    parser.add_argument("--sweep-seconds", type=int, default=5)
+    parser.add_argument("--sweep-seconds", type=int, default=4,
+                        help="the sweep's minimum interval (Dagster's sensor loop runs every 5 s: 5 ticks every 10 s)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--admin-retry", action="store_true",
                         help="also launch one admin retry while the batches run and time it (its launch command "
