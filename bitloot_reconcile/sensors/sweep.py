@@ -135,7 +135,8 @@ def stuck_orders_sensor(
         limit=wanted + len(in_flight),
     )
     due = plan_sweep(stuck, in_flight=set(in_flight), now=now, lease_ttl=policy.lease_ttl)
-    running = len(_batches_in_flight(context.instance))
+    # One more read of the runs, made only on ticks that want a batch.
+    running = len(_batches_in_flight(context.instance)) if len(due) > policy.batch_threshold else 0
     requests, batches = split_backlog(due, threshold=policy.batch_threshold, max_orders=policy.batch_max_orders,
                                       max_runs=policy.max_runs_per_tick, batch_slots=policy.batch_max_runs - running)
     if batches:
