@@ -56,7 +56,7 @@ from _harness import (
     temp_database,
 )
 
-from bitloot_reconcile.domain.attempt import Services, Who, work_order
+from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, Services, Who, work_order
 from bitloot_reconcile.domain.backlog import drain
 from bitloot_reconcile.ops.fulfill_backlog import attempt_policy
 from bitloot_reconcile.sandbox.httpserver import Fault
@@ -345,7 +345,8 @@ def peer_side(stack: Stack, n: int) -> dict:
         order_ids = copy.paid_orders(n)
         resources = copy.resources()
         policy, mailer, r2 = resources["policy"], resources["mailer"], resources["r2"]
-        limits, store, vault = attempt_policy(policy), resources["store"].get_store(), r2.get_vault()
+        limits, vault = attempt_policy(policy), r2.get_vault()
+        store = resources["store"].get_store().sharing_flags(SWITCHES_MAX_AGE_SECONDS)  # as the batch's op
         cpu, lock = [0.0], threading.Lock()
 
         @contextmanager

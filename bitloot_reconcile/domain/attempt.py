@@ -34,6 +34,10 @@ from bitloot_reconcile.tags import OUTCOME_REFUSED
 
 log = logging.getLogger(__name__)
 
+# The orders of one batch share one read of BitLoot's switches, taken again once it is this old
+# (`Store.sharing_flags`): a switch an operator flips holds the batch's next steps within about a second.
+SWITCHES_MAX_AGE_SECONDS = 1.0
+
 
 @dataclass(frozen=True)
 class Services:

@@ -131,7 +131,8 @@ def hold_before_kinguin(store: Store, progress: Progress) -> Progress:
 def hold_before_email(store: Store, progress: Progress) -> Progress:
     """Before the completion email: a switch holds it (the order stays email pending); a hard bounce or
     complaint for the address suppresses it for good, recorded once through `completionEmailSent`."""
-    order = store.load_order(progress.order_id)
+    # Read fresh: the email cannot be taken back, and BitLoot may have sent it since this attempt read the order.
+    order = store.load_order(progress.order_id, fresh=True)
     if order is None or order.status != OrderStatus.FULFILLED or order.completion_email_sent:
         return progress
     why = read_switches(store).email_hold

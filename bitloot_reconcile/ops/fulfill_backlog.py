@@ -13,7 +13,14 @@ import dagster as dg
 from pydantic import Field
 
 from bitloot_reconcile.domain import backlog, fulfilment
-from bitloot_reconcile.domain.attempt import AttemptPolicy, AttemptResult, Services, Who, work_order
+from bitloot_reconcile.domain.attempt import (
+    SWITCHES_MAX_AGE_SECONDS,
+    AttemptPolicy,
+    AttemptResult,
+    Services,
+    Who,
+    work_order,
+)
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
 from bitloot_reconcile.ops.fulfill_order import TRANSIENT_RETRY
@@ -72,7 +79,8 @@ def work_backlog(
         reasons = {fulfilment.parse_order_id(due.order_id): due.reason for due in orders}
     except InvalidRequest as exc:
         raise dg.Failure(description=f"fulfill_backlog refused: {exc}", allow_retries=False) from None
-    repo, vault, limits = store.get_store(), r2.get_vault(), attempt_policy(policy)
+    repo = store.get_store().sharing_flags(SWITCHES_MAX_AGE_SECONDS)
+    vault, limits = r2.get_vault(), attempt_policy(policy)
     add_order_partitions(context.instance, list(reasons))
 
     @contextmanager

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -208,6 +210,30 @@ _FENCE = sa.update(reconcile_state).where(_HELD_BY).values(
     updated_at=sa.bindparam("now", type_=reconcile_state.c.updated_at.type))
 
 
+# A lease the attempt's view took or renewed itself, with at least this share of its period still ahead, is not
+# renewed again: nobody else can take an order before its lease lapses, and the step ahead still has most of the
+# period (the policy keeps every in-run wait under half of it).
+LEASE_STILL_FRESH = 0.9
+
+
+class SharedFlags:
+    """BitLoot's flags as last read, shared by the attempt views of one batch: read again once `max_age_seconds`
+    old, so a batch's workers read them about once a second instead of before every step of every order."""
+
+    def __init__(self, max_age_seconds: float):
+        self.max_age_seconds = max_age_seconds
+        self._lock = threading.Lock()
+        self._read_at: float | None = None
+        self._rows: dict[str, bool] | None = None
+
+    def get(self, read: Callable[[], dict[str, bool] | None]) -> dict[str, bool] | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at >= self.max_age_seconds:
+                self._rows, self._read_at = read(), now
+            return self._rows
+
+
 @functools.cache
 def _order_queries(dialect: str) -> tuple[sa.Select, sa.Select]:
     """The two reads of an order, built once per dialect: building a statement costs about as much CPU as
@@ -250,9 +276,12 @@ def _order_queries(dialect: str) -> tuple[sa.Select, sa.Select]:
 
 
 class Store:
-    def __init__(self, engine: sa.Engine, *, keep_orders: bool = False):
+    def __init__(self, engine: sa.Engine, *, attempt_view: bool = False, flags: SharedFlags | None = None):
         self.engine = engine
-        self._kept: dict[str, Order] | None = {} if keep_orders else None
+        self._flags = flags
+        # An attempt's view: the orders it read and the state rows its claims returned, its own writes applied.
+        self._kept: dict[str, Order] | None = {} if attempt_view else None
+        self._states: dict[str, ReconcileState] = {}
 
     def _autocommit(self) -> sa.Connection:
         """A connection on which each statement is its own transaction, without BEGIN and COMMIT/ROLLBACK round
@@ -261,15 +290,41 @@ class Store:
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     def for_attempt(self) -> Store:
-        """A view for one attempt (or one step of a run) on one thread: an order it read is read again only
-        after one of its own writes. A change by someone else between two steps is still caught where it
-        matters: every write is guarded by its WHERE clause, and a guarded write that changed nothing reads the
-        order again."""
-        return Store(self.engine, keep_orders=True)
+        """A view for one attempt (or one step of a run) on one thread. It reads an order once and applies its
+        own writes to what it read; a change by someone else is caught where it matters: every write is
+        guarded by its WHERE clause and the lease, a guarded write that changed nothing reads the order again,
+        and the email step reads it fresh (`load_order(fresh=True)`). It renews a lease it took or renewed
+        itself only once a tenth of the lease's period has passed."""
+        return Store(self.engine, attempt_view=True, flags=self._flags)
+
+    def sharing_flags(self, max_age_seconds: float) -> Store:
+        """This store, with its attempt views sharing one read of BitLoot's flags (`SharedFlags`)."""
+        return Store(self.engine, flags=SharedFlags(max_age_seconds))
+
+    def _forget(self, order_id: str) -> None:
+        if self._kept is not None:
+            self._kept.pop(order_id, None)
+        self._states.pop(order_id, None)
+
+    def _state_changed(self, order_id: str, **values) -> None:
+        """After a view's own write to the order's state row: apply `values`, or (none given) forget the row."""
+        kept = self._states.pop(order_id, None)
+        if kept is not None and values:
+            self._states[order_id] = replace(kept, **values)
+
+    def _wrote(self, order_id: str, change: Callable[[Order], Order] | None) -> None:
+        """After a view's own write: apply what it changed to the order it keeps; None (the guarded write
+        changed nothing: someone else moved the order) makes the next read see the order as it is now."""
+        if self._kept is None:
+            return
+        kept = self._kept.pop(order_id, None)
+        if kept is not None and change is not None:
+            self._kept[order_id] = change(kept)
 
     # -- reads ---------------------------------------------------------------------------------------
-    def load_order(self, order_id: str) -> Order | None:
-        if self._kept is not None and order_id in self._kept:
+    def load_order(self, order_id: str, *, fresh: bool = False) -> Order | None:
+        """The order with its items and payments; an attempt's view returns the order it read unless `fresh`."""
+        if self._kept is not None and order_id in self._kept and not fresh:
             return self._kept[order_id]
         order = self._read_order(order_id)
         if self._kept is not None and order is not None:
@@ -327,6 +382,10 @@ class Store:
 
     @needs_project_tables
     def get_state(self, order_id: str) -> ReconcileState:
+        """The order's reconcile state; an attempt's view returns the row its claim returned, with its own
+        writes applied."""
+        if order_id in self._states:
+            return self._states[order_id]
         with self._autocommit() as conn:
             row = conn.execute(
                 sa.select(reconcile_state).where(reconcile_state.c.order_id == order_id)
@@ -505,28 +564,26 @@ class Store:
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
         """Take the order's lease if it is free, expired or already ours; one conditional UPDATE decides."""
         now = utcnow()
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        lease = {"lease_owner": owner, "lease_expires_at": now + ttl, "updated_at": now}
+        # One statement: a first claim inserts the row; a later one updates it only where the lease is free.
+        take = dialect.insert(reconcile_state).values(order_id=order_id, attempts=1, **lease).on_conflict_do_update(
+            index_elements=["order_id"],
+            set_={**lease, "attempts": reconcile_state.c.attempts + 1},
+            where=sa.or_(
+                reconcile_state.c.lease_owner.is_(None),
+                reconcile_state.c.lease_expires_at < now,
+                reconcile_state.c.lease_owner == owner,
+            ),
+        ).returning(*reconcile_state.c)
         with self._autocommit() as conn:
-            conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
-            won = conn.execute(
-                sa.update(reconcile_state)
-                .where(
-                    reconcile_state.c.order_id == order_id,
-                    sa.or_(
-                        reconcile_state.c.lease_owner.is_(None),
-                        reconcile_state.c.lease_expires_at < now,
-                        reconcile_state.c.lease_owner == owner,
-                    ),
-                )
-                .values(
-                    lease_owner=owner,
-                    lease_expires_at=now + ttl,
-                    attempts=reconcile_state.c.attempts + 1,
-                    updated_at=now,
-                )
-            ).rowcount
-        return won == 1
+            row = conn.execute(take).mappings().first()
+        if row is not None and self._kept is not None:
+            self._states[order_id] = _state(row)
+        return row is not None
 
     def release(self, order_id: str, owner: str) -> None:
+        self._state_changed(order_id)
         with self._autocommit() as conn:
             conn.execute(
                 sa.update(reconcile_state)
@@ -535,11 +592,21 @@ class Store:
             )
 
     def renew_lease(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
-        """Extend the lease from now, only while `owner` still holds it (even if it lapsed: nobody took it)."""
+        """Extend the lease from now, only while `owner` still holds it (even if it lapsed: nobody took it).
+        An attempt's view skips it while the lease it took or renewed itself is still fresh (`LEASE_STILL_FRESH`)."""
         now = utcnow()
+        held = self._states.get(order_id)
+        if held is not None and held.lease_owner == owner and held.lease_expires_at is not None \
+                and held.lease_expires_at - now >= ttl * LEASE_STILL_FRESH:
+            return True
         with self._autocommit() as conn:
-            return conn.execute(_RENEW, {"held_order": order_id, "holder": owner, "until": now + ttl,
-                                         "now": now}).rowcount == 1
+            renewed = conn.execute(_RENEW, {"held_order": order_id, "holder": owner, "until": now + ttl,
+                                            "now": now}).rowcount == 1
+        if renewed:
+            self._state_changed(order_id, lease_owner=owner, lease_expires_at=now + ttl)
+        else:
+            self._state_changed(order_id)
+        return renewed
 
     @staticmethod
     def _fence(conn: sa.Connection, order_id: str, owner: str | None) -> None:
@@ -554,12 +621,15 @@ class Store:
 
     @contextmanager
     def _write(self, order_id: str, owner: str | None) -> Iterator[sa.Connection]:
-        """A run's write transaction, fenced by its lease; an attempt's view reads the order again after it."""
-        if self._kept is not None:
-            self._kept.clear()
-        with self.engine.begin() as conn:
-            self._fence(conn, order_id, owner)
-            yield conn
+        """A run's write transaction, fenced by its lease. A write to `orders` or its items then says what it
+        changed (`_wrote`); one that failed leaves an attempt's view to read the order (and renew) anew."""
+        try:
+            with self.engine.begin() as conn:
+                self._fence(conn, order_id, owner)
+                yield conn
+        except BaseException:
+            self._forget(order_id)
+            raise
 
     # -- writes to BitLoot's tables (each fenced by the writing run's lease) ----------------------------
     def mark_paid(self, order_id: str, *, owner: str | None = None) -> bool:
@@ -579,32 +649,42 @@ class Store:
     def _set_order_status(
         self, order_id: str, status: OrderStatus, allowed_from: tuple[OrderStatus, ...], owner: str | None
     ) -> bool:
+        now = naive_utc(utcnow())
         with self._write(order_id, owner) as conn:
-            return conn.execute(
+            moved = conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.status.in_([s.value for s in allowed_from]))
-                .values(status=status.value, updatedAt=naive_utc(utcnow()))
+                .values(status=status.value, updatedAt=now)
             ).rowcount == 1
+        self._wrote(order_id, (lambda o: replace(o, status=status.value, updated_at=now)) if moved else None)
+        return moved
 
     def save_reservation_id(self, order_id: str, kinguin_order_id: str, *, owner: str | None = None) -> None:
         """Saved at once, in its own transaction, and never overwritten once set."""
+        now = naive_utc(utcnow())
         with self._write(order_id, owner) as conn:
-            conn.execute(
+            saved = conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.kinguinReservationId.is_(None))
-                .values(kinguinReservationId=kinguin_order_id, updatedAt=naive_utc(utcnow()))
-            )
+                .values(kinguinReservationId=kinguin_order_id, updatedAt=now)
+            ).rowcount == 1
+        self._wrote(order_id, (lambda o: replace(o, kinguin_reservation_id=kinguin_order_id, updated_at=now))
+                    if saved else None)
 
     def replace_reservation_id(self, order_id: str, replaced: str, replacement: str, *, owner: str | None = None
                                ) -> bool:
         """A replacement Kinguin order takes the place of the canceled one, only while the canceled one is the
         order's saved reservation (so a second attempt changes nothing)."""
+        now = naive_utc(utcnow())
         with self._write(order_id, owner) as conn:
-            return conn.execute(
+            moved = conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.kinguinReservationId == replaced)
-                .values(kinguinReservationId=replacement, updatedAt=naive_utc(utcnow()))
+                .values(kinguinReservationId=replacement, updatedAt=now)
             ).rowcount == 1
+        self._wrote(order_id, (lambda o: replace(o, kinguin_reservation_id=replacement, updated_at=now))
+                    if moved else None)
+        return moved
 
     def record_stored_key(
         self,
@@ -644,29 +724,50 @@ class Store:
                 .values(signedUrl=signed_url, updatedAt=now)
             )
 
+        def stored(order: Order) -> Order:
+            return replace(order, items=tuple(
+                replace(item, signed_url=signed_url, key_refs=(storage_ref,)) if item.id == order_item_id else item
+                for item in order.items))
+
+        # Another writer's `keys` row (its storage ref) is only known by reading the order again.
+        self._wrote(order_id, stored if has_row is None else None)
+
     def mark_email_sent(self, order_id: str, *, owner: str | None = None) -> None:
+        now = naive_utc(utcnow())
         with self._write(order_id, owner) as conn:
-            conn.execute(
+            marked = conn.execute(
                 sa.update(orders)
                 .where(orders.c.id == order_id, orders.c.completionEmailSent.is_(False))
-                .values(completionEmailSent=True, updatedAt=naive_utc(utcnow()))
-            )
+                .values(completionEmailSent=True, updatedAt=now)
+            ).rowcount == 1
+        self._wrote(order_id, (lambda o: replace(o, completion_email_sent=True, updated_at=now)) if marked else None)
 
     # -- the project's own tables ----------------------------------------------------------------------
     def record_placement_intent(self, order_id: str, *, owner: str | None = None) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
-            self._fence(conn, order_id, owner)
-            conn.execute(
-                sa.update(reconcile_state)
-                .where(reconcile_state.c.order_id == order_id, reconcile_state.c.placement_intent_at.is_(None))
-                .values(placement_intent_at=utcnow(), updated_at=utcnow())
-            )
+        """Kept from the first placement on; one statement under the lease, fenced by its own WHERE clause."""
+        now = utcnow()
+        intent = (
+            sa.update(reconcile_state)
+            .where(reconcile_state.c.order_id == order_id)
+            .values(placement_intent_at=sa.func.coalesce(reconcile_state.c.placement_intent_at, now), updated_at=now)
+        )
+        if owner is None:  # outside a run (fixtures): the state row may not exist yet
+            with self.engine.begin() as conn:
+                conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
+                conn.execute(intent)
+            return
+        with self._autocommit() as conn:
+            if conn.execute(intent.where(reconcile_state.c.lease_owner == owner)).rowcount != 1:
+                self._forget(order_id)
+                raise LeaseLost(order_id, owner)
+        if (kept := self._states.get(order_id)) is not None:
+            self._state_changed(order_id, placement_intent_at=kept.placement_intent_at or now)
 
     def record_replacement_intent(self, order_id: str, replaced: str, number: int, *, owner: str | None = None
                                   ) -> None:
         """Before placing replacement `number` of the canceled Kinguin order `replaced`: a run that finds
         this intent with the canceled order still saved searches Kinguin for the replacement first."""
+        self._state_changed(order_id)
         with self._write(order_id, owner) as conn:
             conn.execute(
                 sa.update(reconcile_state)
@@ -685,6 +786,7 @@ class Store:
     def finish_run(self, order_id: str, owner: str, **values) -> bool:
         """The run's last write: its outcome into the state row and the lease handed back, in one statement
         that only applies while `owner` still holds the lease. False when another run took the order over."""
+        self._state_changed(order_id)
         with self._autocommit() as conn:
             return conn.execute(
                 sa.update(reconcile_state)
@@ -693,6 +795,7 @@ class Store:
             ).rowcount == 1
 
     def update_state(self, order_id: str, **values) -> None:
+        self._state_changed(order_id)
         with self.engine.begin() as conn:
             conn.execute(_insert_ignore(self.engine, reconcile_state, {"order_id": order_id}, ["order_id"]))
             conn.execute(
@@ -793,7 +896,11 @@ class Store:
 
     # -- BitLoot's switches: its feature flags and its email suppression list (reads only) -------------------
     def feature_flags(self) -> dict[str, bool] | None:
-        """Every flag row in one query; None when BitLoot has no `feature_flags` table (older than its flags)."""
+        """Every flag row in one query (or the batch's shared read, `sharing_flags`); None when BitLoot has no
+        `feature_flags` table (older than its flags)."""
+        return self._flags.get(self._read_flags) if self._flags is not None else self._read_flags()
+
+    def _read_flags(self) -> dict[str, bool] | None:
         try:
             with self._autocommit() as conn:
                 rows = conn.execute(sa.select(feature_flags.c.name, feature_flags.c.enabled))
@@ -825,6 +932,7 @@ class Store:
 
     def give_back_attempt(self, order_id: str, owner: str) -> None:
         """Undo the attempt `claim` counted, for a run a BitLoot switch held: holds never use up attempts."""
+        self._state_changed(order_id)
         with self.engine.begin() as conn:
             conn.execute(
                 sa.update(reconcile_state)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 
 from bitloot_reconcile.adapters.errors import PermanentError
 from bitloot_reconcile.domain import fulfilment
@@ -21,6 +22,7 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
+from bitloot_reconcile.store.schema import orders
 from tests.fixtures.runs import assert_fully_delivered
 from tests.fixtures.world import FRONTEND, World, backlog_config
 
@@ -152,6 +154,24 @@ def test_answers_lost_inside_a_batch_buy_once_and_email_once(world: World):
     assert world.kinguin_calls().count("search_orders") == 1  # the lost placement is adopted, not bought again
     tries = [r for r in world.resend.requests_to("send_email") if lost_email[:8].upper() in r.body["subject"]]
     assert len(tries) == 2  # the answer was lost once; the retry under the same key sent nothing again
+
+
+def test_an_email_bitloot_sent_while_the_batch_worked_the_order_is_not_sent_again(world: World):
+    """The attempt keeps the order it read at the claim, but reads it fresh before the email."""
+    order_id = world.order([world.product()])
+
+    def bitloot_sends_the_email(request) -> bool:  # BitLoot's own worker, while the batch fetches the keys
+        with world.engine.begin() as conn:
+            conn.execute(sa.update(orders).where(orders.c.id == order_id).values(completionEmailSent=True))
+        return True
+
+    world.kinguin.inject("get_keys", Fault(where=bitloot_sends_the_email))
+    result = world.batch([order_id])
+
+    assert result.success
+    assert world.store.get_state(order_id).last_outcome == "fulfilled"
+    assert_fully_delivered(world, order_id)
+    assert [m for m in world.resend.sent if f"#{order_id[:8].upper()}" in m["subject"]] == []
 
 
 def test_r2_down_for_one_order_leaves_the_others_alone(world: World, seaweed):

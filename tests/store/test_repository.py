@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -245,24 +246,87 @@ def count_statements(engine: sa.Engine) -> list[str]:
     return seen
 
 
-def test_an_attempts_view_reads_the_order_again_only_after_its_own_write(engine, store):
-    order_id, _ = insert_order(engine)
+def test_an_attempts_view_applies_its_own_writes_and_reads_again_when_a_guarded_write_changed_nothing(engine, store):
+    order_id, (item_id,) = insert_order(engine)
     store.claim(order_id, "run-1", dt.timedelta(minutes=5))
     view = store.for_attempt()
     statements = count_statements(engine)
 
     first = view.load_order(order_id)
     assert view.load_order(order_id) is first
-    reads = len(statements)
-    assert reads == 2  # the order with its payments, the items with their keys
+    assert len(statements) == 2  # the order with its payments, the items with their keys
 
-    # Someone else's write is not seen until the view writes itself; the guarded writes do not depend on it.
-    Store(engine).save_reservation_id(order_id, "THEIRS00001")
-    assert view.load_order(order_id).kinguin_reservation_id is None
+    # Its own writes are applied to what it read, without reading the order again.
+    view.save_reservation_id(order_id, "MINE0000001", owner="run-1")
+    view.record_stored_key(order_id, item_id, "keys/a.txt", "text/plain", "https://signed", owner="run-1")
     assert view.mark_fulfilled(order_id, owner="run-1")
-    after = view.load_order(order_id)
-    assert (after.status, after.kinguin_reservation_id) == ("fulfilled", "THEIRS00001")
-    assert view.load_order(order_id) is after
+    writes = len(statements)
+    kept = view.load_order(order_id)
+    assert len(statements) == writes
+    assert (kept.status, kept.kinguin_reservation_id) == ("fulfilled", "MINE0000001")
+    assert (kept.items[0].key_refs, kept.items[0].signed_url, kept.items[0].delivered) == (
+        ("keys/a.txt",), "https://signed", True)
+    assert kept == Store(engine).load_order(order_id)  # what the database holds
+
+    # Someone else's change is not seen until a guarded write of the view changes nothing, or a fresh read.
+    Store(engine).mark_email_sent(order_id)
+    assert view.load_order(order_id).completion_email_sent is False
+    assert view.load_order(order_id, fresh=True).completion_email_sent is True
+    Store(engine).replace_reservation_id(order_id, "MINE0000001", "THEIRS00001")
+    assert view.load_order(order_id).kinguin_reservation_id == "MINE0000001"
+    assert not view.replace_reservation_id(order_id, "MINE0000001", "MINE0000002", owner="run-1")
+    assert view.load_order(order_id).kinguin_reservation_id == "THEIRS00001"
+
+
+def test_an_attempts_view_keeps_the_state_its_claim_returned_and_renews_a_fresh_lease_without_a_statement(
+        engine, store):
+    order_id, _ = insert_order(engine)
+    view = store.for_attempt()
+    statements = count_statements(engine)
+    ttl = dt.timedelta(minutes=5)
+    assert view.claim(order_id, "run-1", ttl)
+    assert len(statements) == 1  # one upsert, returning the row
+    state = view.get_state(order_id)
+    assert (state.lease_owner, state.attempts) == ("run-1", 1)
+    assert view.renew_lease(order_id, "run-1", ttl)
+    view.record_placement_intent(order_id, owner="run-1")
+    assert len(statements) == 2
+    assert view.get_state(order_id).placement_intent_at is not None
+
+    # A longer lease than the one it holds is renewed in the database; so is one that has lapsed.
+    assert view.renew_lease(order_id, "run-1", ttl * 10)
+    assert len(statements) == 3
+    assert view.get_state(order_id) == Store(engine).get_state(order_id)  # what the database holds
+    assert view.finish_run(order_id, "run-1", last_outcome="fulfilled")
+    assert view.get_state(order_id).lease_owner is None  # read again after the outcome
+
+
+def test_an_attempts_view_renews_a_lapsed_lease_in_the_database_and_loses_it_to_a_run_that_took_it(engine, store):
+    order_id, _ = insert_order(engine)
+    view = store.for_attempt()
+    assert view.claim(order_id, "run-1", dt.timedelta(seconds=-1))  # lapsed at once
+    assert Store(engine).claim(order_id, "run-2", dt.timedelta(minutes=5))
+    assert not view.renew_lease(order_id, "run-1", dt.timedelta(minutes=5))
+    with pytest.raises(LeaseLost):
+        view.record_placement_intent(order_id, owner="run-1")
+    assert Store(engine).get_state(order_id).lease_owner == "run-2"
+
+
+def test_the_views_of_a_sharing_store_read_the_flags_once_per_max_age(engine, store):
+    set_feature_flag(engine, "kinguin_enabled", True)
+    sharing = store.sharing_flags(max_age_seconds=0.5)
+    statements = count_statements(engine)
+    first, second = sharing.for_attempt(), sharing.for_attempt()
+    assert first.feature_flags()["kinguin_enabled"] is True
+    set_feature_flag(engine, "kinguin_enabled", False)
+    statements.clear()
+    assert second.feature_flags()["kinguin_enabled"] is True  # the shared read, not yet half a second old
+    assert statements == []
+    time.sleep(0.5)
+    assert first.feature_flags()["kinguin_enabled"] is False
+    assert len(statements) == 1
+    assert store.feature_flags()["kinguin_enabled"] is False  # a plain store reads every time
+    assert len(statements) == 2
 
 
 def test_a_plain_store_reads_the_order_every_time(engine, store):
