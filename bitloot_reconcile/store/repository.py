@@ -562,7 +562,7 @@ class Store:
 
     # -- the per-order lease -------------------------------------------------------------------------
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
-        """Take the order's lease if it is free, expired or already ours; one conditional UPDATE decides."""
+        """Take the order's lease if it is free, expired or already ours; one upsert decides and returns the row."""
         now = utcnow()
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         lease = {"lease_owner": owner, "lease_expires_at": now + ttl, "updated_at": now}
