@@ -39,8 +39,9 @@ PROGRESS_EVERY_SECONDS = 10.0
 EVENT_CHUNK = 25
 
 
-def _counted(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "none"
+def _worked(counts: dict[str, int], total: int) -> str:
+    outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "none"
+    return f"{sum(counts.values())} of {total} order(s) worked: {outcomes}"
 
 
 class DueOrder(dg.Config):
@@ -119,10 +120,10 @@ def work_backlog(
             pending = []
         if say:
             said = time.monotonic()
-            context.log.info(f"{sum(counts.values())} of {len(reasons)} order(s) worked: {_counted(counts)}")
+            context.log.info(_worked(counts, len(reasons)))
     log_attempt_events(context, pending)
     unworked = len(reasons) - sum(counts.values())
     if unworked:
         context.log.warning(f"{unworked} order(s) not worked by this run; the sweep takes them up again")
-    context.log.info(f"{sum(counts.values())} of {len(reasons)} order(s) worked: {_counted(counts)}")
+    context.log.info(_worked(counts, len(reasons)))
     return dg.Output(counts, metadata={"orders": len(reasons), **{k: v for k, v in sorted(counts.items())}})

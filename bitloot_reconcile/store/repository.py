@@ -235,6 +235,28 @@ class SharedFlags:
 
 
 @functools.cache
+def _claim_statement(dialect: str) -> sa.Insert:
+    """The claim, built once per dialect: a first claim inserts the state row; a later one updates it only
+    where the lease is free, lapsed or already the claimer's."""
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert
+    owner = sa.bindparam("claimer", type_=reconcile_state.c.lease_owner.type)
+    now = sa.bindparam("now", type_=reconcile_state.c.updated_at.type)
+    until = sa.bindparam("until", type_=reconcile_state.c.lease_expires_at.type)
+    lease = {"lease_owner": owner, "lease_expires_at": until, "updated_at": now}
+    return insert(reconcile_state).values(
+        order_id=sa.bindparam("claimed_order", type_=reconcile_state.c.order_id.type), attempts=1, **lease,
+    ).on_conflict_do_update(
+        index_elements=["order_id"],
+        set_={**lease, "attempts": reconcile_state.c.attempts + 1},
+        where=sa.or_(
+            reconcile_state.c.lease_owner.is_(None),
+            reconcile_state.c.lease_expires_at < now,
+            reconcile_state.c.lease_owner == owner,
+        ),
+    ).returning(*reconcile_state.c)
+
+
+@functools.cache
 def _order_queries(dialect: str) -> tuple[sa.Select, sa.Select]:
     """The two reads of an order, built once per dialect: building a statement costs about as much CPU as
     running it."""
@@ -564,20 +586,9 @@ class Store:
     def claim(self, order_id: str, owner: str, ttl: dt.timedelta) -> bool:
         """Take the order's lease if it is free, expired or already ours; one upsert decides and returns the row."""
         now = utcnow()
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        lease = {"lease_owner": owner, "lease_expires_at": now + ttl, "updated_at": now}
-        # One statement: a first claim inserts the row; a later one updates it only where the lease is free.
-        take = dialect.insert(reconcile_state).values(order_id=order_id, attempts=1, **lease).on_conflict_do_update(
-            index_elements=["order_id"],
-            set_={**lease, "attempts": reconcile_state.c.attempts + 1},
-            where=sa.or_(
-                reconcile_state.c.lease_owner.is_(None),
-                reconcile_state.c.lease_expires_at < now,
-                reconcile_state.c.lease_owner == owner,
-            ),
-        ).returning(*reconcile_state.c)
         with self._autocommit() as conn:
-            row = conn.execute(take).mappings().first()
+            row = conn.execute(_claim_statement(self.engine.dialect.name), {
+                "claimed_order": order_id, "claimer": owner, "until": now + ttl, "now": now}).mappings().first()
         if row is not None and self._kept is not None:
             self._states[order_id] = _state(row)
         return row is not None
