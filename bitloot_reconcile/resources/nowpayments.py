@@ -1,7 +1,7 @@
 """Dagster resource wrapping the NOWPayments adapter.
 
-Wire the key as `EnvVar("NOWPAYMENTS_API_KEY")` and the base as `EnvVar("NOWPAYMENTS_BASE")` in the
-definitions; never as run config. The base is the API root (`https://api.nowpayments.io`); a base ending in
+Wire the key as `EnvVar("NOWPAYMENTS_API_KEY")` in the definitions, never as run config; the base comes from
+the settings (`NOWPAYMENTS_BASE`), it is no secret. The base is the API root (`https://api.nowpayments.io`); a base ending in
 `/v1`, as BitLoot's own `.env` has it, also works.
 """
 
