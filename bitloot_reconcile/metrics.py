@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 import sqlalchemy as sa
+from dagster._core.definitions.run_request import InstigatorType
+from dagster._core.scheduler.instigation import TickStatus
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -53,7 +55,7 @@ OUTCOMES = (*(o.value for o in Outcome), OUTCOME_REFUSED)
 TRIGGERS = (TRIGGER_SENSOR, TRIGGER_ADMIN, TRIGGER_REEXECUTION)
 JOBS = (fulfill_order.name, fulfill_backlog.name)
 IN_FLIGHT_STATUSES = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
-TICKED = [dg.TickStatus.SUCCESS, dg.TickStatus.SKIPPED]
+TICKED = [TickStatus.SUCCESS, TickStatus.SKIPPED]
 
 
 @dataclass
@@ -125,7 +127,7 @@ def read_dagster(instance: dg.DagsterInstance) -> DagsterView:
     records = in_flight_run_records(instance)
     runs = Counter((r.dagster_run.job_name, r.dagster_run.status.value) for group in records for r in group)
     last_tick = None
-    for state in instance.all_instigator_state(instigator_type=dg.InstigatorType.SENSOR):
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
         if state.instigator_name != stuck_orders_sensor.name:
             continue
         ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1, statuses=TICKED)
