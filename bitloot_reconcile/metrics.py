@@ -154,6 +154,11 @@ class MetricsSource:
         self.audit.prime(self.store.engine)
         self._primed = True
 
+    @property
+    def last(self) -> Snapshot | None:
+        """The snapshot the last scrape reported, without reading anew."""
+        return self._snapshot
+
     def snapshot(self) -> Snapshot:
         with self._lock:
             if self._snapshot is None or self.clock() - self._read_at >= self.cache_seconds:
