@@ -21,7 +21,6 @@ Usage: BENCH_PG_SERVER_URL=postgresql+psycopg://postgres@127.0.0.1:PORT \
 from __future__ import annotations
 
 import argparse
-import socket
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import dagster as dg
 import httpx
 import sqlalchemy as sa
 from _harness import console, dagster_home, median, migrated_store, ms, print_machine, print_table, spread, timed
+from backlog_drain import free_port
 from dagster._core.utils import make_new_run_id
 from sensor_tick import STATE_HISTORY_SQL, load, run_sql
 
@@ -71,12 +71,6 @@ class Size:
     sample_lines: int = 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def explain_audit_read(engine: sa.Engine, after: int) -> list[str]:
     query = (sa.select(reconcile_audit.c.id, reconcile_audit.c.detail)
              .where(reconcile_audit.c.id > after).order_by(reconcile_audit.c.id).limit(5000))
@@ -103,6 +97,8 @@ def main() -> None:
             seconds, megabytes = load(engine, n)
             run_sql(engine, STATE_HISTORY_SQL)
             run_sql(engine, AUDIT_HISTORY_SQL)
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("VACUUM ANALYZE reconcile_audit")  # as autovacuum leaves it
             with engine.connect() as conn:
                 audit_rows = conn.exec_driver_sql("SELECT count(*) FROM reconcile_audit").scalar()
             console.print(f"{n:,} orders: bulk insert {seconds:.1f} s, orders table with indexes {megabytes:.0f} MB, "

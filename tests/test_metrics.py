@@ -271,3 +271,11 @@ def test_the_source_reads_once_per_cache_period(store_engine):
         now[0] = 5.0
         assert source.snapshot() is not first and len(reads) == 2
         assert first.board is not None and first.dagster is not None
+
+
+def test_the_metrics_command_needs_a_dagster_home(store_url):
+    from tests.test_cli_db import run_cli
+
+    result = run_cli("metrics", "--port", "0", env={"DATABASE_URL": store_url, "DAGSTER_HOME": ""})
+    assert result.returncode == 2
+    assert "set DAGSTER_HOME" in result.stderr

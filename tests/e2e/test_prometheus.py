@@ -9,7 +9,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 
 from bitloot_reconcile.domain.board import BoardState, load_board
 from bitloot_reconcile.store.repository import Store, utcnow
-from tests.e2e.test_daemon import free_port
+from tests.e2e.test_daemon import Processes, free_port
 from tests.fixtures.world import World
 
 pytestmark = pytest.mark.e2e
@@ -30,30 +29,17 @@ PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
 
-def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def wait_until(what: str, check, timeout: float = 60.0, logs: tuple[Path, ...] = ()) -> None:
+def wait_until(what: str, check, procs: Processes, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        procs.check_alive()
         try:
             if check():
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    tails = "\n".join(f"--- {name}\n{procs.tail(name)}" for name in procs.procs)
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
@@ -95,15 +81,14 @@ def test_prometheus_sees_the_board_and_the_counters_rise_by_what_the_runs_did(wo
     metrics_port, prometheus_port = free_port(), free_port()
     env = {**os.environ, "DATABASE_URL": world.store_url, "DAGSTER_HOME": dagster_instance.root_directory}
     env.pop("DAGSTER_WEBSERVER_URL", None)
-    metrics_log, prometheus_log = tmp_path / "metrics.log", tmp_path / "prometheus.log"
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{metrics_port}",
                                                        PROMETHEUS_DIR / "bitloot-reconcile.rules.yml")))
-    metrics = start([sys.executable, "-c", "from bitloot_reconcile.cli import main; main()", "metrics",
-                     "--host", "127.0.0.1", "--port", str(metrics_port), "--cache-seconds", "1"], metrics_log, env)
-    prometheus = start([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{prometheus_port}"], prometheus_log)
-    logs = (metrics_log, prometheus_log)
+    procs = Processes(tmp_path)
+    procs.start("metrics", [sys.executable, "-c", "from bitloot_reconcile.cli import main; main()", "metrics",
+                            "--host", "127.0.0.1", "--port", str(metrics_port), "--cache-seconds", "1"], env)
+    procs.start("prometheus", [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{prometheus_port}"], dict(os.environ))
     api = PrometheusApi(f"http://127.0.0.1:{prometheus_port}")
     board_store = Store(world.engine)
 
@@ -114,7 +99,7 @@ def test_prometheus_sees_the_board_and_the_counters_rise_by_what_the_runs_did(wo
     try:
         wait_until("Prometheus to scrape the metrics endpoint", lambda: api.value(
             'up{job="bitloot-reconcile"}') == 1 and api.value("bitloot_reconcile_stuck_orders") is not None,
-            timeout=90, logs=logs)
+            procs, timeout=90)
         before = board_now()
         assert len(before.stuck) == 5
         assert api.value("bitloot_reconcile_stuck_orders") == len(before.stuck)
@@ -136,10 +121,10 @@ def test_prometheus_sees_the_board_and_the_counters_rise_by_what_the_runs_did(wo
         after = board_now()
         assert len(after.stuck) == 0 and [r.order_id for r in after.rows] == [refused]
         wait_until("the fulfilled counter to rise", lambda: api.value(
-            "bitloot_reconcile_orders_fulfilled_total") == fulfilled_before + len(good), logs=logs)
+            "bitloot_reconcile_orders_fulfilled_total") == fulfilled_before + len(good), procs)
         assert api.value("increase(bitloot_reconcile_orders_fulfilled_total[10m])") > 0
         wait_until("the stuck-orders gauge to follow the board",
-                   lambda: api.value("bitloot_reconcile_stuck_orders") == len(after.stuck), logs=logs)
+                   lambda: api.value("bitloot_reconcile_stuck_orders") == len(after.stuck), procs)
         assert api.value("bitloot_reconcile_needs_attention_orders") == after.count(BoardState.NEEDS_ATTENTION) == 1
         assert api.value('bitloot_reconcile_outside_call_failures_total{service="kinguin",kind="refused"}') \
             == refusals_before + 1
@@ -150,14 +135,15 @@ def test_prometheus_sees_the_board_and_the_counters_rise_by_what_the_runs_did(wo
         assert api.value("bitloot_reconcile_sweep_last_tick_age_seconds") == float("inf")
         wait_until("the sweep alert to fire", lambda: any(
             a["labels"]["alertname"] == "BitLootSweepStopped" and a["state"] == "firing" for a in
-            api.client.get("/api/v1/alerts").json()["data"]["alerts"]), logs=logs)
+            api.client.get("/api/v1/alerts").json()["data"]["alerts"]), procs)
 
         # Every metric the dashboard's panels and the alert rules query is one Prometheus scraped.
         names = set(api.client.get("/api/v1/label/__name__/values").json()["data"])
         from tests.test_metrics import queried_metrics
 
         assert queried_metrics() <= names
+        metrics = procs.procs["metrics"]
+        metrics.send_signal(signal.SIGTERM)
+        assert metrics.wait(timeout=20) == 0, procs.tail("metrics")  # SIGTERM ends it cleanly
     finally:
-        stop(metrics)
-        stop(prometheus)
-    assert metrics.returncode == 0, metrics_log.read_text()[-3000:]  # SIGTERM ends it cleanly
+        procs.stop()

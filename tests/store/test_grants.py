@@ -169,3 +169,10 @@ def test_a_run_as_the_role_fulfils_and_the_role_cannot_touch_the_order_total(wor
                          .values(totalCrypto=Decimal("0")))
     finally:
         role_engine.dispose()
+
+
+def test_applying_to_a_role_that_does_not_exist_fails_in_one_line(store_url):
+    result = run_cli("db", "grants", "brtest_nobody_here", "--apply", "--database-url", store_url)
+    assert result.returncode == 1
+    assert 'granting failed: role "brtest_nobody_here" does not exist' in result.stderr
+    assert "Traceback" not in result.stderr
