@@ -155,6 +155,8 @@ def metrics_cmd(port: int, host: str, cache_seconds: float) -> None:
     import signal
     import threading
 
+    import sqlalchemy as sa
+
     from bitloot_reconcile import commands, metrics
 
     settings = _settings()
@@ -166,7 +168,11 @@ def metrics_cmd(port: int, host: str, cache_seconds: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with usage_errors(), commands.open_store(settings) as store, commands.open_instance() as instance:
         source = metrics.MetricsSource(store, instance, settings.reconcile, cache_seconds=cache_seconds)
-        source.prime()
+        try:
+            source.prime()
+        except sa.exc.DBAPIError as exc:  # down for now: each scrape tries again and says up{source="store"} 0
+            click.echo(f"the store cannot be read yet ({str(exc.orig).strip().splitlines()[0]}); serving anyway",
+                       err=True)
         try:
             server = metrics.serve(source, host=host, port=port)
         except OSError as exc:

@@ -38,6 +38,7 @@ from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_pro
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import reconcile_audit
+from tests.e2e.test_daemon import free_port
 from tests.fixtures.board import seed_every_state
 from tests.fixtures.world import backlog_config
 
@@ -279,3 +280,27 @@ def test_the_metrics_command_needs_a_dagster_home(store_url):
     result = run_cli("metrics", "--port", "0", env={"DATABASE_URL": store_url, "DAGSTER_HOME": ""})
     assert result.returncode == 2
     assert "set DAGSTER_HOME" in result.stderr
+
+
+def test_the_metrics_command_on_a_database_without_the_project_tables_says_what_to_do(empty_pg_url, tmp_path):
+    from tests.test_cli_db import run_cli
+
+    result = run_cli("metrics", "--port", "0", env={"DATABASE_URL": empty_pg_url, "DAGSTER_HOME": str(tmp_path)})
+    assert result.returncode == 1
+    assert "run `bitloot-reconcile db upgrade` first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_store_that_is_down_is_reported_down_and_read_again_at_the_next_scrape(store_engine):
+    from bitloot_reconcile.store.engine import create_store_engine
+
+    down = create_store_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere")
+    with dg.instance_for_test() as instance:
+        source = MetricsSource(Store(down), instance, Tunables(), cache_seconds=0)
+        with pytest.raises(sa.exc.OperationalError):
+            source.prime()
+        snapshot = source.snapshot()
+        assert snapshot.board is None and snapshot.dagster is not None
+        assert 'bitloot_reconcile_up{source="store"} 0.0' in exposition(snapshot)
+        source.store = Store(store_engine)  # back: the next scrape primes and reads
+        assert source.snapshot().board is not None
+    down.dispose()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from bitloot_reconcile.store.repository import needs_project_tables
 from bitloot_reconcile.store.schema import reconcile_audit
 
 # The audit rows that end an attempt (`record_outcome`) or refuse a request (`record_refusal`); the `requested`
@@ -34,6 +35,7 @@ def _autocommit(engine: sa.Engine) -> sa.Connection:
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
+@needs_project_tables
 def highest_id(engine: sa.Engine) -> int:
     with _autocommit(engine) as conn:
         return conn.execute(sa.select(sa.func.max(reconcile_audit.c.id))).scalar() or 0
