@@ -184,10 +184,16 @@ def test_audit_counters_start_from_the_tables_totals_then_add_only_new_rows(stor
     assert counts.failures == {("r2", "transient"): 1, ("kinguin", "refused"): 1}
 
 
-def test_a_row_that_commits_after_a_later_id_is_still_counted_once(store_engine):
-    audit(store_engine, "busy")  # the table's sequence runs on across tests: start right after it
+def primed_next_to_the_sequence(engine: sa.Engine) -> AuditCounts:
+    """Counters primed right after a row: the table's id sequence runs on across tests (TRUNCATE keeps it)."""
+    audit(engine, "busy")
     counts = AuditCounts()
-    counts.prime(store_engine)
+    counts.prime(engine)
+    return counts
+
+
+def test_a_row_that_commits_after_a_later_id_is_still_counted_once(store_engine):
+    counts = primed_next_to_the_sequence(store_engine)
     with store_engine.connect() as slow:
         slow_tx = slow.begin()
         audit(store_engine, "fulfilled", conn=slow)  # takes its id first, commits last
@@ -201,9 +207,7 @@ def test_a_row_that_commits_after_a_later_id_is_still_counted_once(store_engine)
 
 
 def test_a_hole_left_by_a_rolled_back_insert_is_forgotten_after_a_while(store_engine):
-    audit(store_engine, "busy")  # the table's sequence runs on across tests: start right after it
-    counts = AuditCounts()
-    counts.prime(store_engine)
+    counts = primed_next_to_the_sequence(store_engine)
     with store_engine.connect() as conn:
         tx = conn.begin()
         audit(store_engine, "fulfilled", conn=conn)
