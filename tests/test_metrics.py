@@ -138,6 +138,9 @@ def test_the_dashboard_follows_bitloots_conventions_and_queries_only_exported_me
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian's prometheus package) is not installed")
 def test_the_alert_rules_pass_promtool_check_and_their_unit_tests():
+    config = subprocess.run(["promtool", "check", "config", "prometheus.bitloot-reconcile.yml"], cwd=RULES_DIR,
+                            capture_output=True, text=True, timeout=60)
+    assert config.returncode == 0, config.stdout + config.stderr  # the scrape job and its rule file load
     check = subprocess.run(["promtool", "check", "rules", "bitloot-reconcile.rules.yml"], cwd=RULES_DIR,
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
