@@ -35,7 +35,7 @@ from bitloot_reconcile.domain.board import Board, BoardState, load_board
 from bitloot_reconcile.domain.failures import KINDS, SERVICES, failed_call
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
-from bitloot_reconcile.sensors.sweep import in_flight_run_records, runs_in_flight, stuck_orders_sensor
+from bitloot_reconcile.sensors.sweep import IN_FLIGHT, in_flight_run_records, runs_in_flight, stuck_orders_sensor
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import audit_counts
 from bitloot_reconcile.store.repository import Store, utcnow
@@ -54,7 +54,7 @@ MAX_PENDING_IDS = 10_000
 OUTCOMES = (*(o.value for o in Outcome), OUTCOME_REFUSED)
 TRIGGERS = (TRIGGER_SENSOR, TRIGGER_ADMIN, TRIGGER_REEXECUTION)
 JOBS = (fulfill_order.name, fulfill_backlog.name)
-IN_FLIGHT_STATUSES = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
+IN_FLIGHT_STATUSES = tuple(status.value for status in IN_FLIGHT)
 TICKED = [TickStatus.SUCCESS, TickStatus.SKIPPED]
 
 
