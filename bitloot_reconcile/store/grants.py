@@ -8,7 +8,7 @@ hand. A write whose columns cannot be read from the code (`.values(**dynamic)` o
 derivation with its line, rather than granting too much or too little.
 
 What the role gets: SELECT on the BitLoot tables the code reads; UPDATE and INSERT on exactly the columns the code
-writes (an UPDATE ... FOR UPDATE lock needs one UPDATE column of the table, which the code's writes give);
+writes (a SELECT ... FOR UPDATE needs one UPDATE column of the table, which the code's writes give);
 SELECT and each statement kind the code runs on its `reconcile_*` tables, and USAGE on their sequences. Nothing on
 users, payments' columns, promocodes or any column the code does not write. `db upgrade` stays the owner's.
 """
@@ -38,8 +38,9 @@ class CannotDerive(RuntimeError):
 
 @dataclass
 class TableUse:
+    """A table the statements name (so read), and what they write to it."""
+
     table: sa.Table
-    read: bool = False
     # "UPDATE" / "INSERT" / "DELETE" -> the columns given values (empty for DELETE)
     writes: dict[str, set[str]] = field(default_factory=dict)
 
@@ -80,8 +81,7 @@ def table_uses(modules: Iterable[ModuleType] = STATEMENT_MODULES) -> dict[str, T
         tree = ast.parse(source)
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id in tables:
-                table = tables[node.id]
-                uses.setdefault(table.name, TableUse(table)).read = True
+                uses.setdefault(tables[node.id].name, TableUse(tables[node.id]))
             if not isinstance(node, ast.Call):
                 continue
             found = _dml_of(node, tables)
