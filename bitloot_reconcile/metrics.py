@@ -121,6 +121,7 @@ class Snapshot:
     fulfilled: int
     read_seconds: dict[str, float]
     taken_at: float  # epoch seconds
+    sla_seconds: float | None = None  # RECONCILE_BOARD_SLA_MINUTES, for the alert rule to compare with
 
 
 def read_dagster(instance: dg.DagsterInstance) -> DagsterView:
@@ -187,7 +188,7 @@ class MetricsSource:
             board = None
         spent["store"] = time.perf_counter() - started
         return Snapshot(board, dagster, dict(self.audit.outcomes), dict(self.audit.failures), self.audit.fulfilled,
-                        spent, time.time())
+                        spent, time.time(), self.tunables.board_sla_minutes * 60)
 
 
 def families(snap: Snapshot) -> Iterator[Metric]:
@@ -220,6 +221,11 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                        "Age (since the order was placed) of the oldest stuck order; 0 when none is stuck.")
         oldest.add_metric([], board.oldest_stuck.age.total_seconds() if board.oldest_stuck else 0.0)
         yield oldest
+        if snap.sla_seconds is not None:
+            sla = gauge("stuck_order_sla_seconds", "The age a stuck order must stay under (RECONCILE_BOARD_SLA_MINUTES; "
+                        "the board's oldest_stuck_within_sla check).")
+            sla.add_metric([], snap.sla_seconds)
+            yield sla
         for name, state, text in (
             ("needs_attention_orders", BoardState.NEEDS_ATTENTION, "Orders a run left for a person (needs_attention)."),
             ("quarantined_orders", BoardState.QUARANTINED,

@@ -75,7 +75,7 @@ def full_snapshot(store_engine) -> Snapshot:
     assert len(board.rows) == len([name for name in ids if not name.startswith("done")])
     return Snapshot(board, DagsterView({("fulfill_order", "STARTED"): 2}, {}, time.time() - 12),
                     {("fulfilled", "sensor"): 3}, {("kinguin", "transient"): 2}, 3,
-                    {"store": 0.01, "dagster": 0.02}, time.time())
+                    {"store": 0.01, "dagster": 0.02}, time.time(), sla_seconds=3600.0)
 
 
 def test_every_metric_has_the_prefix_help_text_and_prometheus_naming(store_engine):
@@ -107,6 +107,7 @@ def test_the_gauges_say_what_the_board_says(store_engine):
         assert samples[("bitloot_reconcile_board_orders", (("state", state),))] == n
     assert samples[("bitloot_reconcile_oldest_stuck_order_age_seconds", ())] == pytest.approx(
         board.oldest_stuck.age.total_seconds())
+    assert samples[("bitloot_reconcile_stuck_order_sla_seconds", ())] == 3600
     assert samples[("bitloot_reconcile_runs_in_flight", (("job", "fulfill_order"), ("status", "STARTED")))] == 2
     assert samples[("bitloot_reconcile_runs_in_flight", (("job", "fulfill_backlog"), ("status", "QUEUED")))] == 0
     assert 11 < samples[("bitloot_reconcile_sweep_last_tick_age_seconds", ())] < 60
