@@ -222,8 +222,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
         oldest.add_metric([], board.oldest_stuck.age.total_seconds() if board.oldest_stuck else 0.0)
         yield oldest
         if snap.sla_seconds is not None:
-            sla = gauge("stuck_order_sla_seconds", "The age a stuck order must stay under (RECONCILE_BOARD_SLA_MINUTES; "
-                        "the board's oldest_stuck_within_sla check).")
+            sla = gauge("stuck_order_sla_seconds", "The age a stuck order must stay under "
+                        "(RECONCILE_BOARD_SLA_MINUTES; the board's oldest_stuck_within_sla check).")
             sla.add_metric([], snap.sla_seconds)
             yield sla
         for name, state, text in (
