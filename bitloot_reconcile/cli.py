@@ -101,6 +101,91 @@ def db_upgrade(database_url: str | None) -> None:
     click.echo(f"store database at {engine.url.render_as_string(hide_password=True)} is up to date")
 
 
+@db.command("grants")
+@click.argument("role")
+@click.option("--apply", "apply_them", is_flag=True, help="Also run them on the database, as its owner.")
+@click.option("--database-url", help="With --apply: the store database, as its owner (default: $DATABASE_URL).")
+def db_grants(role: str, apply_them: bool, database_url: str | None) -> None:
+    """Print the GRANT statements that let ROLE do exactly what the project does, and nothing else.
+
+    SELECT on the BitLoot tables it reads, UPDATE and INSERT on exactly the columns it writes, its rights on the
+    `reconcile_*` tables and their sequences. Create ROLE first and run `db upgrade` as the owner; then point
+    DATABASE_URL of every process at ROLE.
+    """
+    from bitloot_reconcile.store.grants import apply_grants, check_role, grant_statements
+
+    try:
+        check_role(role)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not apply_them:
+        click.echo(";\n".join(grant_statements(role)) + ";")
+        return
+    import sqlalchemy as sa
+
+    from bitloot_reconcile.store.engine import create_store_engine
+
+    settings = _settings()
+    if not database_url and not settings.database_url:
+        raise click.UsageError("environment variable DATABASE_URL is not set (or pass --database-url)")
+    engine = create_store_engine(database_url or settings.secret("database_url"))
+    try:
+        statements = apply_grants(engine, role)
+    except sa.exc.DBAPIError as exc:  # e.g. the role does not exist: the server's one line says so
+        raise click.ClickException(f"granting failed: {str(exc.orig).strip().splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+    click.echo(";\n".join(statements) + ";")
+    click.echo(f"granted to {role} on {engine.url.render_as_string(hide_password=True)}")
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+@main.command("metrics")
+@click.option("--port", default=9477, show_default=True, help="Port of the /metrics endpoint.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--cache-seconds", default=5.0, show_default=True,
+              help="Scrapes within this many seconds of a read share it.")
+def metrics_cmd(port: int, host: str, cache_seconds: float) -> None:
+    """Serve the project's state for Prometheus at /metrics until stopped.
+
+    Stuck orders by board state, the oldest one's age, orders needing a person, runs in flight, seconds since
+    the sweep's last tick, and counters of outcomes, fulfilled orders and outside-call failures from the audit
+    table. Reads the store (DATABASE_URL) and the Dagster instance of DAGSTER_HOME when scraped.
+    """
+    import signal
+    import threading
+
+    import sqlalchemy as sa
+
+    from bitloot_reconcile import commands, metrics
+
+    settings = _settings()
+    if not settings.dagster_home:
+        raise click.UsageError("set DAGSTER_HOME: runs in flight and the sweep's ticks are read from that instance")
+    if cache_seconds < 0:
+        raise click.UsageError("--cache-seconds must not be negative")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with usage_errors(), commands.open_store(settings) as store, commands.open_instance() as instance:
+        source = metrics.MetricsSource(store, instance, settings.reconcile, cache_seconds=cache_seconds)
+        try:
+            source.prime()
+        except sa.exc.DBAPIError as exc:  # down for now: each scrape tries again and says up{source="store"} 0
+            click.echo(f"the store cannot be read yet ({str(exc.orig).strip().splitlines()[0]}); serving anyway",
+                       err=True)
+        try:
+            server = metrics.serve(source, host=host, port=port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        click.echo(f"serving metrics at http://{host}:{port}/metrics", err=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------- plan
 @main.command("plan")
 @click.argument("order_ids", nargs=-1)

@@ -22,7 +22,7 @@ from tests.store import bitloot_ddl
 
 
 @pytest.fixture
-def sweep(store_engine, store_url, dagster_instance):
+def sweep(store_engine, app_store_url, dagster_instance):
     product = insert_product(store_engine, SeedProduct("5c9b68662539a4e8f17ae2fe", "Game"))
 
     class Sweep:
@@ -37,7 +37,7 @@ def sweep(store_engine, store_url, dagster_instance):
             context = dg.build_sensor_context(
                 instance=dagster_instance,
                 resources={
-                    "store": StoreResource(database_url=store_url),
+                    "store": StoreResource(database_url=app_store_url),
                     "policy": ReconcilePolicy(**policy),
                 },
             )
@@ -195,10 +195,10 @@ def test_orders_in_flight_do_not_use_up_the_tick(sweep, dagster_instance):
     dagster_instance.delete_run(run.run_id)
 
 
-def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, store_url):
+def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, app_store_url):
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=app_store_url), "policy": ReconcilePolicy()},
     )
     result = stuck_orders_sensor(context)
     assert isinstance(result, dg.SkipReason) and "no stuck orders" in result.skip_message
@@ -214,7 +214,7 @@ def test_a_store_without_the_project_tables_fails_the_tick_with_what_to_do(empty
         stuck_orders_sensor(context)
 
 
-def test_skip_message_counts_and_names_what_was_skipped_and_why(sweep, dagster_instance, store_url):
+def test_skip_message_counts_and_names_what_was_skipped_and_why(sweep, dagster_instance, app_store_url):
     ids = seed_every_state(sweep.store.engine)
     due = sorted(ids[s] for s in ("stuck", "email_pending"))
     assert sorted(ids_of(sweep.tick())) == due  # the sweep launches the due ones, and only those
@@ -222,7 +222,7 @@ def test_skip_message_counts_and_names_what_was_skipped_and_why(sweep, dagster_i
         sweep.store.claim(order_id, f"run-{order_id[:8]}", dt.timedelta(minutes=10))
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=app_store_url), "policy": ReconcilePolicy()},
     )
 
     result = stuck_orders_sensor(context)
@@ -249,14 +249,14 @@ def test_skip_message_counts_and_names_what_was_skipped_and_why(sweep, dagster_i
         assert sorted(parts[head].rstrip(")").split(", ")) == sorted(orders), label
 
 
-def test_skip_message_names_at_most_five_orders_per_reason(sweep, dagster_instance, store_url):
+def test_skip_message_names_at_most_five_orders_per_reason(sweep, dagster_instance, app_store_url):
     later = utcnow() + dt.timedelta(minutes=10)
     backing_off = [sweep.order(age=dt.timedelta(minutes=60 - n)) for n in range(7)]
     for order_id in backing_off:
         sweep.store.update_state(order_id, last_outcome="retry_later", next_attempt_at=later)
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=app_store_url), "policy": ReconcilePolicy()},
     )
 
     message = stuck_orders_sensor(context).skip_message
@@ -311,13 +311,13 @@ def test_orders_inside_a_batch_in_flight_are_skipped(sweep, dagster_instance):
     assert sorted(ids(sweep.tick())) == sorted([*inside, outside])
 
 
-def test_the_next_batch_waits_while_batch_max_runs_batches_are_in_flight(sweep, dagster_instance, store_url):
+def test_the_next_batch_waits_while_batch_max_runs_batches_are_in_flight(sweep, dagster_instance, app_store_url):
     running = [batch_run(dagster_instance, [sweep.order()]) for _ in range(2)]
     due = [sweep.order() for _ in range(3)]
 
     def tick(max_runs: int) -> dg.SensorResult | dg.SkipReason:
         context = dg.build_sensor_context(instance=dagster_instance, resources={
-            "store": StoreResource(database_url=store_url),
+            "store": StoreResource(database_url=app_store_url),
             "policy": ReconcilePolicy(batch_threshold=2, batch_max_runs=max_runs)})
         return stuck_orders_sensor(context)
 

@@ -37,12 +37,18 @@ def batch_order_ids(run: dg.DagsterRun) -> list[str]:
     return [due["order_id"] for due in config.get("orders", [])]
 
 
-def runs_in_flight(instance: dg.DagsterInstance) -> dict[str, str]:
+def in_flight_run_records(instance: dg.DagsterInstance) -> tuple[list[dg.RunRecord], list[dg.RunRecord]]:
+    """The queued or running `fulfill_order` runs (one order each) and `fulfill_backlog` runs."""
+    return _in_flight_records(instance), _batches_in_flight(instance)
+
+
+def runs_in_flight(instance: dg.DagsterInstance,
+                   records: tuple[list[dg.RunRecord], list[dg.RunRecord]] | None = None) -> dict[str, str]:
     """Order id -> its queued or running `fulfill_order` run, or the batch it is in, as Dagster shows them
-    (reads only: the board)."""
-    in_flight = {order_id: r.dagster_run.run_id for r in _batches_in_flight(instance)
-                 for order_id in batch_order_ids(r.dagster_run)}
-    in_flight.update({r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in _in_flight_records(instance)})
+    (reads only: the board). `records`: `in_flight_run_records` already read."""
+    singles, batches = records or in_flight_run_records(instance)
+    in_flight = {order_id: r.dagster_run.run_id for r in batches for order_id in batch_order_ids(r.dagster_run)}
+    in_flight.update({r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in singles})
     return in_flight
 
 
