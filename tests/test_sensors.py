@@ -360,3 +360,25 @@ def test_a_batch_whose_worker_died_is_failed_and_its_orders_taken_up(sweep, dags
     finally:
         for run in (dead, alive):
             dagster_instance.delete_run(run.run_id)
+
+
+def test_a_batch_killed_after_it_got_to_every_order_is_failed_once_its_leases_lapse(sweep, dagster_instance):
+    """Killed while working its last orders: every order has an audit row of the batch (its claim), so none is
+    "never attempted"; the leases it still holds lapse, and that alone says its worker is gone."""
+    lease = {"lease_seconds": 60, "max_retry_wait_seconds": 20}
+    now = utcnow()
+    orders = [sweep.order() for _ in range(2)]
+    dead = batch_run(dagster_instance, orders, started=now - dt.timedelta(minutes=5))
+    for order_id in orders:
+        sweep.store.claim(order_id, dead.run_id, dt.timedelta(seconds=60))
+        sweep.store.append_audit(order_id=order_id, action="requested", trigger="sensor", actor=None, reason=None,
+                                 run_id=dead.run_id, outcome=None)
+    try:
+        assert ids(sweep.tick(**lease)) == []  # live leases: still working
+        for order_id in orders:
+            sweep.store.update_state(order_id, lease_expires_at=now - dt.timedelta(seconds=1))
+
+        assert sorted(ids(sweep.tick(**lease))) == sorted(orders)
+        assert dagster_instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+    finally:
+        dagster_instance.delete_run(dead.run_id)
