@@ -99,7 +99,9 @@ EVENTS = (
 class Settings:
     orders: int = 100
     seed: int = 1
-    lease_seconds: int = 10
+    # The sweep counts a launched run that held no lease for a whole lease period as gone: the lease must cover
+    # a run worker's start on a loaded machine (10-25 s at load 15 on 2 cores).
+    lease_seconds: int = 30
     sweep_interval: int = 3
     batch_threshold: int = 6
     batch_max_orders: int = 40
@@ -192,18 +194,23 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_process_ids(run_id: str) -> list[int]:
-    """The run worker of a launched run: the `dagster api execute_run` process whose arguments name the run."""
-    found, needle = [], run_id.encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                command = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in command and b"execute_run" in command:
-                found.append(int(entry))
-    return found
+def run_process_id(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The process executing a launched run, from the pid its worker stamps on the run's start event (the code
+    server starts it through multiprocessing: its command line does not name the run)."""
+    starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_START)
+    return starts[0].dagster_event.pid if starts and starts[0].dagster_event else None
+
+
+def wait_for_webserver(url: str, seconds: float = 180) -> None:
+    import httpx
+
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        with suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/server_info", timeout=5).status_code == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"the webserver at {url} did not answer within {seconds:g} s")
 
 
 # -- the chaos -------------------------------------------------------------------------------------------------
@@ -241,6 +248,7 @@ class Chaos:
         self.lock = threading.Lock()
         self.leases: dict[str, tuple[str | None, dt.datetime | None]] = {}
         self.jobs: dict[str, str] = {}  # run id -> job name
+        self.pids: dict[str, int] = {}  # run id -> its worker's pid
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.busy = False  # an event is under way
         self.by_email = {p.email: p.order_id for p in plans}
@@ -278,15 +286,18 @@ class Chaos:
             if not order_id or self.kill_plans.get(order_id) != point:
                 return
         owner = self._owner(order_id)
-        pids = run_process_ids(owner) if owner else []
-        if not pids:
-            return  # nothing to kill (yet): the next time the point is reached
+        pid = None
+        if owner:
+            with suppress(Exception):  # Dagster's database is down just then: the next time the point is reached
+                pid = self.pids.get(owner) or run_process_id(self.instance, owner)
+        if pid is None:
+            return
+        self.pids[owner] = pid
         with self.lock:
             if self.kill_plans.pop(order_id, None) is None:
                 return
-        for pid in pids:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         kill = Kill(order_id, point, owner, self._job(owner), time.monotonic())
         with self.lock:
             self.kills.append(kill)
@@ -342,22 +353,28 @@ class Chaos:
         from bitloot_reconcile.commands import submit_retry
         from bitloot_reconcile.sensors.sweep import batch_order_ids
 
-        try:
-            if how == "admin":
-                for n in range(2):
-                    submit_retry(self.webserver, order_id, f"customer wrote in ({n + 1})", "admin@bitloot.io")
-                    self.tally.races["admin runs"] += 1
-                return
+        def second_batch() -> None:
             run = self.instance.get_run_by_id(batch_run_id)
             neighbours = [o for o in batch_order_ids(run) if o != order_id][:2] if run else []
             orders = [{"order_id": o, "reason": "second batch"} for o in [order_id, *neighbours]]
             host, port = self.webserver.removeprefix("http://").split(":")
             DagsterGraphQLClient(host, port_number=int(port), timeout=30).submit_job_execution(
                 "fulfill_backlog", run_config={"ops": {"work_backlog": {"config": {"orders": orders}}}})
-            self.tally.races["second batches"] += 1
-        except Exception as exc:  # e.g. Dagster's database is down just then: counted, not retried
-            self.tally.race_failures += 1
-            console.print(f"race on {order_id} not submitted: {type(exc).__name__}", highlight=False)
+
+        submissions = [("second batches", second_batch)] if how == "batch" else [
+            ("admin runs", lambda n=n: submit_retry(self.webserver, order_id, f"customer wrote in ({n + 1})",
+                                                    "admin@bitloot.io")) for n in range(2)]
+        for name, submit in submissions:
+            for attempt in range(3):  # Dagster's database may be restarting just then
+                try:
+                    submit()
+                    self.tally.races[name] += 1
+                    break
+                except Exception as exc:
+                    if attempt == 2:
+                        self.tally.race_failures += 1
+                        console.print(f"race on {order_id} not submitted: {type(exc).__name__}", highlight=False)
+                    time.sleep(2)
 
     # -- outages and switches ------------------------------------------------------------------------------
     def run_events(self) -> None:
@@ -542,6 +559,7 @@ def chaos_run(settings: Settings) -> Report:
             injector.inject(plan)
         web_port = free_port()
         processes = stack_.enter_context(dagster_processes(env, logs, web_port))
+        wait_for_webserver(f"http://127.0.0.1:{web_port}")
         chaos = Chaos(settings, stack, proxy, instance, plans, chaos_plan, clusters, databases,
                       f"http://127.0.0.1:{web_port}", rng)
         seconds = chaos.run(processes)
@@ -553,7 +571,7 @@ def chaos_run(settings: Settings) -> Report:
         violations["killed runs in flight past lease + sweep"] = sum(
             1 for k in chaos.kills if k.run_failed_after is None or k.run_failed_after > settings.dead_run_bound)
         violations["runs stuck in flight after the drain"] = len(stuck)
-        runs = Counter(f"{r.job_name} ({r.tags.get('bitloot/trigger', 'sensor')}): {r.status.value.lower()}"
+        runs = Counter(f"{r.job_name} ({r.tags.get('bitloot/trigger', 'submitted')}): {r.status.value.lower()}"
                        for r in instance.get_runs())
         console.print(f"(process logs: {logs})", highlight=False)
         return Report(
@@ -613,9 +631,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lease-seconds", type=int, default=Settings.lease_seconds)
+    parser.add_argument("--batch-max-orders", type=int, default=Settings.batch_max_orders)
     parser.add_argument("--deadline", type=float, default=Settings.deadline, help="give up after this many seconds")
     args = parser.parse_args()
-    settings = Settings(orders=args.orders, seed=args.seed, deadline=args.deadline)
+    settings = Settings(orders=args.orders, seed=args.seed, lease_seconds=args.lease_seconds,
+                        batch_max_orders=args.batch_max_orders, deadline=args.deadline)
     print_machine()
     report = chaos_run(settings)
     print_report(report)

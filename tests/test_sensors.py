@@ -382,3 +382,25 @@ def test_a_batch_killed_after_it_got_to_every_order_is_failed_once_its_leases_la
         assert dagster_instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
     finally:
         dagster_instance.delete_run(dead.run_id)
+
+
+def test_runs_whose_workers_are_still_starting_are_left_to_dagsters_start_timeout(sweep, dagster_instance):
+    """On a loaded host a launched worker may take longer than a lease to load the code location; failing it
+    then would have the sweep and Dagster's run retry launch more workers onto the same host. A run stuck in
+    STARTING is failed by Dagster's run monitoring (`start_timeout_seconds` in dagster.yaml) instead."""
+    short = {"lease_seconds": 2, "max_retry_wait_seconds": 1, "supplier_poll_seconds": 1}
+    alone, batched = sweep.order(), [sweep.order() for _ in range(2)]
+    runs = [dagster_instance.create_run_for_job(
+        fulfill_order, run_config={"order_id": alone, "reason": "x", "requested_by": "y"},
+        tags={"bitloot/order_id": alone}), batch_run(dagster_instance, batched)]
+    for run in runs:
+        dagster_instance.report_dagster_event(
+            DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name), run.run_id)
+        assert dagster_instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTING
+    try:
+        time.sleep(3.1)  # longer than a lease
+        assert sweep.tick(**short) == []
+        assert {dagster_instance.get_run_by_id(r.run_id).status for r in runs} == {dg.DagsterRunStatus.STARTING}
+    finally:
+        for run in runs:
+            dagster_instance.delete_run(run.run_id)
