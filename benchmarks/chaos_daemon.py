@@ -633,10 +633,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lease-seconds", type=int, default=Settings.lease_seconds)
     parser.add_argument("--batch-max-orders", type=int, default=Settings.batch_max_orders)
+    parser.add_argument("--kill-share", type=float, default=Settings.kill_share,
+                        help="orders whose run is killed at one of the points (each point at least once)")
+    parser.add_argument("--race-share", type=float, default=Settings.race_share,
+                        help="orders raced by admin runs or a second batch")
     parser.add_argument("--deadline", type=float, default=Settings.deadline, help="give up after this many seconds")
     args = parser.parse_args()
     settings = Settings(orders=args.orders, seed=args.seed, lease_seconds=args.lease_seconds,
-                        batch_max_orders=args.batch_max_orders, deadline=args.deadline)
+                        batch_max_orders=args.batch_max_orders, kill_share=args.kill_share,
+                        race_share=args.race_share, deadline=args.deadline)
     print_machine()
     report = chaos_run(settings)
     print_report(report)
