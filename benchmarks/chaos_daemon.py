@@ -67,6 +67,7 @@ from chaos import (
     seed,
 )
 from chaos import check as check_store
+from chaos import policy_env as chaos_policy_env
 
 from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.sandbox.httpserver import RecordedRequest
@@ -115,14 +116,9 @@ class Settings:
 
 
 def policy_env(settings: Settings) -> dict[str, str]:
-    """Short lease, backoff, supplier polls and hold re-checks, no grace period; small batches."""
+    """`chaos.py`'s short lease, backoff and supplier polls, no grace period; short hold re-checks; small batches."""
     return {
-        "RECONCILE_LEASE_SECONDS": str(settings.lease_seconds),
-        "RECONCILE_GRACE_MINUTES": "0",
-        "RECONCILE_BACKOFF_BASE_SECONDS": "1",
-        "RECONCILE_BACKOFF_CAP_SECONDS": "4",
-        "RECONCILE_SUPPLIER_POLL_SECONDS": "0.5",
-        "RECONCILE_MAX_RETRY_WAIT_SECONDS": str(settings.lease_seconds / 4),
+        **chaos_policy_env(settings),
         "RECONCILE_HOLD_RECHECK_SECONDS": "3",
         "RECONCILE_SWEEP_INTERVAL_SECONDS": str(settings.sweep_interval),
         "RECONCILE_BATCH_THRESHOLD": str(settings.batch_threshold),
