@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.mark.timeout(600)
 def test_small_chaos_run_through_the_daemon_has_no_violation(capsys):
-    report = chaos_daemon.chaos_run(chaos_daemon.Settings(orders=12, seed=2, deadline=420))
+    report = chaos_daemon.chaos_run(chaos_daemon.Settings(orders=12, seed=2, batch_threshold=2, deadline=420))
     with capsys.disabled():
         chaos_daemon.print_report(report)
     assert any(k.job == "fulfill_backlog" for k in report.kills)
