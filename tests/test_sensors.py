@@ -380,6 +380,8 @@ def test_a_batch_killed_after_it_got_to_every_order_is_failed_once_its_leases_la
 
         assert sorted(ids(sweep.tick(**lease))) == sorted(orders)
         assert dagster_instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+        failure = dagster_instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)
+        assert "0 of its orders never attempted, 2 left on a lapsed lease" in failure[0].message
     finally:
         dagster_instance.delete_run(dead.run_id)
 

@@ -88,10 +88,11 @@ def orders_in_flight(
             continue  # young: not worth the audit read
         attempted = store.attempted_by(run.run_id, set(order_ids))
         if batch_worker_gone(run.run_id, _since(record), order_ids, states, attempted, lease_ttl=lease_ttl, now=now):
+            lapsed = sum(1 for o in order_ids if (state := states.get(o)) and state.lease_owner == run.run_id)
             instance.report_run_failed(
                 run,
-                message=f"run worker gone: it holds no live lease and {len(set(order_ids) - attempted)} of its "
-                "orders were never attempted; the sweep takes them up again",
+                message=f"run worker gone: it holds no live lease ({len(set(order_ids) - attempted)} of its orders "
+                f"never attempted, {lapsed} left on a lapsed lease); the sweep takes them up again",
             )
             gone.add(run.run_id)
     in_flight = {order_id: r.dagster_run.run_id for r in batches if r.dagster_run.run_id not in gone
