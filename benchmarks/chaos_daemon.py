@@ -100,8 +100,8 @@ EVENTS = (
 class Settings:
     orders: int = 100
     seed: int = 1
-    # The sweep counts a launched run that held no lease for a whole lease period as gone: the lease must cover
-    # a run worker's start on a loaded machine (10-25 s at load 15 on 2 cores).
+    # The sweep counts a started run that held no lease for a whole lease period as gone: the lease must cover a
+    # worker's way from its start event to its first claim on a loaded machine (seconds, tens of them at load 30).
     lease_seconds: int = 30
     sweep_interval: int = 3
     batch_threshold: int = 6
