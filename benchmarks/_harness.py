@@ -104,16 +104,17 @@ def stderr_to_file(prefix: str) -> Iterator[str]:
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------------
 @contextmanager
-def temp_database(prefix: str = "bench") -> Iterator[str]:
-    """A brand-new empty database on the local server, dropped (even on Ctrl-C) when the block ends."""
-    with temporary_database(PG_SERVER_URL, prefix) as name:
-        yield f"{PG_SERVER_URL}/{name}"
+def temp_database(prefix: str = "bench", server_url: str = PG_SERVER_URL) -> Iterator[str]:
+    """A brand-new empty database on the local server (or `server_url`), dropped (even on Ctrl-C) when the block
+    ends."""
+    with temporary_database(server_url, prefix) as name:
+        yield f"{server_url}/{name}"
 
 
 @contextmanager
-def migrated_store(prefix: str = "bench") -> Iterator[tuple[str, sa.Engine]]:
+def migrated_store(prefix: str = "bench", server_url: str = PG_SERVER_URL) -> Iterator[tuple[str, sa.Engine]]:
     """A temporary store database brought to head by the project's migrations (BitLoot tables + indexes)."""
-    with temp_database(prefix) as url:
+    with temp_database(prefix, server_url) as url:
         engine = create_store_engine(url, statement_timeout_ms=600_000)
         try:
             upgrade(engine)
@@ -188,10 +189,10 @@ class Stack:
 
 
 @contextmanager
-def stand_ins() -> Iterator[Stack]:
+def stand_ins(server_url: str = PG_SERVER_URL) -> Iterator[Stack]:
     """Kinguin, NOWPayments and Resend simulators, SeaweedFS (S3) and a migrated store database."""
     with ExitStack() as stack:
-        url, engine = stack.enter_context(migrated_store("bench_store"))
+        url, engine = stack.enter_context(migrated_store("bench_store", server_url))
         kinguin = stack.enter_context(KinguinSimulator(api_key=KINGUIN_KEY, balance=1_000_000.0))
         nowpayments = stack.enter_context(NowPaymentsSimulator(api_key=NOWPAYMENTS_KEY))
         resend = stack.enter_context(ResendSimulator(api_key=RESEND_KEY))

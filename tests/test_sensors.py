@@ -360,3 +360,49 @@ def test_a_batch_whose_worker_died_is_failed_and_its_orders_taken_up(sweep, dags
     finally:
         for run in (dead, alive):
             dagster_instance.delete_run(run.run_id)
+
+
+def test_a_batch_killed_after_it_got_to_every_order_is_failed_once_its_leases_lapse(sweep, dagster_instance):
+    """Killed while working its last orders: every order has an audit row of the batch (its claim), so none is
+    "never attempted"; the leases it still holds lapse, and that alone says its worker is gone."""
+    lease = {"lease_seconds": 60, "max_retry_wait_seconds": 20}
+    now = utcnow()
+    orders = [sweep.order() for _ in range(2)]
+    dead = batch_run(dagster_instance, orders, started=now - dt.timedelta(minutes=5))
+    for order_id in orders:
+        sweep.store.claim(order_id, dead.run_id, dt.timedelta(seconds=60))
+        sweep.store.append_audit(order_id=order_id, action="requested", trigger="sensor", actor=None, reason=None,
+                                 run_id=dead.run_id, outcome=None)
+    try:
+        assert ids(sweep.tick(**lease)) == []  # live leases: still working
+        for order_id in orders:
+            sweep.store.update_state(order_id, lease_expires_at=now - dt.timedelta(seconds=1))
+
+        assert sorted(ids(sweep.tick(**lease))) == sorted(orders)
+        assert dagster_instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+        failure = dagster_instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)
+        assert "0 of its orders never attempted, 2 left on a lapsed lease" in failure[0].message
+    finally:
+        dagster_instance.delete_run(dead.run_id)
+
+
+def test_runs_whose_workers_are_still_starting_are_left_to_dagsters_start_timeout(sweep, dagster_instance):
+    """On a loaded host a launched worker may take longer than a lease to load the code location; failing it
+    then would have the sweep and Dagster's run retry launch more workers onto the same host. A run stuck in
+    STARTING is failed by Dagster's run monitoring (`start_timeout_seconds` in dagster.yaml) instead."""
+    short = {"lease_seconds": 2, "max_retry_wait_seconds": 1, "supplier_poll_seconds": 1}
+    alone, batched = sweep.order(), [sweep.order() for _ in range(2)]
+    runs = [dagster_instance.create_run_for_job(
+        fulfill_order, run_config={"order_id": alone, "reason": "x", "requested_by": "y"},
+        tags={"bitloot/order_id": alone}), batch_run(dagster_instance, batched)]
+    for run in runs:
+        dagster_instance.report_dagster_event(
+            DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name), run.run_id)
+        assert dagster_instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTING
+    try:
+        time.sleep(3.1)  # longer than a lease
+        assert sweep.tick(**short) == []
+        assert {dagster_instance.get_run_by_id(r.run_id).status for r in runs} == {dg.DagsterRunStatus.STARTING}
+    finally:
+        for run in runs:
+            dagster_instance.delete_run(run.run_id)

@@ -128,14 +128,14 @@ def batch_worker_gone(
     attempted: set[str], *, lease_ttl: dt.timedelta, now: dt.datetime,
 ) -> bool:
     """Whether a batch run Dagster still shows as started has stopped working. A live batch holds (and renews)
-    the lease of every order it is working; it is gone when, a lease period after it started, it holds no live
-    lease while some of its orders were never attempted (no audit row of its own): its worker died, and the
-    orders it held are free again once their leases lapsed."""
+    the lease of every order it is working and hands it back with the order's outcome; it is gone when, a lease
+    period after it started, it holds no live lease while some of its orders were never attempted (no audit row
+    of its own) or it still owns a lapsed lease (it died mid-order, even on its last orders): its worker died, and
+    the orders it held are free again once their leases lapsed."""
     if started_at + lease_ttl >= now:
         return False
-    holding = any(
-        (state := states.get(order_id)) is not None and state.lease_owner == run_id
-        and state.lease_expires_at is not None and state.lease_expires_at >= now
-        for order_id in order_ids
-    )
-    return not holding and any(order_id not in attempted for order_id in order_ids)
+    owned = [state for order_id in order_ids
+             if (state := states.get(order_id)) is not None and state.lease_owner == run_id]
+    if any(state.lease_expires_at is not None and state.lease_expires_at >= now for state in owned):
+        return False
+    return bool(owned) or any(order_id not in attempted for order_id in order_ids)

@@ -22,6 +22,9 @@ IN_FLIGHT = [
 ]
 
 
+_WAITING = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING)  # for a slot, for its worker to load
+
+
 def _in_flight_records(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
     records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
     return [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
@@ -53,7 +56,7 @@ def runs_in_flight(instance: dg.DagsterInstance,
 
 
 def _since(record: dg.RunRecord) -> dt.datetime:
-    """Started: since its start; still starting (the worker died while loading): since its last change."""
+    """Started: since its start; never launched (created, not started): since its last change."""
     return (dt.datetime.fromtimestamp(record.start_time, dt.UTC) if record.start_time
             else record.update_timestamp.astimezone(dt.UTC))
 
@@ -63,11 +66,13 @@ def orders_in_flight(
 ) -> dict[str, str]:
     """Order id -> its queued or running `fulfill_order` run, or the `fulfill_backlog` run it is in. A launched
     run whose worker is gone (see `run_worker_gone`, `batch_worker_gone`) is marked failed here, which frees
-    its orders for new runs in this same tick. Queued runs are left alone: they wait for a slot, not a worker."""
+    its orders for new runs in this same tick. Queued runs are left alone: they wait for a slot, not a worker; so
+    are starting ones: a worker still loading the code location (longer than a lease on a loaded host) is Dagster's
+    run monitoring's to fail (`start_timeout_seconds`), else the sweep and the run retry launch more onto it."""
     tagged = _in_flight_records(instance)
-    launched = [r for r in tagged if r.dagster_run.status != dg.DagsterRunStatus.QUEUED]
+    launched = [r for r in tagged if r.dagster_run.status not in _WAITING]
     batches = _batches_in_flight(instance)
-    launched_batches = [r for r in batches if r.dagster_run.status != dg.DagsterRunStatus.QUEUED]
+    launched_batches = [r for r in batches if r.dagster_run.status not in _WAITING]
     states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in launched}
                              | {o for r in launched_batches for o in batch_order_ids(r.dagster_run)})
     gone = set()
@@ -89,10 +94,11 @@ def orders_in_flight(
             continue  # young: not worth the audit read
         attempted = store.attempted_by(run.run_id, set(order_ids))
         if batch_worker_gone(run.run_id, _since(record), order_ids, states, attempted, lease_ttl=lease_ttl, now=now):
+            lapsed = sum(1 for o in order_ids if (state := states.get(o)) and state.lease_owner == run.run_id)
             instance.report_run_failed(
                 run,
-                message=f"run worker gone: it holds no live lease and {len(set(order_ids) - attempted)} of its "
-                "orders were never attempted; the sweep takes them up again",
+                message=f"run worker gone: it holds no live lease ({len(set(order_ids) - attempted)} of its orders "
+                f"never attempted, {lapsed} left on a lapsed lease); the sweep takes them up again",
             )
             gone.add(run.run_id)
     in_flight = {order_id: r.dagster_run.run_id for r in batches if r.dagster_run.run_id not in gone

@@ -57,7 +57,7 @@ def lease(owner: str, expires: dt.datetime) -> ReconcileState:
     return ReconcileState(order_id="x", lease_owner=owner, lease_expires_at=expires)
 
 
-def test_a_batch_is_gone_only_when_old_holding_no_live_lease_and_with_orders_left():
+def test_a_batch_is_gone_only_when_old_holding_no_live_lease_and_with_orders_left_or_a_lapsed_lease():
     old = NOW - 2 * LEASE
     orders = ["a", "b"]
     live = {"a": lease("run", NOW + dt.timedelta(seconds=30))}
@@ -66,6 +66,8 @@ def test_a_batch_is_gone_only_when_old_holding_no_live_lease_and_with_orders_lef
     assert not batch_worker_gone("run", old, orders, live, set(), lease_ttl=LEASE, now=NOW)
     assert batch_worker_gone("run", old, orders, lapsed, set(), lease_ttl=LEASE, now=NOW)
     assert batch_worker_gone("run", old, orders, {}, {"a"}, lease_ttl=LEASE, now=NOW)
-    assert not batch_worker_gone("run", old, orders, lapsed, {"a", "b"}, lease_ttl=LEASE, now=NOW)  # finishing
+    assert not batch_worker_gone("run", old, orders, {}, {"a", "b"}, lease_ttl=LEASE, now=NOW)  # finishing
+    # Died on its last orders: all attempted, a lapsed lease still its own.
+    assert batch_worker_gone("run", old, orders, lapsed, {"a", "b"}, lease_ttl=LEASE, now=NOW)
     other = {"a": lease("other-run", NOW + dt.timedelta(seconds=30))}
     assert batch_worker_gone("run", old, orders, other, set(), lease_ttl=LEASE, now=NOW)
