@@ -19,11 +19,12 @@ def _alembic_config(connection: sa.Connection) -> Config:
 
 
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
-    """Bring the store database to `revision`; safe to run again (already-applied steps are skipped)."""
-    with engine.begin() as connection:
+    """Bring the store database to `revision`; safe to run again (already-applied steps are skipped).
+    Each migration runs in its own transaction (Alembic's), so one may build indexes concurrently outside it."""
+    with engine.connect() as connection:
         command.upgrade(_alembic_config(connection), revision)
 
 
 def downgrade(engine: sa.Engine, revision: str) -> None:
-    with engine.begin() as connection:
+    with engine.connect() as connection:
         command.downgrade(_alembic_config(connection), revision)

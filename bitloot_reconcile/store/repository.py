@@ -40,6 +40,7 @@ from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
 FULFILLED = sa.literal(OrderStatus.FULFILLED.value, literal_execute=True)
 LEFT_TO_A_PERSON = tuple(sa.literal(outcome, literal_execute=True) for outcome in SWEEP_EXCLUDED_OUTCOMES)
 NEEDS_ATTENTION = sa.literal("needs_attention", literal_execute=True)
+CANONICAL_UUID = sa.literal("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", literal_execute=True)
 
 
 def utcnow() -> dt.datetime:
@@ -266,7 +267,12 @@ def _order_queries(dialect: str) -> tuple[sa.Select, sa.Select]:
     if dialect == "sqlite":
         product_match = products.c.id == sa.func.replace(sa.func.lower(order_items.c.productId), "-", "")
     else:
-        product_match = sa.cast(products.c.id, sa.String) == order_items.c.productId
+        # Matched as BitLoot's text matches (`products.id::varchar = "productId"`: lowercase dashed uuid text) but
+        # with the cast on the item's side, so the product is one probe of its primary key; text that is not a
+        # lowercase dashed uuid matches no product, as before, and is never cast (the cast would fail on it).
+        as_uuid = sa.case((order_items.c.productId.regexp_match(CANONICAL_UUID), sa.cast(order_items.c.productId,
+                                                                                          products.c.id.type)))
+        product_match = products.c.id == as_uuid
     # One row per payment (or one without), payments oldest first.
     with_payments = (
         sa.select(orders, payments.c.externalId.label("payment_id"), payments.c.status.label("payment_status"))
