@@ -911,6 +911,27 @@ class Store:
         with self._autocommit() as conn:
             return set(conn.execute(sa.select(orders.c.id).where(orders.c.id.in_(sorted(order_ids)))).scalars())
 
+    def settled_before(self, order_ids: list[str], cutoff: dt.datetime) -> set[str]:
+        """Which of these orders are settled and untouched since `cutoff`: fulfilled with the email sent,
+        refunded or cancelled (BitLoot's word), or resolved by an admin; no lease held, and neither the order nor
+        its reconcile state changed since. One primary-key probe per id on each table."""
+        if not order_ids:
+            return set()
+        state = reconcile_state
+        done = sa.or_(
+            sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(True)),
+            orders.c.status.in_([OrderStatus.REFUNDED.value, OrderStatus.CANCELLED.value]),
+            state.c.last_outcome == sa.literal("resolved", literal_execute=True),
+        )
+        query = (
+            sa.select(orders.c.id)
+            .select_from(orders.outerjoin(state, state.c.order_id == orders.c.id))
+            .where(orders.c.id.in_(sorted(order_ids)), orders.c.updatedAt < naive_utc(cutoff), done,
+                   state.c.lease_owner.is_(None), sa.or_(state.c.updated_at.is_(None), state.c.updated_at < cutoff))
+        )
+        with self._autocommit() as conn:
+            return {str(order_id) for order_id in conn.execute(query).scalars()}
+
     # -- BitLoot's switches: its feature flags and its email suppression list (reads only) -------------------
     def feature_flags(self) -> dict[str, bool] | None:
         """Every flag row in one query (or the batch's shared read, `sharing_flags`); None when BitLoot has no
