@@ -5,7 +5,8 @@ For each size (partitions already there, `--sizes`), on one Dagster database gro
   writes) with one materialization each (copies of one event Dagster recorded itself into `event_logs`, its
   partition replaced): every order a run worked has its partition and at least one attempt;
 - measured, warm, the median of `--reps`: adding one new partition (a per-order run) and 300 (a batch), as
-  `order_history.add_order_partitions` does; recording one attempt's event on a partition; reading the partition
+  `order_history.add_order_partitions` does; recording one attempt's event on a partition; removing a partition
+  (`order_history.remove_order_partitions`, what `prune_order_history` does, timed over 100); reading the partition
   list (`get_dynamic_partitions`, what a partitions definition resolves to) and the materialized partitions;
 - in headless Chromium, against a `dagster-webserver` of this Dagster storage: the asset's page (its partitions
   tab, which lists every partition with its status) and one partition's history (the asset's events, filtered to
@@ -36,7 +37,13 @@ import sqlalchemy as sa
 from _harness import REPO_ROOT, console, median, print_machine, print_table, temp_database, timed
 from backlog_drain import free_port, wait_port
 
-from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS, add_order_partitions, attempt_event
+from bitloot_reconcile.order_history import (
+    ORDER_ATTEMPTS_KEY,
+    ORDER_IDS,
+    add_order_partitions,
+    attempt_event,
+    remove_order_partitions,
+)
 
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
@@ -81,15 +88,17 @@ def record(instance: dg.DagsterInstance, order_id: str) -> None:
 
 
 def measure_storage(instance: dg.DagsterInstance, reps: int) -> dict[str, float]:
-    adds, batches, records = [], [], []
+    adds, batches, records, removals = [], [], [], []
     for _ in range(reps):
         adds.append(timed(lambda: add_order_partitions(instance, [str(uuid.uuid4())]))[0])
         batch = [str(uuid.uuid4()) for _ in range(300)]
         batches.append(timed(lambda b=batch: add_order_partitions(instance, b))[0])
         records.append(timed(lambda b=batch: record(instance, b[0]))[0])
+        removals.append(timed(lambda b=batch: remove_order_partitions(instance, b[1:101]))[0] / 100)
     keys_s, keys = timed(lambda: instance.get_dynamic_partitions(ORDER_IDS.name))
     done_s, done = timed(lambda: instance.get_materialized_partitions(ORDER_ATTEMPTS_KEY))
     return {"add one": median(adds), "add 300": median(batches), "record": median(records),
+            "remove one (of 100)": median(removals),
             "list partitions": keys_s, "materialized partitions": done_s, "partitions": len(keys),
             "materialized": len(done)}
 
@@ -189,7 +198,8 @@ def main() -> None:
                     figures.update(measure_pages(browser, base, TEMPLATE, int(args.page_timeout * 1000), logs, n))
             results[n] = figures
             console.print(f"{n:,}: {figures} (load {os.getloadavg()[0]:.1f})", highlight=False)
-    columns = ["seeding", "add one", "add 300", "record", "list partitions", "materialized partitions",
+    columns = ["seeding", "add one", "add 300", "record", "remove one (of 100)", "list partitions",
+               "materialized partitions",
                *(k for k in results[max(results)] if k.endswith(("cold", "warm")))]
 
     def cell(value) -> str:
