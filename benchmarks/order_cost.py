@@ -15,19 +15,24 @@ suppression list) and VACUUM ANALYZE. Then:
 Per order worked, from PostgreSQL's own counters (pg_stat_user_tables, read before and after with every
 connection closed, so nothing is left unflushed): rows read (sequential scans' rows plus rows fetched through
 indexes) on BitLoot's tables and on the project's, sequential scans of BitLoot's tables; the statements the code
-sent (captured from the driver); CPU-s of the PostgreSQL cluster (a cluster of the benchmark's own: point
-BENCH_PG_SERVER_URL at it, so nobody else's queries count) and of this process (the runs, Dagster's in-process
-executor and event writes to its SQLite storage, and the HTTP simulators, which run in this process too).
+sent (captured from the driver); CPU-s of the PostgreSQL backends serving the store database (`BackendCpu`; the
+server must run on this machine, preferably a cluster of the benchmark's own for the 1M seeding: point
+BENCH_PG_SERVER_URL at it) and of this process (the runs, Dagster's in-process executor and event writes to its
+SQLite storage, and the HTTP simulators, which run in this process too). The drains run `--rounds` times, the
+sizes interleaved (10k, 1M, 10k, 1M, ...), each round on fresh orders, so other people's load on the shared
+cores hits both sizes alike; the ratios are on the totals over the rounds.
 Then the plan of every distinct statement at each size: the table each reads and the index it goes through.
 
 Usage: BENCH_PG_SERVER_URL=postgresql+psycopg://postgres@127.0.0.1:PORT \
-       uv run python benchmarks/order_cost.py [--sizes 10000,1000000] [--orders 300] [--single 20] [--before 0]
+       uv run python benchmarks/order_cost.py [--sizes 10000,1000000] [--orders 300] [--single 20] [--rounds 2]
+       [--before 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -50,7 +55,7 @@ from _harness import (
     temp_database,
 )
 from _plans import Statement, scans_of, statements_to
-from backlog_drain import postgres_cpu
+from backlog_drain import _stat
 from sensor_tick import load
 
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
@@ -59,7 +64,7 @@ from bitloot_reconcile.sandbox.kinguin import KinguinSimulator
 from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
 from bitloot_reconcile.sandbox.resend import ResendSimulator
 from bitloot_reconcile.sandbox.s3 import SeaweedS3
-from bitloot_reconcile.sandbox.seed import add_history_lines, add_recovery_history
+from bitloot_reconcile.sandbox.seed import SeedProduct, add_history_lines, add_recovery_history
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
 
@@ -83,13 +88,64 @@ class Drain:
     def per_order(self, tables) -> float:
         return sum(self.rows[t] for t in tables) / self.orders
 
+    def __add__(self, other: Drain) -> Drain:
+        return Drain(self.orders + other.orders, self.rows + other.rows, self.seq_scans + other.seq_scans,
+                     self.statements + other.statements, self.pg_cpu + other.pg_cpu, self.own_cpu + other.own_cpu,
+                     self.wall + other.wall, self.outcomes + other.outcomes)
+
 
 @dataclass
 class Size:
     n: int
     stack: Stack
+    product: SeedProduct | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    drains: dict[str, Drain] = field(default_factory=dict)
+    drains: dict[str, list[Drain]] = field(default_factory=dict)
+
+    def total(self, label: str) -> Drain:
+        return sum(self.drains[label][1:], self.drains[label][0])
+
+
+class BackendCpu:
+    """CPU-seconds of the PostgreSQL backends serving one database (a server on this machine): their pids from
+    pg_stat_activity and their CPU from /proc, sampled every 0.2 s while the drain runs and once at its end, so
+    other databases' work on the same server never counts. A backend that exits between two samples (a pool's
+    overflow connection) loses at most 0.2 s of its CPU."""
+
+    def __init__(self, url: str):
+        self.database = sa.engine.make_url(url).database
+        self.engine = sa.create_engine(f"{PG_SERVER_URL}/postgres", poolclass=sa.pool.NullPool)
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self, conn: sa.Connection) -> None:
+        pids = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :db"),
+                            {"db": self.database}).scalars().all()
+        for pid in pids:
+            if stat := _stat(pid):
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), stat[1])
+
+    def _loop(self) -> None:
+        with self.engine.connect() as conn:
+            while not self._stop.wait(0.2):
+                conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+                self.sample(conn)
+
+    def __enter__(self) -> BackendCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self.engine.connect() as conn:
+            self.sample(conn)
+        self.engine.dispose()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.cpu.values())
 
 
 def table_counters(url: str) -> tuple[Counter, Counter]:
@@ -115,13 +171,14 @@ def drained(size: Size, order_ids: list[str], run) -> Drain:
     with size.stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("CHECKPOINT")  # the seeding's dirty pages written before, not during, the drain
     size.stack.engine.dispose()
-    rows, scans = table_counters(url)
-    pg, own, started = postgres_cpu(), time.process_time(), time.monotonic()
-    with statements_to(sa.engine.make_url(url).database) as statements:
+    rows, scans = table_counters(url)  # every connection to the store closed: its backends all start below
+    own, started = time.process_time(), time.monotonic()
+    with statements_to(sa.engine.make_url(url).database) as statements, BackendCpu(url) as backends:
         outcomes = run(order_ids)
-    wall, own, pg = time.monotonic() - started, time.process_time() - own, postgres_cpu() - pg
+    wall, own = time.monotonic() - started, time.process_time() - own
     rows_after, scans_after = table_counters(url)
-    return Drain(len(order_ids), rows_after - rows, scans_after - scans, list(statements), pg, own, wall, outcomes)
+    return Drain(len(order_ids), rows_after - rows, scans_after - scans, list(statements), backends.seconds, own,
+                 wall, outcomes)
 
 
 def batch(stack: Stack, instance: dg.DagsterInstance):
@@ -174,48 +231,50 @@ def describe(statement: str) -> str:
         " FOR UPDATE" if "FOR UPDATE" in statement else "") + (" ON CONFLICT" if "ON CONFLICT" in statement else "")
 
 
+BEFORE, BATCH, SINGLE = ("before: no lookup indexes, fulfill_backlog", "fulfill_backlog (batch)",
+                         "fulfill_order (per-order job)")
+
+
 def report(sizes: list[Size], args) -> None:
     for size in sizes:
         console.print(f"{size.n:,} orders: seeding {size.seconds['seeding']:.0f} s; migration 0003 (CREATE INDEX "
                       f"CONCURRENTLY x3) {size.seconds['indexes']:.1f} s", highlight=False)
-    bitloot = [t for t in MODELED_TABLES]
+    bitloot = list(MODELED_TABLES)
     rows = []
-    for label in [*(["before: no lookup indexes, fulfill_backlog"] if args.before else []),
-                  "fulfill_backlog (batch)", "fulfill_order (per-order job)"]:
+    for label in (BEFORE, BATCH, SINGLE):
         for size in sizes:
-            if label not in size.drains:
-                continue
-            d = size.drains[label]
-            verbs = Counter(s.verb for s in d.statements)
-            rows.append([label, f"{size.n:,}", d.orders, f"{d.per_order(bitloot):,.1f}",
-                         f"{d.per_order(PROJECT_TABLES):,.1f}",
-                         f"{sum(d.seq_scans[t] for t in bitloot if t != 'feature_flags') / d.orders:.2f}",
-                         f"{len(d.statements) / d.orders:.1f}",
-                         ", ".join(f"{k} {v / d.orders:.1f}" for k, v in verbs.most_common()),
-                         f"{d.pg_cpu / d.orders * 1000:.1f}", f"{d.own_cpu / d.orders * 1000:.0f}",
-                         f"{d.wall:.1f} s", dict(d.outcomes)])
+            for number, d in enumerate(size.drains.get(label, []), start=1):
+                verbs = Counter(s.verb for s in d.statements)
+                rows.append([label, f"{size.n:,}", number, d.orders, f"{d.per_order(bitloot):,.1f}",
+                             f"{d.per_order(PROJECT_TABLES):,.1f}",
+                             f"{sum(d.seq_scans[t] for t in bitloot if t != 'feature_flags') / d.orders:.2f}",
+                             f"{len(d.statements) / d.orders:.1f}",
+                             ", ".join(f"{k} {v / d.orders:.1f}" for k, v in verbs.most_common()),
+                             f"{d.pg_cpu / d.orders * 1000:.1f}", f"{d.own_cpu / d.orders * 1000:.0f}",
+                             f"{d.wall:.1f} s", dict(d.outcomes)])
     print_table("Per order worked (rows read: pg_stat_user_tables seq_tup_read + idx_tup_fetch)",
-                ["path", "shop", "orders", "rows read, BitLoot tables", "rows read, project tables",
+                ["path", "shop", "round", "orders", "rows read, BitLoot tables", "rows read, project tables",
                  "seq scans of BitLoot tables (not feature_flags)", "statements", "by verb",
-                 "PostgreSQL CPU-ms", "process CPU-ms", "wall", "outcomes"], rows)
+                 "PostgreSQL CPU-ms (store's backends)", "process CPU-ms", "wall", "outcomes"], rows)
     small, large = sizes[0], sizes[-1]
-    for label in ("fulfill_backlog (batch)", "fulfill_order (per-order job)"):
-        a, b = small.drains[label], large.drains[label]
+    for label in (BATCH, SINGLE):
+        a, b = small.total(label), large.total(label)
         for what, x, y in (("rows read (BitLoot tables)", a.per_order(bitloot), b.per_order(bitloot)),
                            ("rows read (all tables)", a.per_order(a.rows), b.per_order(b.rows)),
                            ("statements", len(a.statements) / a.orders, len(b.statements) / b.orders),
                            ("PostgreSQL CPU-s", a.pg_cpu / a.orders, b.pg_cpu / b.orders),
                            ("process CPU-s", a.own_cpu / a.orders, b.own_cpu / b.orders)):
             ratio = y / x if x else float("nan")
-            console.print(f"{label}, {what} per order: {large.n:,} / {small.n:,} = {ratio:.2f}x "
+            console.print(f"{label}, {what} per order, all rounds: {large.n:,} / {small.n:,} = {ratio:.2f}x "
                           f"({'meets' if ratio <= 1.2 else 'MISSES'} <= 1.2x)", highlight=False)
-    for label in (["before: no lookup indexes, fulfill_backlog"] if args.before else []):
-        d = large.drains[label]
-        by_table = ", ".join(f"{t} {d.rows[t] / d.orders:,.0f}" for t in bitloot if d.rows[t])
-        console.print(f"{label} at {large.n:,}: rows read per order by table: {by_table}", highlight=False)
+    for label in ((BEFORE,) if args.before else ()) + (BATCH, SINGLE):
+        for size in sizes:
+            d = size.total(label)
+            by_table = ", ".join(f"{t} {d.rows[t] / d.orders:,.1f}" for t in (*bitloot, *PROJECT_TABLES) if d.rows[t])
+            console.print(f"{label} at {size.n:,}: rows read per order by table: {by_table}", highlight=False)
     plans = {}
     for size in sizes:
-        statements = [s for d in size.drains.values() for s in d.statements]
+        statements = [s for label in (BATCH, SINGLE) for s in size.total(label).statements]
         for sql, found in scans_of(size.stack.engine, statements).items():
             plans.setdefault(describe(sql), {})[size.n] = "; ".join(
                 sorted({f"{s.table} " + (f"via {s.index}" if s.keyed else f"WHOLE ({s.node})") for s in found}))
@@ -230,6 +289,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,1000000")
     parser.add_argument("--orders", type=int, default=300, help="the backlog drained by one fulfill_backlog run")
     parser.add_argument("--single", type=int, default=20, help="orders worked by one fulfill_order run each")
+    parser.add_argument("--rounds", type=int, default=2, help="drains per size, the sizes interleaved")
     parser.add_argument("--before", type=int, default=0, help="orders drained before the lookup indexes exist")
     parser.add_argument("--catalogue", type=int, default=50_000, help="products in the shop's catalogue")
     args = parser.parse_args()
@@ -248,21 +308,25 @@ def main() -> None:
             stack.callback(engine.dispose)
             world = Stack(url, engine, kinguin, nowpayments, resend, s3, f"bench-{uuid.uuid4().hex[:12]}")
             world.resources()["r2"].get_vault().ensure_bucket()
-            size = Size(n, world, seed(world, n, args.catalogue))
+            size = Size(n, world, seconds=seed(world, n, args.catalogue))
             console.print(f"{n:,} orders seeded in {size.seconds['seeding']:.0f} s", highlight=False)
-            product = world.product()
+            size.product = world.product()
             if args.before:
-                size.drains["before: no lookup indexes, fulfill_backlog"] = drained(
-                    size, world.paid_orders(args.before, product), batch(world, instance))
+                size.drains[BEFORE] = [drained(size, world.paid_orders(args.before, size.product),
+                                               batch(world, instance))]
             started = time.monotonic()
             upgrade(engine)
             size.seconds["indexes"] = time.monotonic() - started
-            backlog, singles = world.paid_orders(args.orders, product), world.paid_orders(args.single, product)
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.exec_driver_sql("ANALYZE")
-            size.drains["fulfill_backlog (batch)"] = drained(size, backlog, batch(world, instance))
-            size.drains["fulfill_order (per-order job)"] = drained(size, singles, one_by_one(world, instance))
             sizes.append(size)
+        for _ in range(args.rounds):
+            for size in sizes:
+                world = size.stack
+                backlog = world.paid_orders(args.orders, size.product)
+                singles = world.paid_orders(args.single, size.product)
+                with world.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql("ANALYZE")
+                size.drains.setdefault(BATCH, []).append(drained(size, backlog, batch(world, instance)))
+                size.drains.setdefault(SINGLE, []).append(drained(size, singles, one_by_one(world, instance)))
         report(sizes, args)
 
 
