@@ -136,6 +136,8 @@ def page_load(browser, url: str, ready: str, timeout_ms: int, shot: Path) -> flo
             seconds = time.monotonic() - started
         except Exception:  # noqa: BLE001 -- a page that never shows its content is a figure, not a crash
             seconds = None
+        with contextlib.suppress(Exception):  # the prompt may come up only once the page has loaded
+            page.get_by_role("button", name="Skip").click(timeout=1000)
         page.screenshot(path=str(shot))
         return seconds
     finally:
