@@ -288,3 +288,17 @@ def test_a_database_the_project_created_gets_the_keys_index_and_a_downgrade_remo
     _migrate(empty_pg_url, "downgrade", "0002")
     indexes = ddl.full_snapshot(empty_pg_url)["all_indexes"]
     assert not {*ddl.PROJECT_LOOKUP_INDEXES.items(), ddl.PROJECT_KEYS_INDEX} & set(indexes)
+
+
+def test_every_index_on_a_bitloot_table_is_built_concurrently(bitloot_pg_url):
+    engine = create_store_engine(bitloot_pg_url)
+    sent: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *args: sent.append(statement))
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    on_bitloot = [s for s in sent if s.startswith("CREATE") and " INDEX " in s
+                  and any(f" ON {t} " in s.replace('"', "") for t in ddl.MODELED_TABLES)]
+    assert len(on_bitloot) == len(ddl.PROJECT_ORDER_INDEXES) + len(ddl.PROJECT_LOOKUP_INDEXES)
+    assert all(s.startswith("CREATE INDEX CONCURRENTLY IF NOT EXISTS ") for s in on_bitloot), on_bitloot

@@ -18,6 +18,8 @@ Revises: 0002
 import sqlalchemy as sa
 from alembic import op
 
+from bitloot_reconcile.store.migrate import build_index_concurrently, concurrent_index_builds
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -56,19 +58,9 @@ def upgrade() -> None:
         for name, table, expression in wanted:
             op.execute(f'CREATE INDEX IF NOT EXISTS {name} ON "{table}" ({expression})')
         return
-    with op.get_context().autocommit_block():
-        conn = op.get_bind()
-        conn.exec_driver_sql("SET statement_timeout = 0")
-        try:
-            for name, table, expression in wanted:
-                invalid = conn.exec_driver_sql(
-                    "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE c.relname = %(name)s", {"name": name}).scalar()
-                if invalid:
-                    conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-                conn.exec_driver_sql(f'CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON "{table}" ({expression})')
-        finally:
-            conn.exec_driver_sql("RESET statement_timeout")
+    with concurrent_index_builds() as conn:
+        for name, table, expression in wanted:
+            build_index_concurrently(conn, name, f'CREATE INDEX {name} ON "{table}" ({expression})')
 
 
 def downgrade() -> None:
