@@ -12,7 +12,9 @@ For each size (partitions already there, `--sizes`), on one Dagster database gro
   tab, which lists every partition with its status) and one partition's history (the asset's events, filtered to
   that partition), each loaded until its content shows (or `--page-timeout` passes), cold then warm.
 
-Wall times on a shared machine: the load average is printed with them.
+With `--prune-to N`, after the last size every partition but the newest N is removed (one DELETE of the rows
+`remove_order_partitions` deletes one at a time; the events stay) and everything is measured again: what the
+pruning policy leaves. Wall times on a shared machine: the load average is printed with them.
 
 Usage: BENCH_PG_SERVER_URL=postgresql+psycopg://postgres@127.0.0.1:PORT \
        uv run python benchmarks/order_history_scale.py [--sizes 0,100000,1000000] [--reps 20]
@@ -62,6 +64,15 @@ SELECT e.run_id, replace(e.event, :template, p.partition), e.dagster_event_type,
        e.asset_key, p.partition
 FROM event_logs e, dynamic_partitions p
 WHERE e.partition = :template AND p.partitions_def_name = :name AND p.id > :after
+"""
+
+
+# What `remove_order_partitions` does one key at a time (Dagster deletes the `dynamic_partitions` row only), in one
+# statement: every partition but the newest `keep` (and the one whose page is loaded).
+PRUNE_SQL = """
+DELETE FROM dynamic_partitions WHERE partitions_def_name = :name AND partition <> :template
+  AND id < (SELECT min(id) FROM (SELECT id FROM dynamic_partitions WHERE partitions_def_name = :name
+                                 ORDER BY id DESC LIMIT :keep) AS newest)
 """
 
 
@@ -164,11 +175,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--page-timeout", type=float, default=120.0, help="seconds")
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--browser-max", type=int, default=10**9,
+                        help="load the pages only at sizes up to this many partitions")
+    parser.add_argument("--prune-to", type=int, default=0,
+                        help="after the last size, remove all but this many partitions (the newest) and measure again")
     args = parser.parse_args()
     print_machine()
     logs = Path(tempfile.mkdtemp(prefix="order_history_scale_"))
     home = Path(tempfile.mkdtemp(prefix="order_history_home_"))
-    results: dict[int, dict] = {}
+    results: dict[str, dict] = {}
     with temp_database("bench_history_dagster") as url, contextlib.ExitStack() as stack:
         pg_url = url.replace("postgresql+psycopg://", "postgresql+psycopg2://")
         shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -186,23 +201,32 @@ def main() -> None:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             stack.callback(browser.close)
         have = 0
-        for n in (int(x) for x in args.sizes.split(",")):
-            seeded = grow(engine, instance, n - have) if n > have else 0.0
-            have = n
+        steps = [(int(x), False) for x in args.sizes.split(",")] + ([(args.prune_to, True)] if args.prune_to else [])
+        for n, pruning in steps:
+            if pruning:
+                started = time.monotonic()
+                with engine.begin() as conn:
+                    conn.execute(sa.text(PRUNE_SQL), {"name": ORDER_IDS.name, "template": TEMPLATE, "keep": n})
+                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql("VACUUM ANALYZE dynamic_partitions")
+                seeded = time.monotonic() - started
+            else:
+                seeded = grow(engine, instance, n - have) if n > have else 0.0
             figures = {"seeding": seeded, **measure_storage(instance, args.reps)}
             have = figures["partitions"]
             with engine.connect() as conn:
                 figures["MB"] = conn.exec_driver_sql(
                     "SELECT (pg_total_relation_size('dynamic_partitions') + pg_total_relation_size('event_logs'))"
                     " / 1048576.0").scalar()
-            if browser is not None:
+            if browser is not None and n <= args.browser_max:
                 with webserver(home, env, logs) as base:
                     figures.update(measure_pages(browser, base, TEMPLATE, int(args.page_timeout * 1000), logs, n))
-            results[n] = figures
-            console.print(f"{n:,}: {figures} (load {os.getloadavg()[0]:.1f})", highlight=False)
+            label = f"{n:,} after removing the rest" if pruning else f"{n:,}"
+            results[label] = figures
+            console.print(f"{label}: {figures} (load {os.getloadavg()[0]:.1f})", highlight=False)
     columns = ["seeding", "add one", "add 300", "record", "remove one (of 100)", "list partitions",
                "materialized partitions",
-               *(k for k in results[max(results)] if k.endswith(("cold", "warm")))]
+               *dict.fromkeys(k for r in results.values() for k in r if k.endswith(("cold", "warm")))]
 
     def cell(value) -> str:
         if value is None:
@@ -211,8 +235,8 @@ def main() -> None:
 
     print_table("order_attempts on Dagster's PostgreSQL storage (wall, median of the repetitions)",
                 ["partitions", "materialized", "storage MB", *columns],
-                [[f"{n:,}", f"{r['materialized']:,}", f"{r['MB']:.0f}", *(cell(r.get(c)) for c in columns)]
-                 for n, r in results.items()])
+                [[label, f"{r['materialized']:,}", f"{r['MB']:.0f}", *(cell(r[c]) if c in r else "-" for c in columns)]
+                 for label, r in results.items()])
     console.print(f"screenshots and webserver logs: {logs}", highlight=False)
     shutil.rmtree(home, ignore_errors=True)
 
