@@ -238,24 +238,32 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
 
 
 # --- (d) the lookup indexes of one order (0003) ---------------------------------------------------------------
-def test_lookup_indexes_are_built_concurrently_outside_any_transaction(bitloot_pg_url):
-    """PostgreSQL refuses CREATE INDEX CONCURRENTLY inside a transaction block: that the build succeeds is the
-    proof that the shop's writes were not blocked."""
-    _migrate(bitloot_pg_url, revision="0002")
-    engine = create_store_engine(bitloot_pg_url)
+def _upgrade_statements(url: str) -> list[str]:
+    """Every statement `upgrade` sends to the database, in order."""
+    engine = create_store_engine(url)
     sent: list[str] = []
     sa.event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *args: sent.append(statement))
     try:
         upgrade(engine)
     finally:
         engine.dispose()
+    return sent
+
+
+def test_lookup_indexes_are_built_concurrently_outside_any_transaction(bitloot_pg_url):
+    """PostgreSQL refuses CREATE INDEX CONCURRENTLY inside a transaction block: that the build succeeds is the
+    proof that the shop's writes were not blocked."""
+    _migrate(bitloot_pg_url, revision="0002")
+    sent = _upgrade_statements(bitloot_pg_url)
     builds = [s for s in sent if s.startswith("CREATE INDEX")]
     assert builds == [f'CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON "{table}" ({column})'
                       for table, name, column in (
                           ("order_items", "ix_reconcile_order_items_order", '"orderId"'),
                           ("payments", "ix_reconcile_payments_order", '"orderId"'),
                           ("email_bounces", "ix_reconcile_email_bounces_address", "lower(email)"))]
-    assert "SET statement_timeout = 0" in sent and sent[-1] != "SET statement_timeout = 0"
+    # Without the store's statement timeout during the builds, and with it again afterwards.
+    assert sent.index("SET statement_timeout = 0") < sent.index(builds[0])
+    assert "RESET statement_timeout" in sent[sent.index(builds[-1]):]
     assert _versions(bitloot_pg_url) == ["0003"]
 
 
@@ -291,14 +299,7 @@ def test_a_database_the_project_created_gets_the_keys_index_and_a_downgrade_remo
 
 
 def test_every_index_on_a_bitloot_table_is_built_concurrently(bitloot_pg_url):
-    engine = create_store_engine(bitloot_pg_url)
-    sent: list[str] = []
-    sa.event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *args: sent.append(statement))
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
-    on_bitloot = [s for s in sent if s.startswith("CREATE") and " INDEX " in s
+    on_bitloot = [s for s in _upgrade_statements(bitloot_pg_url) if s.startswith("CREATE") and " INDEX " in s
                   and any(f" ON {t} " in s.replace('"', "") for t in ddl.MODELED_TABLES)]
     assert len(on_bitloot) == len(ddl.PROJECT_ORDER_INDEXES) + len(ddl.PROJECT_LOOKUP_INDEXES)
     assert all(s.startswith("CREATE INDEX CONCURRENTLY IF NOT EXISTS ") for s in on_bitloot), on_bitloot
