@@ -97,6 +97,9 @@ def db_upgrade(database_url: str | None) -> None:
     if not database_url and not settings.database_url:
         raise click.UsageError("environment variable DATABASE_URL is not set (or pass --database-url)")
     engine = create_store_engine(database_url or settings.secret("database_url"))
+    click.echo("indexes on BitLoot's tables (orders for the sweep; order_items and payments by order, keys by "
+               "item, email_bounces by address for one order's reads) are built with CREATE INDEX CONCURRENTLY "
+               "where missing: the shop keeps writing while they build (minutes on a large shop)")
     upgrade(engine)
     click.echo(f"store database at {engine.url.render_as_string(hide_password=True)} is up to date")
 

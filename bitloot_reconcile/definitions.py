@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from bitloot_reconcile.assets import ASSETS, SCHEDULES
-from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
+from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order, prune_order_history, prune_order_history_schedule
 from bitloot_reconcile.resources.alerts import DEFAULT_WEBSERVER_URL, AlertsResource
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
@@ -46,8 +46,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[fulfill_order, fulfill_backlog],
-    schedules=SCHEDULES,
+    jobs=[fulfill_order, fulfill_backlog, prune_order_history],
+    schedules=[*SCHEDULES, prune_order_history_schedule],
     sensors=SENSORS,
     resources=build_resources(load_settings()),
 )

@@ -16,6 +16,7 @@ from bitloot_reconcile.ops.fulfill_order import (
     store_keys,
     verify_payment,
 )
+from bitloot_reconcile.ops.prune_order_history import remove_settled_partitions
 
 
 @dg.config_mapping
@@ -55,3 +56,20 @@ def fulfill_order() -> None:
 )
 def fulfill_backlog() -> None:
     work_backlog()
+
+
+@dg.job(
+    executor_def=dg.in_process_executor,
+    tags={"dagster/max_runtime": "3600"},
+    description="Remove the order_attempts partitions of orders settled long ago (the store's audit rows keep "
+    "every attempt), so the order history stays bounded by the orders of the last weeks.",
+)
+def prune_order_history() -> None:
+    remove_settled_partitions()
+
+
+# Daily, at a quiet hour.
+prune_order_history_schedule = dg.ScheduleDefinition(
+    job=prune_order_history, cron_schedule="40 3 * * *", execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)

@@ -83,3 +83,15 @@ def log_attempt_events(context: dg.OpExecutionContext, events: list[dg.AssetMate
     with _event_batches_of(len(events)):
         for number, event in enumerate(events, start=1):
             DagsterEvent.asset_materialization(step, event, DagsterEventBatchMetadata(batch, number == len(events)))
+
+
+def order_partitions(instance: dg.DagsterInstance) -> list[str]:
+    """Every order id that has a partition, in the order they were added."""
+    return list(instance.get_dynamic_partitions(ORDER_IDS.name))
+
+
+def remove_order_partitions(instance: dg.DagsterInstance, order_ids: list[str]) -> None:
+    """Remove these orders' partitions. Their attempt events stay in Dagster's event log (each run's page still
+    shows them) and the store's audit rows keep every attempt; a later attempt adds the partition back."""
+    for order_id in order_ids:
+        instance.delete_dynamic_partition(ORDER_IDS.name, order_id)

@@ -23,11 +23,11 @@ def test_definitions_load():
     repository = defs.get_repository_def()
     # Dagster adds "__ASSET_JOB", its implicit job over every asset.
     assert {job.name for job in repository.get_all_jobs() if not job.name.startswith("__")} == {
-        "fulfill_order", "fulfill_backlog", "reconciliation_report_job", "order_backlog_job"}
+        "fulfill_order", "fulfill_backlog", "reconciliation_report_job", "order_backlog_job", "prune_order_history"}
     assert {sensor.name for sensor in repository.sensor_defs} == {
         "stuck_orders_sensor", "run_failure_alert_sensor", "needs_attention_alert_sensor", "board_check_alert_sensor"}
-    assert {schedule.name for schedule in repository.schedule_defs} == {"reconciliation_report_schedule",
-                                                                       "order_backlog_schedule"}
+    assert {schedule.name for schedule in repository.schedule_defs} == {
+        "reconciliation_report_schedule", "order_backlog_schedule", "prune_order_history_schedule"}
     assert {key.to_user_string() for key in repository.asset_graph.get_all_asset_keys()} == {
         "reconciliation_report", "order_backlog", "order_attempts"}
     assert repository.asset_graph.get(dg.AssetKey("order_attempts")).partitions_def == dg.DynamicPartitionsDefinition(

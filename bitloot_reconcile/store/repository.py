@@ -40,6 +40,7 @@ from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
 FULFILLED = sa.literal(OrderStatus.FULFILLED.value, literal_execute=True)
 LEFT_TO_A_PERSON = tuple(sa.literal(outcome, literal_execute=True) for outcome in SWEEP_EXCLUDED_OUTCOMES)
 NEEDS_ATTENTION = sa.literal("needs_attention", literal_execute=True)
+CANONICAL_UUID = sa.literal("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", literal_execute=True)
 
 
 def utcnow() -> dt.datetime:
@@ -266,7 +267,12 @@ def _order_queries(dialect: str) -> tuple[sa.Select, sa.Select]:
     if dialect == "sqlite":
         product_match = products.c.id == sa.func.replace(sa.func.lower(order_items.c.productId), "-", "")
     else:
-        product_match = sa.cast(products.c.id, sa.String) == order_items.c.productId
+        # Matched as BitLoot's text matches (`products.id::varchar = "productId"`: lowercase dashed uuid text) but
+        # with the cast on the item's side, so the product is one probe of its primary key; text that is not a
+        # lowercase dashed uuid matches no product, as before, and is never cast (the cast would fail on it).
+        as_uuid = sa.case((order_items.c.productId.regexp_match(CANONICAL_UUID), sa.cast(order_items.c.productId,
+                                                                                          products.c.id.type)))
+        product_match = products.c.id == as_uuid
     # One row per payment (or one without), payments oldest first.
     with_payments = (
         sa.select(orders, payments.c.externalId.label("payment_id"), payments.c.status.label("payment_status"))
@@ -904,6 +910,27 @@ class Store:
             return set()
         with self._autocommit() as conn:
             return set(conn.execute(sa.select(orders.c.id).where(orders.c.id.in_(sorted(order_ids)))).scalars())
+
+    def settled_before(self, order_ids: list[str], cutoff: dt.datetime) -> set[str]:
+        """Which of these orders are settled and untouched since `cutoff`: fulfilled with the email sent,
+        refunded or cancelled (BitLoot's word), or resolved by an admin; no lease held, and neither the order nor
+        its reconcile state changed since. One primary-key probe per id on each table."""
+        if not order_ids:
+            return set()
+        state = reconcile_state
+        done = sa.or_(
+            sa.and_(orders.c.status == FULFILLED, orders.c.completionEmailSent.is_(True)),
+            orders.c.status.in_([OrderStatus.REFUNDED.value, OrderStatus.CANCELLED.value]),
+            state.c.last_outcome == sa.literal("resolved", literal_execute=True),
+        )
+        query = (
+            sa.select(orders.c.id)
+            .select_from(orders.outerjoin(state, state.c.order_id == orders.c.id))
+            .where(orders.c.id.in_(sorted(order_ids)), orders.c.updatedAt < naive_utc(cutoff), done,
+                   state.c.lease_owner.is_(None), sa.or_(state.c.updated_at.is_(None), state.c.updated_at < cutoff))
+        )
+        with self._autocommit() as conn:
+            return {str(order_id) for order_id in conn.execute(query).scalars()}
 
     # -- BitLoot's switches: its feature flags and its email suppression list (reads only) -------------------
     def feature_flags(self) -> dict[str, bool] | None:

@@ -218,6 +218,14 @@ PROJECT_ORDER_INDEXES = (
     "ix_reconcile_orders_kinguin_reservation",
     "ix_reconcile_orders_status_updated",
 )
+# The indexes the project adds for the reads of one order, by table; `keys` only where BitLoot has none on
+# "orderItemId" (a database the project created), so a BitLoot database gets the other three.
+PROJECT_LOOKUP_INDEXES = {
+    "order_items": "ix_reconcile_order_items_order",
+    "payments": "ix_reconcile_payments_order",
+    "email_bounces": "ix_reconcile_email_bounces_address",
+}
+PROJECT_KEYS_INDEX = ("keys", "ix_reconcile_keys_order_item")
 
 
 def create_bitloot_schema(conn: sa.Connection, *, with_switches: bool = True) -> None:

@@ -58,12 +58,12 @@ def test_upgrade_on_empty_postgres_creates_every_table_and_index(empty_pg_url):
     assert any(
         table == "payments" and definition == 'UNIQUE ("externalId")' for table, _, definition in snap["constraints"]
     )
-    assert _versions(empty_pg_url) == ["0002"]
+    assert _versions(empty_pg_url) == ["0003"]
 
     _migrate(empty_pg_url)  # a second run is a no-op
     again = ddl.full_snapshot(empty_pg_url)
     assert again == snap
-    assert _versions(empty_pg_url) == ["0002"]
+    assert _versions(empty_pg_url) == ["0003"]
 
 
 def test_upgrade_on_empty_postgres_seeds_bitloots_feature_flags(empty_pg_url):
@@ -129,9 +129,13 @@ def test_upgrade_on_bitloot_database_adds_only_the_projects_objects(bitloot_pg_u
     assert after["tables"] - before["tables"] == {*ddl.PROJECT_TABLES, ddl.VERSION_TABLE}
     assert before["tables"] <= after["tables"]
     added = {k: v for k, v in after["indexes"].items() if k not in before["indexes"]}
-    assert set(added) == {("orders", name) for name in ddl.PROJECT_ORDER_INDEXES}
+    assert set(added) == {("orders", name) for name in ddl.PROJECT_ORDER_INDEXES} | set(
+        ddl.PROJECT_LOOKUP_INDEXES.items())
+    assert added[("order_items", "ix_reconcile_order_items_order")].endswith('("orderId")')
+    assert added[("payments", "ix_reconcile_payments_order")].endswith('("orderId")')
+    assert added[("email_bounces", "ix_reconcile_email_bounces_address")].endswith("(lower((email)::text))")
     assert {k: v for k, v in after["indexes"].items() if k in before["indexes"]} == before["indexes"]
-    assert _versions(bitloot_pg_url) == ["0002"]
+    assert _versions(bitloot_pg_url) == ["0003"]
 
     _migrate(bitloot_pg_url)  # twice: nothing more
     assert ddl.full_snapshot(bitloot_pg_url) == after
@@ -196,7 +200,7 @@ def test_a_store_at_0001_gets_the_replacement_columns_and_the_widened_blocking_i
         engine.dispose()
     assert tuple(row) == (2, 0, None)
     assert "'resolved'" in index and "'needs_attention'" in index
-    assert _versions(empty_pg_url) == ["0002"]
+    assert _versions(empty_pg_url) == ["0003"]
     _migrate(empty_pg_url, "downgrade", "0001")
     assert _versions(empty_pg_url) == ["0001"]
 
@@ -214,7 +218,7 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
         assert set(inspector.get_table_names()) == expected
         assert set(ddl.PROJECT_ORDER_INDEXES) <= {ix["name"] for ix in inspector.get_indexes("orders")}
         with engine.connect() as conn:
-            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0002"]
+            assert conn.execute(sa.text(f"SELECT version_num FROM {ddl.VERSION_TABLE}")).scalars().all() == ["0003"]
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
@@ -230,4 +234,72 @@ def test_upgrade_on_sqlite_file_twice(tmp_path):
     finally:
         engine.dispose()
     _migrate(url)
-    assert _versions(url) == ["0002"]
+    assert _versions(url) == ["0003"]
+
+
+# --- (d) the lookup indexes of one order (0003) ---------------------------------------------------------------
+def _upgrade_statements(url: str) -> list[str]:
+    """Every statement `upgrade` sends to the database, in order."""
+    engine = create_store_engine(url)
+    sent: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *args: sent.append(statement))
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    return sent
+
+
+def test_lookup_indexes_are_built_concurrently_outside_any_transaction(bitloot_pg_url):
+    """PostgreSQL refuses CREATE INDEX CONCURRENTLY inside a transaction block: that the build succeeds is the
+    proof that the shop's writes were not blocked."""
+    _migrate(bitloot_pg_url, revision="0002")
+    sent = _upgrade_statements(bitloot_pg_url)
+    builds = [s for s in sent if s.startswith("CREATE INDEX")]
+    assert builds == [f'CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON "{table}" ({column})'
+                      for table, name, column in (
+                          ("order_items", "ix_reconcile_order_items_order", '"orderId"'),
+                          ("payments", "ix_reconcile_payments_order", '"orderId"'),
+                          ("email_bounces", "ix_reconcile_email_bounces_address", "lower(email)"))]
+    # Without the store's statement timeout during the builds, and with it again afterwards.
+    assert sent.index("SET statement_timeout = 0") < sent.index(builds[0])
+    assert "RESET statement_timeout" in sent[sent.index(builds[-1]):]
+    assert _versions(bitloot_pg_url) == ["0003"]
+
+
+def test_an_index_left_invalid_by_an_interrupted_build_is_built_again(bitloot_pg_url):
+    _migrate(bitloot_pg_url, revision="0002")
+    engine = create_store_engine(bitloot_pg_url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            order_id = conn.execute(sa.text('SELECT "orderId" FROM payments LIMIT 1')).scalar_one()
+            conn.execute(sa.text('INSERT INTO payments (id, "orderId", "externalId") VALUES '
+                                 "(gen_random_uuid(), :order, 'second-payment')"), {"order": order_id})
+            # A unique build over duplicates fails half-way, as a cancelled build does: an invalid index stays.
+            with pytest.raises(sa.exc.IntegrityError):
+                conn.exec_driver_sql(
+                    'CREATE UNIQUE INDEX CONCURRENTLY ix_reconcile_payments_order ON payments ("orderId")')
+        upgrade(engine)
+        with engine.connect() as conn:
+            valid, definition = conn.execute(sa.text(
+                "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'ix_reconcile_payments_order'")).one()
+    finally:
+        engine.dispose()
+    assert valid and "UNIQUE" not in definition
+
+
+def test_a_database_the_project_created_gets_the_keys_index_and_a_downgrade_removes_them_all(empty_pg_url):
+    _migrate(empty_pg_url)
+    indexes = ddl.full_snapshot(empty_pg_url)["all_indexes"]
+    assert {*ddl.PROJECT_LOOKUP_INDEXES.items(), ddl.PROJECT_KEYS_INDEX} <= set(indexes)
+    _migrate(empty_pg_url, "downgrade", "0002")
+    indexes = ddl.full_snapshot(empty_pg_url)["all_indexes"]
+    assert not {*ddl.PROJECT_LOOKUP_INDEXES.items(), ddl.PROJECT_KEYS_INDEX} & set(indexes)
+
+
+def test_every_index_on_a_bitloot_table_is_built_concurrently(bitloot_pg_url):
+    on_bitloot = [s for s in _upgrade_statements(bitloot_pg_url) if s.startswith("CREATE") and " INDEX " in s
+                  and any(f" ON {t} " in s.replace('"', "") for t in ddl.MODELED_TABLES)]
+    assert len(on_bitloot) == len(ddl.PROJECT_ORDER_INDEXES) + len(ddl.PROJECT_LOOKUP_INDEXES)
+    assert all(s.startswith("CREATE INDEX CONCURRENTLY IF NOT EXISTS ") for s in on_bitloot), on_bitloot

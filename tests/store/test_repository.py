@@ -207,6 +207,22 @@ def test_load_order_item_whose_product_is_gone(engine, store):
     )
 
 
+def test_load_order_matches_a_product_only_by_its_uuid_text_as_bitloot_writes_it(store_engine):
+    """The product is found through its primary key, yet only `productId` text equal to `products.id::varchar`
+    (lowercase, dashed) matches, as before: other spellings of the uuid and text that is no uuid match no product
+    and fail nothing."""
+    store = Store(store_engine)
+    product = insert_product(store_engine, SeedProduct("5c9b68662539a4e8f17ae2fe", "Hades (PC)"))
+    spellings = [product.id, product.id.upper(), product.id.replace("-", ""), f"{{{product.id}}}", "not-a-uuid", ""]
+    order_id, item_ids = insert_order(store_engine, items=len(spellings))
+    with store_engine.begin() as conn:
+        for item_id, text in zip(item_ids, spellings, strict=True):
+            conn.execute(sa.update(schema.order_items).where(schema.order_items.c.id == item_id)
+                         .values(productId=text))
+    titles = {item.product_id: item.product_title for item in store.load_order(order_id).items}
+    assert titles == {product.id: "Hades (PC)", **{text: None for text in spellings[1:]}}
+
+
 def test_load_order_without_items_or_payments(engine, store):
     order_id, _ = insert_order(engine, items=0)
     order = store.load_order(order_id)
