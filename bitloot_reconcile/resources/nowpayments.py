@@ -1,8 +1,8 @@
 """Dagster resource wrapping the NOWPayments adapter.
 
 Wire the key as `EnvVar("NOWPAYMENTS_API_KEY")` in the definitions, never as run config; the base comes from
-the settings (`NOWPAYMENTS_BASE`), it is no secret. The base is the API root (`https://api.nowpayments.io`); a base ending in
-`/v1`, as BitLoot's own `.env` has it, also works.
+the settings (`NOWPAYMENTS_BASE`), it is no secret. The base is the API root (`https://api.nowpayments.io`); a
+base ending in `/v1`, as BitLoot's own `.env` has it, also works.
 """
 
 from __future__ import annotations
