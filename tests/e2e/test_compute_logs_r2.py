@@ -1,13 +1,15 @@
 """A run's stdout and stderr outlive the host that ran it: with `deploy/dagster/compute-logs-r2.yaml` appended to
 the repository's dagster.yaml, a `fulfill_order` run executes on a "worker host" (its own DAGSTER_HOME and temporary
 directory), that host's disk is deleted, and a webserver on a "webserver host" (another DAGSTER_HOME and temporary
-directory, the same Dagster database and bucket) still serves the run's output over GraphQL, as the UI reads it.
+directory, the same Dagster database and bucket) still serves the run's output, over GraphQL and on the run's page
+in headless Chromium.
 The bucket is SeaweedFS standing in for R2; credentials reach dagster-aws as R2's, through the environment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import time
@@ -19,15 +21,18 @@ import pytest
 import yaml
 
 from bitloot_reconcile.sandbox.postgres import temporary_database
+from tests.e2e.test_browser import PAGE_TIMEOUT_MS, browser
 from tests.e2e.test_daemon import BIN, REPO, Processes, free_port
 from tests.fixtures.db import PG_SERVER_URL
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.runs import key_rows
 from tests.fixtures.s3 import unique_bucket
-from tests.fixtures.world import FRONTEND, migrated_world
+from tests.fixtures.world import migrated_world, world_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+__all__ = ["browser"]  # the module-scoped Chromium of the browser tests
 
 RUN_LOGS = """query($runId: ID!) {
   logsForRun(runId: $runId) { __typename ... on EventConnection { events { __typename
@@ -62,7 +67,7 @@ def graphql(port: int, query: str, variables: dict) -> dict:
 
 @pytest.mark.timeout(300)
 def test_a_run_s_output_is_read_from_r2_on_another_host_after_the_worker_host_s_disk_is_gone(
-    tmp_path, kinguin_sim, nowpayments_sim, resend_sim, seaweed
+    browser, tmp_path, kinguin_sim, nowpayments_sim, resend_sim, seaweed
 ):
     with (
         temporary_database(PG_SERVER_URL, "brlogs_store") as store_db,
@@ -81,16 +86,7 @@ def test_a_run_s_output_is_read_from_r2_on_another_host_after_the_worker_host_s_
         env = {
             "PATH": str(BIN) + ":/usr/bin:/bin",
             "DAGSTER_PG_URL": f"postgresql+psycopg2://{PG_SERVER_URL.split('://', 1)[1]}/{dagster_db}",
-            "DATABASE_URL": store_url,
-            "KINGUIN_BASE_URL": kinguin_sim.base_url,
-            "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
-            "NOWPAYMENTS_BASE": nowpayments_sim.url,
-            "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY,
-            **seaweed.env(),
-            "R2_BUCKET": world.r2.bucket,
-            "RESEND_BASE_URL": resend_sim.url,
-            "RESEND_API_KEY": RESEND_TEST_KEY,
-            "FRONTEND_URL": FRONTEND,
+            **world_env(world),
             # R2's credentials, handed to dagster-aws the way the deployment file says.
             "AWS_ACCESS_KEY_ID": seaweed.access_key_id,
             "AWS_SECRET_ACCESS_KEY": seaweed.secret_access_key,
@@ -138,6 +134,19 @@ def test_a_run_s_output_is_read_from_r2_on_another_host_after_the_worker_host_s_
         for step in ("load_and_claim", "store_keys", "send_completion_email", "record_outcome"):
             assert f"{step} - STEP_SUCCESS" in stderr, stderr[-3000:]
         assert order_id in stderr
+
+        # -- and so does the UI: the run's stderr tab in Chromium ------------------------------------------------
+        httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": "mutation { setNuxSeen }"}, timeout=30)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        stack.callback(context.close)
+        context.set_default_timeout(PAGE_TIMEOUT_MS)
+        page = context.new_page()
+        stack.callback(lambda: page.screenshot(path=str(tmp_path / "run_stderr.png")))  # for a person to look at
+        # Where the run's "View stdout / stderr" link leads: one capture holds every step (in-process executor).
+        page.goto(f"http://127.0.0.1:{port}/runs/{run_id}?logType=stderr&logFileKey={file_key}")
+        page.get_by_text(re.compile(r"record_outcome - STEP_SUCCESS")).first.wait_for()
+        # The viewer's footer (shown on hover) names where the text came from.
+        page.get_by_text(f"s3://{log_bucket}/dagster/compute-logs/storage/{run_id}/").first.wait_for(state="attached")
 
         # -- no secret in what the bucket keeps ----------------------------------------------------------------
         (supplier_order,) = kinguin_sim.orders_for_external_id(order_id)
