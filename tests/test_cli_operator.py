@@ -33,28 +33,15 @@ from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.schema import orders
 from bitloot_reconcile.tags import OUTCOME_REFUSED
-from tests.fixtures.kinguin import KINGUIN_TEST_KEY
-from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.report import NOON, plant
-from tests.fixtures.world import FRONTEND, World
+from tests.fixtures.world import World, world_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_env(world: World) -> dict[str, str | None]:
     return {
-        "DATABASE_URL": world.store_url,
-        "KINGUIN_BASE_URL": world.kinguin.base_url,
-        "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
-        "NOWPAYMENTS_BASE": world.nowpayments.url,
-        "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY,
-        "R2_ENDPOINT": world.r2.endpoint,
-        "R2_ACCESS_KEY_ID": world.r2.access_key_id,
-        "R2_SECRET_ACCESS_KEY": world.r2.secret_access_key,
-        "R2_BUCKET": world.r2.bucket,
-        "RESEND_BASE_URL": world.resend.url,
-        "RESEND_API_KEY": RESEND_TEST_KEY,
-        "FRONTEND_URL": FRONTEND,
+        **world_env(world),
         "DAGSTER_HOME": None,
         "DAGSTER_WEBSERVER_URL": None,
         "COLUMNS": "250",

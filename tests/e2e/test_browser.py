@@ -156,10 +156,17 @@ def test_a_needs_attention_run_shows_the_steps_after_it_stopped_as_skipped(page,
     assert page.get_by_text(re.compile(r"needs_attention")).count() >= 1
 
 
-def launch_from_launchpad(page, demo_ui: DemoUI, config: str) -> None:
-    open_page(page, f"{demo_ui.url}/jobs")
+def open_launchpad(page, url: str) -> None:
+    """The launchpad of `fulfill_order` of the UI at `url` (the site's root: the href already holds any path
+    prefix the webserver was started with)."""
+    open_page(page, f"{url}/jobs")
     job = page.locator("a[href*='/jobs/fulfill_order']").first.get_attribute("href")
-    open_page(page, demo_ui.url + job.split("/jobs/fulfill_order")[0] + "/jobs/fulfill_order/playground")
+    root = url.split("/", 3)[:3]
+    open_page(page, "/".join(root) + job.split("/jobs/fulfill_order")[0] + "/jobs/fulfill_order/playground")
+
+
+def launch_from_launchpad(page, url: str, config: str) -> None:
+    open_launchpad(page, url)
     page.locator(".CodeMirror").first.click()
     page.keyboard.press("Control+A")
     page.keyboard.press("Delete")
@@ -180,7 +187,8 @@ def runs_for(demo_ui: DemoUI, order_id: str) -> list:
 
 
 def test_a_launchpad_launch_with_a_malformed_order_id_is_refused_before_a_run_exists(page, demo_ui: DemoUI):
-    launch_from_launchpad(page, demo_ui, "order_id: not-a-uuid\nreason: browser test\nrequested_by: ops@bitloot.io\n")
+    launch_from_launchpad(page, demo_ui.url,
+                          "order_id: not-a-uuid\nreason: browser test\nrequested_by: ops@bitloot.io\n")
 
     page.get_by_text("fulfill_order refused: order_id 'not-a-uuid' is not a valid order uuid").first.wait_for()
     assert runs_for(demo_ui, "not-a-uuid") == []
@@ -190,7 +198,8 @@ def test_a_launchpad_launch_with_a_malformed_order_id_is_refused_before_a_run_ex
 def test_a_launch_for_an_unknown_order_fails_with_the_one_line_reason_and_pages_nobody(page, demo_ui: DemoUI):
     unknown = str(uuid.uuid4())
 
-    launch_from_launchpad(page, demo_ui, f"order_id: {unknown}\nreason: browser test\nrequested_by: ops@bitloot.io\n")
+    launch_from_launchpad(page, demo_ui.url,
+                          f"order_id: {unknown}\nreason: browser test\nrequested_by: ops@bitloot.io\n")
 
     page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
     (run,) = runs_for(demo_ui, unknown)

@@ -37,7 +37,7 @@ from tests.fixtures.db import PG_SERVER_URL
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.webhook import Receiver
-from tests.fixtures.world import FRONTEND, migrated_world
+from tests.fixtures.world import migrated_world, world_env
 
 pytestmark = pytest.mark.e2e
 
@@ -164,7 +164,6 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         store_url = f"{PG_SERVER_URL}/{store_db}"
         world = migrated_world(store_url, kinguin_sim, nowpayments_sim, resend_sim, seaweed)
         stack.callback(world.engine.dispose)
-        r2 = world.r2
         game = world.product(price=5.0)
 
         webhook_missed = world.order([game], age=STUCK)
@@ -192,17 +191,8 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
             **os.environ,
             "DAGSTER_HOME": str(home),
             "DAGSTER_PG_URL": f"postgresql+psycopg2://{PG_SERVER_URL.split('://', 1)[1]}/{dagster_db}",
-            "DATABASE_URL": store_url,
-            "KINGUIN_BASE_URL": kinguin_sim.base_url,
-            "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
-            "NOWPAYMENTS_BASE": nowpayments_sim.url,
-            "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY,
-            **seaweed.env(),
-            "R2_BUCKET": r2.bucket,
-            "RESEND_BASE_URL": resend_sim.url,
-            "RESEND_API_KEY": RESEND_TEST_KEY,
+            **world_env(world),
             "EMAIL_FROM": "orders@bitloot.io",
-            "FRONTEND_URL": FRONTEND,
             "ALERT_WEBHOOK_URL": receiver.hook_url,
             "DAGSTER_WEBSERVER_URL": f"http://127.0.0.1:{port}",
             # Tick floors (30 s sweep, 60 s alerts in production) shortened so the test does not wait on them.
