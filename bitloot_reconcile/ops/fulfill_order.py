@@ -26,8 +26,10 @@ from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import (
+    ALERT_NONE,
     OUTCOME_IN_PROGRESS,
     OUTCOME_REFUSED,
+    TAG_ALERT,
     TAG_ATTEMPT,
     TAG_ORDER_ID,
     TAG_OUTCOME,
@@ -181,6 +183,7 @@ def launch_tags(order_id: str, launch: Launch, remedy: Remedy) -> dict[str, str]
     if launch.parent_run_id:
         tags[TAG_PARENT_RUN] = launch.parent_run_id
         tags[TAG_OUTCOME] = OUTCOME_IN_PROGRESS  # not the parent's, copied by Dagster
+        tags[TAG_ALERT] = ALERT_NONE  # nor the parent's alert
     return tags
 
 
@@ -189,15 +192,15 @@ UNKNOWN_PERSON = "unknown (re-executed in Dagster)"
 REEXECUTED_SENSOR_RUN = "re-execution of a sensor run"
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def load_and_claim(
-    context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
-) -> Iterator[dg.Output]:
+def claim_order(
+    context: dg.OpExecutionContext, request: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
+) -> Progress:
     """Tag the run (canonical order id, who, why, the remedy), check the request against the store, take the
-    order's lease; a `resolution` remedy ends the order's run here."""
-    order_id = config.order_id  # canonical: checked when the run was launched (`checked_request`)
-    launch = who_launched(context, config)
-    remedy = config.remedy
+    order's lease under this run's id and write the run's audit row; a `resolution` remedy ends the order's
+    run here. A refusal is recorded and fails the step without retries."""
+    order_id = request.order_id  # canonical: checked when the run was launched (`checked_request`)
+    launch = who_launched(context, request)
+    remedy = request.remedy
     _set_tags(context, launch_tags(order_id, launch, remedy))
     repo = store.get_store().for_attempt()  # the hold and the claim read the order once
     try:
@@ -233,7 +236,28 @@ def load_and_claim(
     if remedy:
         repo.append_audit(order_id=order_id, action=REMEDY_ACTION, trigger=launch.trigger, actor=launch.actor,
                           reason=launch.reason, run_id=context.run_id, outcome=None, detail=remedy.label)
-    yield from step_result(context, progress)
+    return progress
+
+
+def held_by_this_run(
+    context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
+) -> Progress:
+    """The progress a step may act on: its own run's. The first step a re-execution executes (from failure,
+    from a selected step) receives its parent's output, under the parent's lease: it first claims the order
+    for this run, as `load_and_claim` does (tags, lease, audit row, refusals), and goes on from what the parent
+    found, or ends as the claim decided (busy, already fulfilled, held)."""
+    if progress.lease_owner == context.run_id:
+        return progress
+    request = checked_request(FulfillOrderRequest(**context.run_config))  # the parent's flat config, repeated
+    return fulfilment.taken_over(progress, claim_order(context, request, store, policy))
+
+
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
+def load_and_claim(
+    context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
+) -> Iterator[dg.Output]:
+    """Tag the run, check the request against the store, take the order's lease (`claim_order`)."""
+    yield from step_result(context, claim_order(context, config, store, policy))
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
@@ -244,6 +268,7 @@ def verify_payment(
     nowpayments: NowPaymentsResource,
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), nowpayments.get_client() as client:
         progress = fulfilment.verify_payment(store.get_store(), client, progress)
     yield from step_result(context, progress)
@@ -257,6 +282,7 @@ def ensure_supplier_order(
     kinguin: KinguinResource,
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         progress = fulfilment.ensure_supplier_order(store.get_store(), client, progress)
@@ -272,6 +298,7 @@ def poll_supplier(
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
     """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         result = fulfilment.poll_supplier(store.get_store(), client, progress)
@@ -294,6 +321,7 @@ def store_keys(
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
     """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         progress = fulfilment.store_keys(
@@ -306,6 +334,7 @@ def store_keys(
 def mark_fulfilled(
     context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
 ) -> Iterator[dg.Output]:
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy):
         progress = fulfilment.mark_fulfilled(store.get_store(), progress)
     yield from step_result(context, progress)
@@ -320,6 +349,7 @@ def send_completion_email(
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy):
         repo = store.get_store().for_attempt()  # the hold and the email read the order once
         progress = switches.hold_before_email(repo, progress)
@@ -342,6 +372,7 @@ def record_outcome(
     """One outcome per run: into the reconcile state, the audit table, this run's metadata and its
     `bitloot/outcome` tag."""
     (end,) = ends  # each step yields exactly one of its two outputs, so exactly one end reaches here
+    end = held_by_this_run(context, end, store, policy)
     tags = _run_tags(context)
     final = record_outcome_step(
         store.get_store(),

@@ -34,9 +34,8 @@ from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.settings import load_settings
 from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
-from bitloot_reconcile.tags import TAG_ORDER_ID
+from bitloot_reconcile.tags import TAG_ALERT, TAG_ORDER_ID
 
-TAG_ALERT = "bitloot/alert"
 ALERT_PENDING, ALERT_SENT = "pending", "sent"
 ALERT_INPUT_ERROR = "input_error"  # an operator's input error: logged, never alerted
 MAX_ALERTS_PER_TICK = 20
