@@ -129,8 +129,8 @@ def step_result(context: dg.OpExecutionContext, progress: Progress) -> Iterator[
     if progress.kinguin_order_id:
         metadata["kinguin_order_id"] = progress.kinguin_order_id
     if progress.finished:
-        metadata["outcome"] = str(progress.outcome)
-        context.log.info(f"order {progress.order_id}: stops here, {progress.outcome}: {said}")
+        metadata["outcome"] = OUTCOME_REFUSED if progress.refusal else str(progress.outcome)
+        context.log.info(f"order {progress.order_id}: stops here, {metadata['outcome']}: {said}")
         yield dg.Output(progress, "stopped", metadata=metadata)
     else:
         context.log.info(f"order {progress.order_id}: {said}")
@@ -217,11 +217,15 @@ def claim_order(
             if remedy.resolution:
                 progress = fulfilment.resolve_by_hand(repo, remedy.resolution, progress)
     except dg.Failure as failure:
-        if failure.allow_retries is False:  # an input error: recorded as refused, and nobody is paged
-            _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
-            record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
-                           reason=launch.reason, why=failure.description or "")
-        raise
+        if failure.allow_retries is not False:
+            raise
+        # An input error: recorded as refused (nobody is paged); the run's remaining steps are skipped and
+        # `record_outcome` fails the run with this one sentence.
+        why = failure.description or "refused"
+        _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
+        record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
+                       reason=launch.reason, why=why)
+        return Progress(order_id=order_id, lease_owner=context.run_id).refuse(why)
     _set_tags(context, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
     repo.append_audit(
         order_id=order_id,
@@ -370,9 +374,12 @@ def record_outcome(
     context: dg.OpExecutionContext, ends: list[Progress], store: StoreResource, policy: ReconcilePolicy
 ) -> dg.Output[str]:
     """One outcome per run: into the reconcile state, the audit table, this run's metadata and its
-    `bitloot/outcome` tag."""
+    `bitloot/outcome` tag; or, for a refused request, the run's failure in one sentence."""
     (end,) = ends  # each step yields exactly one of its two outputs, so exactly one end reaches here
     end = held_by_this_run(context, end, store, policy)
+    if end.refusal:
+        # The run fails here, with the refusal's one sentence, after the steps between were skipped.
+        raise dg.Failure(description=end.refusal, allow_retries=False)
     tags = _run_tags(context)
     final = record_outcome_step(
         store.get_store(),
