@@ -114,6 +114,11 @@ def run_url(dagster_base_url: str, run_id: str | None) -> str | None:
     return f"{dagster_base_url.rstrip('/')}/runs/{run_id}" if run_id else None
 
 
+def order_runs_url(dagster_base_url: str, order_id: str) -> str:
+    """The Runs page filtered by the order's tag: every run of the order, whoever started it."""
+    return f"{dagster_base_url.rstrip('/')}/runs?q%5B0%5D=tag%3Abitloot%2Forder_id%3D{order_id}"
+
+
 def first_line(message: str | None) -> str:
     """Dagster failure messages can carry whole tracebacks; the first non-empty line says what happened."""
     return next((line for line in (message or "").splitlines() if line.strip()), "")
