@@ -109,7 +109,7 @@ def work_backlog(
     for result in backlog.drain(list(reasons), workers=policy.batch_workers, open_services=open_services,
                                 work=work):
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
-        if result.recorded:
+        if result.recorded or result.outcome == OUTCOME_REFUSED:  # every attempt on the order, refusals too
             pending.append(attempt_event(
                 result.order_id, outcome=result.outcome, reason=result.reason, trigger=TRIGGER_SENSOR,
                 actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))

@@ -18,7 +18,7 @@ from bitloot_reconcile.domain.recording import record_failure, record_refusal
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
-from bitloot_reconcile.order_history import add_order_partitions, attempt_event
+from bitloot_reconcile.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -225,6 +225,9 @@ def claim_order(
         _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
         record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
                        reason=launch.reason, why=why)
+        add_order_partitions(context.instance, [order_id])
+        context.log_event(attempt_event(order_id, outcome=OUTCOME_REFUSED, reason=why, trigger=launch.trigger,
+                                        actor=launch.actor, run_id=context.run_id, job=context.job_name))
         return Progress(order_id=order_id, lease_owner=context.run_id).refuse(why)
     _set_tags(context, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
     repo.append_audit(
@@ -436,6 +439,7 @@ def record_failed_run(context: dg.HookContext) -> None:
         return  # never claimed (bad input, or failed before the claim): nothing to record or release
     context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: final.outcome.value})
     add_order_partitions(context.instance, [order_id])
-    context.instance.report_runless_asset_event(attempt_event(
+    report_in_run(context.instance, attempt_event(
         order_id, outcome=final.outcome.value, reason=final.reason, trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
-        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name))
+        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name),
+        run_id=context.run_id, job_name=context.job_name, step_key=context.step_key)
