@@ -124,7 +124,7 @@ def wait_for(what: str, check: Callable[[], bool], deadline: float, procs: Proce
     procs.phases.append((what, time.monotonic()))
 
 
-def location_loaded(port: int) -> bool:
+def location_loaded(port: int, location: str = "bitloot_reconcile") -> bool:
     query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "\
             "locationOrLoadError { __typename } } } } }"
     try:
@@ -133,7 +133,7 @@ def location_loaded(port: int) -> bool:
         return False
     entries = (body.get("data") or {}).get("workspaceOrError", {}).get("locationEntries") or []
     return any(
-        e["name"] == "bitloot_reconcile" and e["loadStatus"] == "LOADED"
+        e["name"] == location and e["loadStatus"] == "LOADED"
         and e["locationOrLoadError"]["__typename"] != "PythonError"
         for e in entries
     )
