@@ -6,8 +6,6 @@ after Kinguin was down at placement, from failure after an R2 outage at `store_k
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 import time
 
 import dagster as dg
@@ -20,24 +18,25 @@ from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.postgres import temporary_database
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
-from tests.e2e.test_daemon import BIN, REPO, Processes, free_port, location_loaded, wait_for
+from tests.e2e.test_daemon import (
+    BIN,
+    REEXECUTE,
+    REPO,
+    Processes,
+    free_port,
+    location_loaded,
+    production_env,
+    start_code_server_and_daemon,
+    wait_for,
+)
 from tests.fixtures.db import PG_SERVER_URL
-from tests.fixtures.kinguin import KINGUIN_TEST_KEY
-from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
 from tests.fixtures.runs import assert_fully_delivered
-from tests.fixtures.world import FRONTEND, migrated_world
+from tests.fixtures.world import migrated_world
 
 pytestmark = pytest.mark.e2e
 
 BUDGET_SECONDS = 300
 YOUNG = dt.timedelta(minutes=1)  # not stuck: only the admin's runs and their re-executions work these orders
-REEXECUTE_FROM_FAILURE = """mutation($parentRunId: String!) {
-  launchPipelineReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: FROM_FAILURE}) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
-}"""
 # What the run page's "Re-execute > From selected" sends for the selection `store_keys*`: the parent's config and
 # tags, the selected step and every step after it.
 REEXECUTE_STEPS = """mutation($executionParams: ExecutionParams!) {
@@ -70,32 +69,15 @@ def test_reexecutions_through_graphql_fulfil_the_order_once_as_a_persons_act(
         r2_down_selected = world.order([game, game], age=YOUNG)
         outages = [proxy.fail(f"orders/{order_id}/", times=1000) for order_id in (r2_down, r2_down_selected)]
 
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
         port, code_port = free_port(), free_port()
-        env = {
-            **os.environ, "DAGSTER_HOME": str(home),
-            "DAGSTER_PG_URL": f"postgresql+psycopg2://{PG_SERVER_URL.split('://', 1)[1]}/{dagster_db}",
-            "DATABASE_URL": store_url, "KINGUIN_BASE_URL": kinguin_sim.base_url, "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
-            "NOWPAYMENTS_BASE": nowpayments_sim.url, "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY, **seaweed.env(),
-            "R2_ENDPOINT": proxy.url, "R2_BUCKET": world.r2.bucket,
-            "RESEND_BASE_URL": resend_sim.url, "RESEND_API_KEY": RESEND_TEST_KEY, "FRONTEND_URL": FRONTEND,
-            "DAGSTER_CODE_SERVER_HOST": "127.0.0.1", "DAGSTER_CODE_SERVER_PORT": str(code_port),
-            "RECONCILE_MAX_RETRY_WAIT_SECONDS": "2",
-        }
-        for name in ("DAGSTER_HOME", "DAGSTER_PG_URL"):
-            monkeypatch.setenv(name, env[name])
+        home, env = production_env(tmp_path, dagster_db, world, code_port, monkeypatch, R2_ENDPOINT=proxy.url,
+                                   RECONCILE_MAX_RETRY_WAIT_SECONDS="2")
         procs = Processes(tmp_path)
         try:
             with dg.DagsterInstance.from_config(str(home)) as instance:  # creates Dagster's tables first
-                procs.start("code server", [str(BIN / "dagster"), "api", "grpc", "-m",
-                                            "bitloot_reconcile.definitions", "-h", "127.0.0.1", "-p", str(code_port)],
-                            env)
-                workspace = ["-w", str(REPO / "workspace.yaml")]
-                procs.start("daemon", [str(BIN / "dagster-daemon"), "run", *workspace], env)
+                start_code_server_and_daemon(procs, env, code_port)
                 procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-                                          *workspace], env)
+                                          "-w", str(REPO / "workspace.yaml")], env)
                 wait_for("the webserver to load the code location", lambda: location_loaded(port), deadline, procs)
                 client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=30)
 
@@ -128,9 +110,10 @@ def test_reexecutions_through_graphql_fulfil_the_order_once_as_a_persons_act(
                     return launched["run"]["runId"]
 
                 selected_parent = instance.get_run_by_id(parents[r2_down_selected])
+                from_failure = {"strategy": "FROM_FAILURE"}
                 reexecutions = {
-                    kinguin_down: graphql(REEXECUTE_FROM_FAILURE, {"parentRunId": parents[kinguin_down]}),
-                    r2_down: graphql(REEXECUTE_FROM_FAILURE, {"parentRunId": parents[r2_down]}),
+                    kinguin_down: graphql(REEXECUTE, {"parentRunId": parents[kinguin_down], **from_failure}),
+                    r2_down: graphql(REEXECUTE, {"parentRunId": parents[r2_down], **from_failure}),
                     r2_down_selected: graphql(REEXECUTE_STEPS, {"executionParams": {
                         "selector": {"repositoryLocationName": "bitloot_reconcile",
                                      "repositoryName": "__repository__", "pipelineName": "fulfill_order"},
