@@ -84,14 +84,17 @@ def test_from_failure_after_kinguin_was_down_at_placement(world: World, execute)
     assert_recorded_as_reexecution(world, order_id, run, parent)
 
 
-@pytest.mark.parametrize("strategy", ["from_failure", "from_selected"])
+@pytest.mark.parametrize("strategy", ["from_failure", "from_selected", "all_steps"])
 def test_after_an_r2_outage_at_store_keys(world: World, execute, strategy: str):
     order_id = world.order([world.product(), world.product()])
     parent = execute(order_id, r2=dead_r2(world))
     assert failed_at(world, parent) == "store_keys"
 
-    options = dg.ReexecutionOptions.from_failure(parent.run_id, world.instance) if strategy == "from_failure" \
-        else dg.ReexecutionOptions(parent_run_id=parent.run_id, step_selection=["store_keys*"])
+    options = {
+        "from_failure": dg.ReexecutionOptions.from_failure(parent.run_id, world.instance),
+        "from_selected": dg.ReexecutionOptions(parent_run_id=parent.run_id, step_selection=["store_keys*"]),
+        "all_steps": dg.ReexecutionOptions(parent_run_id=parent.run_id),
+    }[strategy]
     run = execute(order_id, reexecution=options)
 
     assert_recorded_as_reexecution(world, order_id, run, parent)
