@@ -224,6 +224,8 @@ def test_the_board_reads_at_1440_px_with_short_linked_ids_and_plots_its_figures(
     page.get_by_text("[Show Markdown]").first.click()
     board = page.get_by_role("dialog")
     board.get_by_role("columnheader", name="reason").wait_for()
+    demo_ui.shots.mkdir(exist_ok=True)
+    page.screenshot(path=str(demo_ui.shots / "board_at_1440_px.png"))  # the table itself, for a person to look at
 
     for column in ("order", "state", "age", "runs", "last run", "reason"):
         assert board.get_by_role("columnheader", name=column, exact=True).is_visible()
