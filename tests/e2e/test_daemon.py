@@ -367,7 +367,8 @@ def test_daemon_sweeps_stuck_orders_to_their_end_state_and_admins_trigger_runs_o
         }
         assert admin_tags["bitloot/attempt"] == "1"
 
-        (attention_alert,) = alerted(canceled)
+        # One alert for the order itself (the board's checks, on their 5-minute schedule, may name it too).
+        (attention_alert,) = alerted(f"BitLoot order {canceled}: needs_attention")
         assert f"http://127.0.0.1:{port}/runs/{store.get_state(canceled).last_run_id}" in attention_alert
         bad_tags = instance.get_run_by_id(bad_run).tags
         assert bad_tags["bitloot/order_id"] == unknown_order and bad_tags["bitloot/outcome"] == "refused"
