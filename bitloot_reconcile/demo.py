@@ -8,6 +8,7 @@ where it should.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -271,7 +272,10 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
     upgrade(engine)
     store = Store(engine)
 
-    with StandIns(data_dir=base_dir / "s3") as standins, (base_dir / "dagster.log").open("wb") as log:
+    # A plain `kill` (SIGTERM) stops the demo as Ctrl-C does: every process it started ends with it.
+    signal.signal(signal.SIGTERM, _interrupted)
+    with (StandIns(data_dir=base_dir / "s3", s3_stop_grace=S3_STOP_GRACE_SECONDS) as standins,
+          (base_dir / "dagster.log").open("wb") as log):
         world = DemoWorld(engine, standins)
         seeded = [(scenario, scenario.seed(world)) for scenario in SCENARIOS]
         before = {order_id: store.load_order(order_id).status for _, order_id in seeded}
@@ -308,9 +312,7 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
         except KeyboardInterrupt:
             ok = True
         finally:
-            for command_run in world.admin_commands:
-                _stop(command_run)
-            _stop(dagster)
+            _stop([*world.admin_commands, dagster])
     return 0 if ok else 1
 
 
@@ -353,14 +355,31 @@ def _init_instance(env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-c", "import dagster; dagster.DagsterInstance.get()"], env=env, check=True)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+# Within 10 s of Ctrl-C or SIGTERM every process the demo started is gone: Dagster's (its webserver, daemon,
+# code servers and run workers share `dagster dev`'s process group) get a few seconds, then SeaweedFS, whose
+# data the next demo wipes anyway.
+DAGSTER_STOP_GRACE_SECONDS = 3.0
+S3_STOP_GRACE_SECONDS = 1.0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Ctrl-C to each process's whole group (each was started with start_new_session), then SIGKILL to whatever
+    of the groups is left after one short grace: `dagster dev` ignores SIGTERM, and its children can outlive it."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + DAGSTER_STOP_GRACE_SECONDS
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 def _print_table(console: Console, store: Store, engine: sa.Engine, seeded, before) -> bool:

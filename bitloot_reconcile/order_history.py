@@ -17,7 +17,13 @@ import dagster as dg
 
 # Dagster 1.13 writes a batch of asset events in one statement, but offers it through no public API: the
 # events must carry batch metadata (as its own partitioned outputs do) while DAGSTER_EVENT_BATCH_SIZE is set.
-from dagster._core.events import DagsterEvent, DagsterEventBatchMetadata, generate_event_batch_id
+from dagster._core.events import (
+    DagsterEvent,
+    DagsterEventBatchMetadata,
+    DagsterEventType,
+    StepMaterializationData,
+    generate_event_batch_id,
+)
 
 ORDER_IDS = dg.DynamicPartitionsDefinition(name="order_ids")
 ORDER_ATTEMPTS_KEY = dg.AssetKey("order_attempts")
@@ -52,6 +58,18 @@ def add_order_partitions(instance: dg.DagsterInstance, order_ids: list[str]) -> 
     """Before the first event on an order's partition; Dagster adds only the ids it does not have yet."""
     if order_ids:
         instance.add_dynamic_partitions(ORDER_IDS.name, list(dict.fromkeys(order_ids)))
+
+
+def report_in_run(instance: dg.DagsterInstance, event: dg.AssetMaterialization, *, run_id: str, job_name: str,
+                  step_key: str) -> None:
+    """Record an attempt's event in its run's log from outside a step (the job's failure hook). The UI lists a
+    partition's historical events by run: a runless event (`report_runless_asset_event`) is counted there but
+    not shown, so the failed attempt would be missing from the order's history."""
+    instance.report_dagster_event(
+        DagsterEvent(event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=job_name,
+                     step_key=step_key, event_specific_data=StepMaterializationData(event)),
+        run_id=run_id,
+    )
 
 
 EVENT_BATCH_SIZE_VAR = "DAGSTER_EVENT_BATCH_SIZE"

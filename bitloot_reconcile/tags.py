@@ -15,6 +15,10 @@ TAG_OUTCOME = "bitloot/outcome"
 TAG_REMEDY = "bitloot/remedy"
 # A re-executed run's parent (Dagster's "Re-execute"): the run it repeats.
 TAG_PARENT_RUN = "bitloot/parent_run_id"
+# Whether the run's failure was alerted (`sensors.alerts`). Dagster copies it into a re-execution, and its run
+# tags can be overwritten but not removed: a re-execution sets it to ALERT_NONE until its own failure is alerted.
+TAG_ALERT = "bitloot/alert"
+ALERT_NONE = "none"
 # A `fulfill_backlog` run: how many orders the sweep gave it (its order ids are in its run config).
 TAG_BATCH_SIZE = "bitloot/batch_size"
 TRIGGER_SENSOR = "sensor"

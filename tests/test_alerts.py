@@ -13,6 +13,8 @@ import pytest
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.webhook import WebhookClient
+from bitloot_reconcile.assets import order_backlog
+from bitloot_reconcile.jobs import fulfill_backlog
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
@@ -22,9 +24,9 @@ from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from bitloot_reconcile.sensors import alerts as alerts_module
 from bitloot_reconcile.sensors.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
 from bitloot_reconcile.store.repository import Store
-from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_OUTCOME
+from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_BATCH_SIZE, TAG_OUTCOME
 from tests.fixtures.webhook import HOOK_PATH, Receiver
-from tests.fixtures.world import FRONTEND, World
+from tests.fixtures.world import FRONTEND, World, backlog_config
 
 DAGSTER_URL = "http://dagster.test"
 
@@ -306,3 +308,51 @@ def test_a_pending_input_error_is_not_resent(world: World, receiver, monkeypatch
         assert needs_attention_alert_sensor(context).skip_message == "nothing to alert"
         assert receiver.requests_to("hook") == []
         assert instance.get_run_by_id(result.run_id).tags[TAG_ALERT] == "input_error"
+
+
+# -- failed runs of the other jobs: a batch, the board ---------------------------------------------------------
+def test_a_batch_the_sweep_found_without_its_worker_pages_once_with_how_many_orders_it_held(world: World, receiver,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(alerts_module, "RETRY_PENDING_AFTER", alerts_module.RETRY_PENDING_AFTER * 0)
+    with dg.instance_for_test() as instance:
+        orders = [str(uuid.uuid4()) for _ in range(3)]
+        run = instance.create_run_for_job(fulfill_backlog, run_config=backlog_config(orders),
+                                          tags={TAG_BATCH_SIZE: "3", "bitloot/trigger": "sensor"})
+        instance.report_run_failed(run, message="run worker gone: it holds no live lease and 3 of its orders were "
+                                   "never attempted; the sweep takes them up again")
+        (failure,) = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        resources = {"alerts": alerts_to(receiver.hook_url), "store": StoreResource(database_url=world.store_url)}
+        run_failure_alert_sensor(dg.build_run_status_sensor_context(
+            sensor_name=run_failure_alert_sensor.name, dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(run.run_id), dagster_event=failure.dagster_event,
+            resources=resources).for_run_failure())
+        needs_attention_alert_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+
+        (text,) = receiver.texts  # once: the needs-attention sensor's tick does not send it again
+        assert text.startswith("BitLoot batch run fulfill_backlog holding 3 order(s): run failed.")
+        assert "Cause: run worker gone: it holds no live lease" in text
+        assert "Next: the sweep takes its orders up again as their leases lapse." in text
+        assert f"{DAGSTER_URL}/runs/{run.run_id}" in text
+        assert instance.get_run_by_id(run.run_id).tags[TAG_ALERT] == "sent"
+
+
+def test_a_batch_refused_for_a_typo_pages_nobody(world: World, receiver):
+    result = world.batch(["not-a-uuid"])
+
+    failure_alert(world.instance, world, result, receiver.hook_url)
+
+    assert receiver.requests_to("hook") == []
+    assert world.instance.get_run_by_id(result.run_id).tags[TAG_ALERT] == "input_error"
+
+
+def test_a_failed_board_run_pages_with_its_cause(world: World, receiver, dead_url):
+    nobody_listens = dead_url.split("/")[2]  # host:port
+    dead_store = StoreResource(database_url=f"postgresql+psycopg://postgres@{nobody_listens}/store")
+    result = dg.materialize([order_backlog], instance=world.instance, raise_on_error=False, resources={
+        "store": dead_store, "policy": ReconcilePolicy(), "r2": world.r2, "alerts": alerts_to(None)})
+
+    failure_alert(world.instance, world, result, receiver.hook_url)
+
+    (text,) = receiver.texts
+    assert text.startswith(f"BitLoot job {result.dagster_run.job_name}: run failed. Cause: order_backlog failed")
+    assert "Next: its next scheduled run tries again" in text and f"{DAGSTER_URL}/runs/{result.run_id}" in text

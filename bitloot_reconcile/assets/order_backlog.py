@@ -1,11 +1,12 @@
 """`order_backlog`: the stuck-orders board, every order that is not done, its state and the trend.
 
 A thin shell over `domain.board`: two bounded reads of the store and the queued or running runs of Dagster (no
-outside calls). The oldest rows are shown as a table, every row is written as CSV to
-`reports/board/{time}.csv` in the bucket beside the reconciliation reports, and the figures Dagster plots
-over materialisations go into the metadata. Three asset checks: the oldest stuck order against the SLA
-(ERROR), orders needing a person (WARN) and quarantined orders (WARN). A schedule refreshes it every 5
-minutes; `board_alerts.py` alerts on a check that turns failed.
+outside calls). The oldest rows are shown as a Markdown table with short ids, each a link (an order's id to its
+runs, a run's id to the run), narrow enough to read without scrolling sideways; every row, every column, is
+written as CSV to `reports/board/{time}.csv` in the bucket beside the reconciliation reports. The figures
+Dagster plots over materialisations go into the metadata, the count of orders in each state among them. Three
+asset checks: the oldest stuck order against the SLA (ERROR), orders needing a person (WARN) and quarantined
+orders (WARN). A schedule refreshes it every 5 minutes; `board_alerts.py` alerts on a check that turns failed.
 """
 
 
@@ -15,7 +16,7 @@ from functools import partial
 import dagster as dg
 
 from bitloot_reconcile.domain import board as bd
-from bitloot_reconcile.domain.alerting import run_url
+from bitloot_reconcile.domain.alerting import order_runs_url, run_url
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
@@ -30,21 +31,6 @@ SLA = dt.timedelta(minutes=load_settings().reconcile.board_sla_minutes)
 TABLE_ROWS = 50  # shown in the UI, oldest first; the CSV holds every row
 SCHEDULE = "*/5 * * * *"
 SEVERITY = {"ERROR": dg.AssetCheckSeverity.ERROR, "WARN": dg.AssetCheckSeverity.WARN}
-SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("order_id", "string", description="BitLoot order uuid"),
-    dg.TableColumn("state", "string", description="in_flight, needs_attention, quarantined, waiting_for_supplier, "
-                   "payment_not_confirmed, held, backing_off, inside_grace, past_age_window, stuck, email_pending"),
-    dg.TableColumn("status", "string", description="BitLoot's order status"),
-    dg.TableColumn("age_minutes", "int", description="since the order was placed"),
-    dg.TableColumn("attempts", "int", description="runs that claimed the order"),
-    dg.TableColumn("last_outcome", "string"),
-    dg.TableColumn("reason", "string", description="the last run's reason, or what holds the order"),
-    dg.TableColumn("next_attempt_at", "string", description="when the sweep looks again (UTC)"),
-    dg.TableColumn("run_id", "string", description="the run in flight, else the last run with an outcome"),
-    dg.TableColumn("run_url", "string", description="the run in the Dagster UI"),
-])
-
-
 def report_path(moment: dt.datetime) -> str:
     return f"reports/board/{moment.astimezone(dt.UTC):%Y-%m-%dT%H-%M-%SZ}.csv"
 
@@ -70,18 +56,18 @@ def order_backlog(
                           grace=dt.timedelta(minutes=policy.grace_minutes),
                           max_age=dt.timedelta(days=policy.max_age_days))
     link = partial(run_url, alerts.dagster_base_url)
+    runs_of_order = partial(order_runs_url, alerts.dagster_base_url)
     vault, path = r2.get_vault(), report_path(now)
     vault.put_object(path, bd.to_csv(board.rows, link).encode(), "text/csv")
     shown = board.rows[:TABLE_ROWS]
     context.log.info(f"board: {len(board.rows)} orders not done; {board.counts()}")
     return dg.MaterializeResult(
         metadata={
-            "board": dg.MetadataValue.table(
-                [dg.TableRecord(row.record(link(row.run_id))) for row in shown], schema=SCHEMA),
+            "board": dg.MetadataValue.md(bd.to_markdown(shown, runs_of_order=runs_of_order, run_url=link)),
             "shown": f"the oldest {len(shown)} of {len(board.rows)}"
                      + (" (cut short at the read's limit)" if board.truncated else ""),
             "dagster/row_count": len(board.rows),
-            "counts": dg.MetadataValue.json(board.counts()),
+            **{f"orders_{state}": dg.MetadataValue.int(count) for state, count in board.counts().items()},
             **{name: (dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value))
                for name, value in board.figures().items()},
             "sla_minutes": dg.MetadataValue.float(SLA.total_seconds() / 60),

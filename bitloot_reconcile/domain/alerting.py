@@ -10,8 +10,10 @@ come from the domain and hold no secrets, but they may quote remote error text, 
 in them is cut out anyway (a presigned URL or a webhook URL is a bearer credential) and Slack's control
 characters are escaped.
 
-A run refused for an operator's input error (tagged `bitloot/outcome=refused`: unknown order, malformed id,
-empty reason) changed nothing and pages nobody: it is logged, never alerted.
+A failed run of another job pages too, once: a `fulfill_backlog` batch (how many orders it held; the sweep takes
+them up again), the report and the board. A run refused for an operator's input error (tagged
+`bitloot/outcome=refused`: unknown order, malformed id, empty reason, a hand-made batch with a bad id) changed
+nothing and pages nobody: it is logged, never alerted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.domain.redaction import redact
 from bitloot_reconcile.store.repository import ReconcileState
-from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_OUTCOME, TAG_TRIGGER, TRIGGER_SENSOR
+from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_BATCH_SIZE, TAG_OUTCOME, TAG_TRIGGER, TRIGGER_SENSOR
 
 # Outcomes a person has to act on. The others resolve themselves: retry_later and payment_not_confirmed back
 # off and turn into needs_attention once attempts run out, waiting_for_supplier once its deadline passes.
@@ -49,6 +51,7 @@ class Alert:
     reason: str | None  # the cause, in words
     run_id: str | None
     next_step: str | None = None  # what happens next, in words; None: said from the outcome where it can be
+    subject: str | None = None  # what failed when it is not one order: a batch or a report run
 
 
 def clean(text: str | None, limit: int = MAX_REASON_CHARS) -> str:
@@ -96,6 +99,21 @@ def failed_run_alert(*, order_id: str, run_id: str, run_tags: Mapping[str, str],
                  what_happens_next(state, trigger=run_tags.get(TAG_TRIGGER), now=now))
 
 
+BATCH_TAKEN_UP_AGAIN = "the sweep takes its orders up again as their leases lapse"
+NEXT_SCHEDULED_RUN = "its next scheduled run tries again (or materialize it from the UI now)"
+
+
+def failed_job_alert(*, job_name: str, batch: bool, run_id: str, run_tags: Mapping[str, str],
+                     step_failure: str) -> Alert:
+    """The alert for a failed run that is not one order's: a batch (how many orders it held, and that the
+    sweep takes them up again) or a report or board run (its schedule runs it again)."""
+    if batch:
+        held = run_tags.get(TAG_BATCH_SIZE)
+        subject = f"BitLoot batch run {job_name}" + (f" holding {held} order(s)" if held else "")
+        return Alert("", RUN_FAILED, step_failure, run_id, BATCH_TAKEN_UP_AGAIN, subject=subject)
+    return Alert("", RUN_FAILED, step_failure, run_id, NEXT_SCHEDULED_RUN, subject=f"BitLoot job {job_name}")
+
+
 def error_words(class_name: str | None, message: str | None) -> str:
     """`Type: message` of a recorded error whose text starts with its dotted class path, first line only."""
     line = first_line(message)
@@ -114,6 +132,11 @@ def run_url(dagster_base_url: str, run_id: str | None) -> str | None:
     return f"{dagster_base_url.rstrip('/')}/runs/{run_id}" if run_id else None
 
 
+def order_runs_url(dagster_base_url: str, order_id: str) -> str:
+    """The Runs page filtered by the order's tag: every run of the order, whoever started it."""
+    return f"{dagster_base_url.rstrip('/')}/runs?q%5B0%5D=tag%3Abitloot%2Forder_id%3D{order_id}"
+
+
 def first_line(message: str | None) -> str:
     """Dagster failure messages can carry whole tracebacks; the first non-empty line says what happened."""
     return next((line for line in (message or "").splitlines() if line.strip()), "")
@@ -126,7 +149,7 @@ def build_message(alert: Alert, dagster_base_url: str) -> dict:
     cause = clean(alert.reason).rstrip(".") or "no reason recorded"
     next_step = clean(alert.next_step, 120) or (QUARANTINED if outcome in ALERT_OUTCOMES else "")
     link = run_url(dagster_base_url, alert.run_id)
-    headline = f"BitLoot order {order_id}: {outcome}"
+    headline = f"{clean(alert.subject, 120)}: {outcome}" if alert.subject else f"BitLoot order {order_id}: {outcome}"
     text = f"{headline}. Cause: {cause}." + (f" Next: {next_step}." if next_step else "")
     text += f" Run: {link}" if link else ""
     lines = [f"*{_slack_escape(headline)}*", f"Cause: {_slack_escape(cause)}"]

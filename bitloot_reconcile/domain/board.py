@@ -27,7 +27,7 @@ import datetime as dt
 import io
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -316,6 +316,36 @@ def to_csv(rows: Iterable[BoardRow], run_url) -> str:
     for row in rows:
         writer.writerow(row.record(run_url(row.run_id)))
     return out.getvalue()
+
+
+# -------------------------------------------------------------------------------------------- Markdown
+SHORT_ID = 8  # the first characters of a uuid: unique enough to read, one line wide
+MAX_REASON_CHARS = 140
+
+
+def to_markdown(rows: Iterable[BoardRow], *, runs_of_order: Callable[[str], str],
+                run_url: Callable[[str | None], str | None]) -> str:
+    """The rows as a Markdown table narrow enough to read without scrolling sideways: short ids, each linked
+    (the order's id to its runs, where the full id is; the run's to the run), the state in words, short ages."""
+    lines = ["| order | state | age | runs | last run | reason |", "|---|---|--:|--:|---|---|"]
+    for row in rows:
+        link = run_url(row.run_id)
+        last = f"[{row.run_id[:SHORT_ID]}]({link})" if row.run_id and link else ""
+        if row.last_outcome:
+            last = f"{last} {row.last_outcome.replace('_', ' ')}".strip()
+        reason = row.reason or ""
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS - 1] + "…"
+        if row.next_attempt_at:
+            reason = f"{reason} (next look {row.next_attempt_at.astimezone(dt.UTC):%H:%M} UTC)".strip()
+        cells = [f"[{row.order_id[:SHORT_ID]}]({runs_of_order(row.order_id)})", LABELS[row.state],
+                 short_age(row.age), str(row.attempts), last, reason]
+        lines.append("| " + " | ".join(_md_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def short_age(delta: dt.timedelta) -> str:

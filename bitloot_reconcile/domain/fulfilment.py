@@ -18,7 +18,7 @@ import unicodedata
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol
 
@@ -213,6 +213,16 @@ def load_and_claim(store: Store, order_id: str, *, owner: str, lease_ttl: dt.tim
     if not store.claim(order.id, owner, lease_ttl):
         return progress.stop(Outcome.BUSY, "another run holds this order's lease")
     return progress.noted(f"lease taken on the {order.status} order")
+
+
+def taken_over(inherited: Progress, claimed: Progress) -> Progress:
+    """A re-execution's first step goes on from its parent's progress (what the parent found: the Kinguin
+    order, the remarks) under the lease it just claimed for itself; or ends as its claim decided. A parent's
+    end it only records (`record_outcome` re-executed alone) becomes its own under its lease."""
+    if claimed.finished:
+        return claimed
+    return replace(inherited, lease_owner=claimed.lease_owner, lease_seconds=claimed.lease_seconds,
+                   remedy=claimed.remedy, note=claimed.note if not inherited.finished else inherited.note)
 
 
 def under_lease(step: Callable[..., Progress]) -> Callable[..., Progress]:

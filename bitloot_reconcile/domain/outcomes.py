@@ -55,10 +55,16 @@ class Progress:
     remarks: tuple[str, ...] = ()
     # The admin's remedy for this run (`domain.remedies`), None for a plain run.
     remedy: Remedy | None = None
+    # Why the request was refused (an input error found with the store: nothing was changed); the run ends
+    # here, failed with this sentence, and records no outcome.
+    refusal: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.outcome is not None
+        return self.outcome is not None or self.refusal is not None
+
+    def refuse(self, why: str) -> Progress:
+        return replace(self, refusal=why, note=why)
 
     def stop(self, outcome: Outcome, reason: str | None = None) -> Progress:
         return replace(self, outcome=outcome, reason=reason, note=reason)

@@ -31,7 +31,7 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.tags import TRIGGER_SENSOR
+from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_OUTCOME, TRIGGER_SENSOR
 
 PROGRESS_EVERY_SECONDS = 10.0
 # Attempt events written to Dagster per batch write: a killed run loses at most this many (the store's audit
@@ -78,7 +78,8 @@ def work_backlog(
     orders = config.orders[: policy.batch_max_orders]
     try:  # the sweep gives canonical ids; a hand-made config is checked before anything is claimed
         reasons = {fulfilment.parse_order_id(due.order_id): due.reason for due in orders}
-    except InvalidRequest as exc:
+    except InvalidRequest as exc:  # an operator's typo: refused, and nobody is paged
+        context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: OUTCOME_REFUSED})
         raise dg.Failure(description=f"fulfill_backlog refused: {exc}", allow_retries=False) from None
     repo = store.get_store().sharing_flags(SWITCHES_MAX_AGE_SECONDS)
     vault, limits = r2.get_vault(), attempt_policy(policy)
@@ -108,7 +109,7 @@ def work_backlog(
     for result in backlog.drain(list(reasons), workers=policy.batch_workers, open_services=open_services,
                                 work=work):
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
-        if result.recorded:
+        if result.recorded or result.outcome == OUTCOME_REFUSED:  # every attempt on the order, refusals too
             pending.append(attempt_event(
                 result.order_id, outcome=result.outcome, reason=result.reason, trigger=TRIGGER_SENSOR,
                 actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))

@@ -18,7 +18,7 @@ from bitloot_reconcile.domain.recording import record_failure, record_refusal
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
-from bitloot_reconcile.order_history import add_order_partitions, attempt_event
+from bitloot_reconcile.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -26,8 +26,10 @@ from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import (
+    ALERT_NONE,
     OUTCOME_IN_PROGRESS,
     OUTCOME_REFUSED,
+    TAG_ALERT,
     TAG_ATTEMPT,
     TAG_ORDER_ID,
     TAG_OUTCOME,
@@ -127,8 +129,8 @@ def step_result(context: dg.OpExecutionContext, progress: Progress) -> Iterator[
     if progress.kinguin_order_id:
         metadata["kinguin_order_id"] = progress.kinguin_order_id
     if progress.finished:
-        metadata["outcome"] = str(progress.outcome)
-        context.log.info(f"order {progress.order_id}: stops here, {progress.outcome}: {said}")
+        metadata["outcome"] = OUTCOME_REFUSED if progress.refusal else str(progress.outcome)
+        context.log.info(f"order {progress.order_id}: stops here, {metadata['outcome']}: {said}")
         yield dg.Output(progress, "stopped", metadata=metadata)
     else:
         context.log.info(f"order {progress.order_id}: {said}")
@@ -181,6 +183,7 @@ def launch_tags(order_id: str, launch: Launch, remedy: Remedy) -> dict[str, str]
     if launch.parent_run_id:
         tags[TAG_PARENT_RUN] = launch.parent_run_id
         tags[TAG_OUTCOME] = OUTCOME_IN_PROGRESS  # not the parent's, copied by Dagster
+        tags[TAG_ALERT] = ALERT_NONE  # nor the parent's alert
     return tags
 
 
@@ -189,15 +192,15 @@ UNKNOWN_PERSON = "unknown (re-executed in Dagster)"
 REEXECUTED_SENSOR_RUN = "re-execution of a sensor run"
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def load_and_claim(
-    context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
-) -> Iterator[dg.Output]:
+def claim_order(
+    context: dg.OpExecutionContext, request: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
+) -> Progress:
     """Tag the run (canonical order id, who, why, the remedy), check the request against the store, take the
-    order's lease; a `resolution` remedy ends the order's run here."""
-    order_id = config.order_id  # canonical: checked when the run was launched (`checked_request`)
-    launch = who_launched(context, config)
-    remedy = config.remedy
+    order's lease under this run's id and write the run's audit row; a `resolution` remedy ends the order's
+    run here. A refusal is recorded and fails the step without retries."""
+    order_id = request.order_id  # canonical: checked when the run was launched (`checked_request`)
+    launch = who_launched(context, request)
+    remedy = request.remedy
     _set_tags(context, launch_tags(order_id, launch, remedy))
     repo = store.get_store().for_attempt()  # the hold and the claim read the order once
     try:
@@ -214,11 +217,18 @@ def load_and_claim(
             if remedy.resolution:
                 progress = fulfilment.resolve_by_hand(repo, remedy.resolution, progress)
     except dg.Failure as failure:
-        if failure.allow_retries is False:  # an input error: recorded as refused, and nobody is paged
-            _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
-            record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
-                           reason=launch.reason, why=failure.description or "")
-        raise
+        if failure.allow_retries is not False:
+            raise
+        # An input error: recorded as refused (nobody is paged); the run's remaining steps are skipped and
+        # `record_outcome` fails the run with this one sentence.
+        why = failure.description or "refused"
+        _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
+        record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
+                       reason=launch.reason, why=why)
+        add_order_partitions(context.instance, [order_id])
+        context.log_event(attempt_event(order_id, outcome=OUTCOME_REFUSED, reason=why, trigger=launch.trigger,
+                                        actor=launch.actor, run_id=context.run_id, job=context.job_name))
+        return Progress(order_id=order_id, lease_owner=context.run_id).refuse(why)
     _set_tags(context, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
     repo.append_audit(
         order_id=order_id,
@@ -233,7 +243,28 @@ def load_and_claim(
     if remedy:
         repo.append_audit(order_id=order_id, action=REMEDY_ACTION, trigger=launch.trigger, actor=launch.actor,
                           reason=launch.reason, run_id=context.run_id, outcome=None, detail=remedy.label)
-    yield from step_result(context, progress)
+    return progress
+
+
+def held_by_this_run(
+    context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
+) -> Progress:
+    """The progress a step may act on: its own run's. The first step a re-execution executes (from failure,
+    from a selected step) receives its parent's output, under the parent's lease: it first claims the order
+    for this run, as `load_and_claim` does (tags, lease, audit row, refusals), and goes on from what the parent
+    found, or ends as the claim decided (busy, already fulfilled, held)."""
+    if progress.lease_owner == context.run_id:
+        return progress
+    request = checked_request(FulfillOrderRequest(**context.run_config))  # the parent's flat config, repeated
+    return fulfilment.taken_over(progress, claim_order(context, request, store, policy))
+
+
+@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
+def load_and_claim(
+    context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
+) -> Iterator[dg.Output]:
+    """Tag the run, check the request against the store, take the order's lease (`claim_order`)."""
+    yield from step_result(context, claim_order(context, config, store, policy))
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
@@ -244,6 +275,7 @@ def verify_payment(
     nowpayments: NowPaymentsResource,
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), nowpayments.get_client() as client:
         progress = fulfilment.verify_payment(store.get_store(), client, progress)
     yield from step_result(context, progress)
@@ -257,6 +289,7 @@ def ensure_supplier_order(
     kinguin: KinguinResource,
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         progress = fulfilment.ensure_supplier_order(store.get_store(), client, progress)
@@ -272,6 +305,7 @@ def poll_supplier(
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
     """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         result = fulfilment.poll_supplier(store.get_store(), client, progress)
@@ -294,6 +328,7 @@ def store_keys(
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
     """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy), kinguin.get_client() as client:
         progress = switches.hold_before_kinguin(store.get_store(), progress)
         progress = fulfilment.store_keys(
@@ -306,6 +341,7 @@ def store_keys(
 def mark_fulfilled(
     context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
 ) -> Iterator[dg.Output]:
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy):
         progress = fulfilment.mark_fulfilled(store.get_store(), progress)
     yield from step_result(context, progress)
@@ -320,6 +356,7 @@ def send_completion_email(
     policy: ReconcilePolicy,
 ) -> Iterator[dg.Output]:
     """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
+    progress = held_by_this_run(context, progress, store, policy)
     with step_errors(policy):
         repo = store.get_store().for_attempt()  # the hold and the email read the order once
         progress = switches.hold_before_email(repo, progress)
@@ -340,8 +377,12 @@ def record_outcome(
     context: dg.OpExecutionContext, ends: list[Progress], store: StoreResource, policy: ReconcilePolicy
 ) -> dg.Output[str]:
     """One outcome per run: into the reconcile state, the audit table, this run's metadata and its
-    `bitloot/outcome` tag."""
+    `bitloot/outcome` tag; or, for a refused request, the run's failure in one sentence."""
     (end,) = ends  # each step yields exactly one of its two outputs, so exactly one end reaches here
+    end = held_by_this_run(context, end, store, policy)
+    if end.refusal:
+        # The run fails here, with the refusal's one sentence, after the steps between were skipped.
+        raise dg.Failure(description=end.refusal, allow_retries=False)
     tags = _run_tags(context)
     final = record_outcome_step(
         store.get_store(),
@@ -398,6 +439,7 @@ def record_failed_run(context: dg.HookContext) -> None:
         return  # never claimed (bad input, or failed before the claim): nothing to record or release
     context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: final.outcome.value})
     add_order_partitions(context.instance, [order_id])
-    context.instance.report_runless_asset_event(attempt_event(
+    report_in_run(context.instance, attempt_event(
         order_id, outcome=final.outcome.value, reason=final.reason, trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
-        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name))
+        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name),
+        run_id=context.run_id, job_name=context.job_name, step_key=context.step_key)

@@ -22,6 +22,8 @@ BUCKET = "bitloot-keys"
 @dataclass
 class StandIns:
     data_dir: Path | None = None
+    # Seconds SeaweedFS gets to shut down cleanly before SIGKILL (None: its own default, see `SeaweedS3.stop`).
+    s3_stop_grace: float | None = None
     kinguin: KinguinSimulator = field(init=False)
     nowpayments: NowPaymentsSimulator = field(init=False)
     resend: ResendSimulator = field(init=False)
@@ -43,7 +45,7 @@ class StandIns:
     def stop(self) -> None:
         for server in (self.kinguin, self.nowpayments, self.resend, self.r2_proxy):
             server.stop()
-        self.s3.stop()
+        self.s3.stop(self.s3_stop_grace)
 
     def __enter__(self) -> StandIns:
         return self.start()

@@ -1,7 +1,9 @@
 """Alerting sensors: tell a person when an order needs one, once per state change, and when a run fails.
 
-- `run_failure_alert_sensor` posts one message per failed `fulfill_order` run: the order, the cause in words
-  and what happens next (from the order's reconcile state when the run recorded it), and the run link.
+- `run_failure_alert_sensor` posts one message per failed run: for `fulfill_order`, the order, the cause in words
+  and what happens next (from the order's reconcile state when the run recorded it); for a `fulfill_backlog`
+  batch, how many orders it held and that the sweep takes them up again (also when the sweep failed it as
+  "run worker gone"); for the report and board jobs, the cause and their next scheduled run. Each with the run link.
 - `needs_attention_alert_sensor` posts one message per order that entered an alerting outcome (every order
   ends fulfilled or in a recorded "needs attention" state with a reason and an alert: docs/design.md
   section 5), and re-sends run-failure alerts that did not go out.
@@ -29,14 +31,13 @@ from bitloot_reconcile.domain import alerting
 from bitloot_reconcile.domain.alerting import ALERT_OUTCOMES, Alert, clean, error_words, first_line
 from bitloot_reconcile.domain.fulfilment import parse_order_id
 from bitloot_reconcile.domain.outcomes import InvalidRequest
-from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.settings import load_settings
 from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
-from bitloot_reconcile.tags import TAG_ORDER_ID
+from bitloot_reconcile.tags import TAG_ALERT, TAG_ORDER_ID
 
-TAG_ALERT = "bitloot/alert"
 ALERT_PENDING, ALERT_SENT = "pending", "sent"
 ALERT_INPUT_ERROR = "input_error"  # an operator's input error: logged, never alerted
 MAX_ALERTS_PER_TICK = 20
@@ -103,10 +104,15 @@ def failed_run_delivery(
     logged and marked so it is never picked up again."""
     order_id = _order_id(run)
     if alerting.is_input_error(run.tags):
-        log.info(f"run {run.run_id} for order {clean(order_id, 64)} refused an operator's input, not alerted: "
-                 f"{clean(step_failure(instance, run))}")
+        log.info(f"run {run.run_id} of {run.job_name} for order {clean(order_id, 64)} refused an operator's input, "
+                 f"not alerted: {clean(step_failure(instance, run))}")
         _tag_run(instance, run.run_id, ALERT_INPUT_ERROR)
         return None
+    if run.job_name != fulfill_order.name:
+        job_alert = alerting.failed_job_alert(job_name=run.job_name, batch=run.job_name == fulfill_backlog.name,
+                                              run_id=run.run_id, run_tags=run.tags,
+                                              step_failure=step_failure(instance, run))
+        return job_alert, partial(_tag_run, instance, run.run_id, ALERT_SENT)
     state = _order_state(log, repo, order_id)
     alert = alerting.failed_run_alert(order_id=order_id, run_id=run.run_id, run_tags=run.tags,
                                       step_failure=step_failure(instance, run), state=state, now=utcnow())
@@ -149,12 +155,12 @@ def _tag_run(instance: dg.DagsterInstance, run_id: str, value: str) -> None:
     instance.add_run_tags(run_id, {TAG_ALERT: value})
 
 
-@dg.run_failure_sensor(
-    monitored_jobs=[fulfill_order],
+@dg.run_failure_sensor(  # no monitored_jobs: every job of this code location
     minimum_interval_seconds=min(30, ALERT_INTERVAL_SECONDS),  # Dagster's default 30 s, or faster when tuned
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Posts an alert for every failed fulfill_order run (order, cause, what happens next, run "
-    "link); an operator's input error is logged only.",
+    description="Posts an alert for every failed run of this code location (fulfill_order: order, cause, what "
+    "happens next; fulfill_backlog: how many orders it held; the report and board jobs), with the run link; "
+    "an operator's input error is logged only.",
 )
 def run_failure_alert_sensor(
     context: dg.RunFailureSensorContext, store: StoreResource, alerts: AlertsResource
@@ -184,7 +190,6 @@ def needs_attention_alert_sensor(
     ]
     unsent_failures = context.instance.get_runs(
         filters=dg.RunsFilter(
-            job_name=fulfill_order.name,
             statuses=[dg.DagsterRunStatus.FAILURE],
             tags={TAG_ALERT: ALERT_PENDING},
             updated_before=utcnow() - RETRY_PENDING_AFTER,

@@ -38,6 +38,13 @@ def metadata(result: dg.ExecuteInProcessResult) -> dict:
     return materialization.metadata
 
 
+def board_rows(meta: dict) -> list[list[str]]:
+    """The cells of the board's Markdown table, below its header."""
+    lines = meta["board"].md_str.strip().splitlines()
+    assert lines[0] == "| order | state | age | runs | last run | reason |"
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
 def verdicts(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
@@ -63,17 +70,18 @@ def test_every_state_is_a_row_with_its_counts_figures_csv_and_failed_checks(stor
 
     assert result.success
     meta = metadata(result)
-    table = meta["board"]
-    rows = {record.data["order_id"]: record.data for record in table.records}
+    bucket, path = meta["csv_path"].path.split("/", 1)
+    assert bucket == r2_bucket.bucket and path.startswith("reports/board/") and path.endswith(".csv")
+    written = list(csv.DictReader(io.StringIO(r2_bucket.get_vault().read(path).data.decode())))
+    rows = {row["order_id"]: row for row in written}
     expected = {order_id: state for state, order_id in on_board(ids).items()} | {queued_order: "in_flight"}
     assert {oid: row["state"] for oid, row in rows.items()} == expected
-    assert [c.name for c in table.schema.columns] == ["order_id", "state", "status", "age_minutes", "attempts",
-                                                      "last_outcome", "reason", "next_attempt_at", "run_id",
-                                                      "run_url"]
-    ages = [record.data["age_minutes"] for record in table.records]
+    assert list(written[0]) == ["order_id", "state", "status", "age_minutes", "attempts", "last_outcome", "reason",
+                                "next_attempt_at", "run_id", "run_url"]
+    ages = [int(row["age_minutes"]) for row in written]
     assert ages == sorted(ages, reverse=True)  # oldest first
-    assert rows[ids["stuck"]]["age_minutes"] in (89, 90) and rows[ids["stuck"]]["status"] == "paid"
-    assert rows[ids["quarantined"]]["reason"] == EXHAUSTED and rows[ids["quarantined"]]["attempts"] == 8
+    assert rows[ids["stuck"]]["age_minutes"] in ("89", "90") and rows[ids["stuck"]]["status"] == "paid"
+    assert rows[ids["quarantined"]]["reason"] == EXHAUSTED and rows[ids["quarantined"]]["attempts"] == "8"
     assert rows[ids["needs_attention"]]["reason"] == SUPPLIER_CANCELED
     run_id = rows[ids["needs_attention"]]["run_id"]
     assert rows[ids["needs_attention"]]["run_url"] == f"{DAGSTER_URL}/runs/{run_id}"
@@ -83,7 +91,19 @@ def test_every_state_is_a_row_with_its_counts_figures_csv_and_failed_checks(stor
     assert rows[ids["backing_off"]]["next_attempt_at"].endswith("UTC")
     assert rows[ids["stuck"]]["next_attempt_at"] == ""
 
-    counts = meta["counts"].data
+    # The UI's table: one line per order, oldest first, its short id linked to the order's runs, the last run's
+    # short id linked to the run.
+    board = board_rows(meta)
+    assert [cells[0] for cells in board] == [
+        f"[{oid[:8]}]({DAGSTER_URL}/runs?q%5B0%5D=tag%3Abitloot%2Forder_id%3D{oid})" for oid in rows]
+    attention = board[list(rows).index(ids["needs_attention"])]
+    assert attention[1] == "needing a person" and attention[5] == SUPPLIER_CANCELED
+    assert attention[4] == f"[{run_id[:8]}]({DAGSTER_URL}/runs/{run_id}) needs attention"
+    assert board[list(rows).index(ids["quarantined"])][3] == "8"
+    assert "(next look " in board[list(rows).index(ids["backing_off"])][5]
+
+    counts = {name.removeprefix("orders_"): value.value for name, value in meta.items() if name.startswith("orders_")}
+    assert all(isinstance(meta[f"orders_{state}"], dg.IntMetadataValue) for state in counts)  # plotted figures
     assert {state: n for state, n in counts.items() if n} == {
         "in_flight": 2, "needs_attention": 1, "quarantined": 1, "waiting_for_supplier": 1,
         "payment_not_confirmed": 1, "held": 1, "backing_off": 1, "inside_grace": 1, "past_age_window": 1,
@@ -101,11 +121,6 @@ def test_every_state_is_a_row_with_its_counts_figures_csv_and_failed_checks(stor
                  "payment_to_fulfilment_p50_minutes", "payment_to_fulfilment_p95_minutes",
                  "kinguin_orders_placed_24h"):
         assert isinstance(meta[name], dg.IntMetadataValue | dg.FloatMetadataValue), name  # plotted by the UI
-
-    bucket, path = meta["csv_path"].path.split("/", 1)
-    assert bucket == r2_bucket.bucket and path.startswith("reports/board/") and path.endswith(".csv")
-    written = list(csv.DictReader(io.StringIO(r2_bucket.get_vault().read(path).data.decode())))
-    assert {row["order_id"]: row["state"] for row in written} == expected
 
     checks = verdicts(result)
     assert {name: (c.passed, c.severity) for name, c in checks.items()} == {
@@ -135,7 +150,7 @@ def test_checks_pass_on_a_store_with_nothing_stuck_past_the_sla(store_engine, ma
     sla = checks["oldest_stuck_within_sla"].description
     assert sla == "no stuck order older than the SLA of 60 min (oldest: 20m)"
     meta = metadata(result)
-    assert [r.data["order_id"] for r in meta["board"].records] == [young]
+    assert [cells[0].split("]")[0] for cells in board_rows(meta)] == [f"[{young[:8]}"]
     assert meta["stuck_now"].value == 1 and meta["needs_attention_now"].value == 0
 
 
@@ -146,5 +161,6 @@ def test_the_table_shows_the_oldest_rows_and_the_count_covers_all(store_engine, 
     meta = metadata(materialize())
 
     assert meta["dagster/row_count"].value == TABLE_ROWS + 5
-    assert [r.data["order_id"] for r in meta["board"].records] == list(reversed(made))[:TABLE_ROWS]
+    assert [cells[0].split("]")[0] for cells in board_rows(meta)] == [
+        f"[{oid[:8]}" for oid in list(reversed(made))[:TABLE_ROWS]]
     assert meta["shown"].value == f"the oldest {TABLE_ROWS} of {TABLE_ROWS + 5}"

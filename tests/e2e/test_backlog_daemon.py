@@ -5,8 +5,6 @@ run; every attempt shows on the order's `order_attempts` partition."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import dagster as dg
@@ -14,11 +12,17 @@ import pytest
 
 from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
 from bitloot_reconcile.sandbox.postgres import temporary_database
-from tests.e2e.test_daemon import BIN, REPO, STUCK, Processes, done_in, free_port, wait_for
+from tests.e2e.test_daemon import (
+    STUCK,
+    Processes,
+    done_in,
+    free_port,
+    production_env,
+    start_code_server_and_daemon,
+    wait_for,
+)
 from tests.fixtures.db import PG_SERVER_URL
-from tests.fixtures.kinguin import KINGUIN_TEST_KEY
-from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY
-from tests.fixtures.world import FRONTEND, migrated_world
+from tests.fixtures.world import migrated_world
 
 pytestmark = pytest.mark.e2e
 
@@ -36,35 +40,19 @@ def test_daemon_drains_a_backlog_in_one_batch_then_a_lone_order_in_its_own_run(
     ):
         store_url = f"{PG_SERVER_URL}/{store_db}"
         world = migrated_world(store_url, kinguin_sim, nowpayments_sim, resend_sim, seaweed)
-        engine, r2 = world.engine, world.r2
+        engine = world.engine
         game = world.product()
         backlog = [world.order([game], age=STUCK) for _ in range(4)]
         refused_by_kinguin = world.order([world.product(price=9.0, cost=5.0)], age=STUCK)
 
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
         code_port = free_port()
-        env = {
-            **os.environ, "DAGSTER_HOME": str(home),
-            "DAGSTER_PG_URL": f"postgresql+psycopg2://{PG_SERVER_URL.split('://', 1)[1]}/{dagster_db}",
-            "DATABASE_URL": store_url, "KINGUIN_BASE_URL": kinguin_sim.base_url, "KINGUIN_API_KEY": KINGUIN_TEST_KEY,
-            "NOWPAYMENTS_BASE": nowpayments_sim.url, "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY, **seaweed.env(),
-            "R2_BUCKET": r2.bucket, "RESEND_BASE_URL": resend_sim.url, "RESEND_API_KEY": RESEND_TEST_KEY,
-            "FRONTEND_URL": FRONTEND, "DAGSTER_CODE_SERVER_HOST": "127.0.0.1",
-            "DAGSTER_CODE_SERVER_PORT": str(code_port),
-            "RECONCILE_SWEEP_INTERVAL_SECONDS": "5",
-            "RECONCILE_BATCH_THRESHOLD": "3",  # 5 due: one batch; then 1 due: its own run
-        }
-        for name in ("DAGSTER_HOME", "DAGSTER_PG_URL"):
-            monkeypatch.setenv(name, env[name])
+        home, env = production_env(tmp_path, dagster_db, world, code_port, monkeypatch,
+                                   RECONCILE_SWEEP_INTERVAL_SECONDS="5",
+                                   RECONCILE_BATCH_THRESHOLD="3")  # 5 due: one batch; then 1 due: its own run
         procs = Processes(tmp_path)
         try:
             with dg.DagsterInstance.from_config(str(home)) as instance:  # creates Dagster's tables first
-                procs.start("code server", [str(BIN / "dagster"), "api", "grpc", "-m",
-                                            "bitloot_reconcile.definitions", "-h", "127.0.0.1", "-p", str(code_port)],
-                            env)
-                procs.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")], env)
+                start_code_server_and_daemon(procs, env, code_port)
 
                 wait_for("the backlog to be fulfilled", lambda: all(done_in(world.store, o) for o in backlog),
                          deadline, procs)

@@ -92,6 +92,23 @@ def test_a_busy_run_stops_at_the_claim(world: World):
     assert skipped_steps(result) == STEPS[1:]
 
 
+def test_a_refused_request_skips_every_step_and_fails_the_run_with_one_sentence(world: World):
+    unknown = "5c91f65c-4b12-463c-9277-8cfc139ceda4"
+
+    result = world.run(unknown)
+
+    assert not result.success
+    assert outcome_tag(world, result) == "refused"
+    # No step fails for lack of its input ("Not executing"): the steps after the claim show as skipped, and the
+    # run ends failed at its last step, with the refusal as the failure's description.
+    assert skipped_steps(result) == STEPS[1:]
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_key == "record_outcome"
+    assert failure.step_failure_data.user_failure_data.description == f"Order {unknown} not found"
+    assert not [e for e in result.all_events if "Not executing" in (e.message or "")]
+    assert step_said(result)["load_and_claim"] == f"Order {unknown} not found"
+
+
 def test_a_failed_run_is_tagged_with_what_the_failure_hook_recorded(world: World, seaweed):
     order_id = world.order([world.product()])
     wrong_secret = R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
