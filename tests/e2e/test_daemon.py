@@ -113,12 +113,7 @@ def production_env(tmp_path: Path, dagster_db: str, world, code_port: int, monke
     env = {
         **os.environ, "DAGSTER_HOME": str(home),
         "DAGSTER_PG_URL": f"postgresql+psycopg2://{PG_SERVER_URL.split('://', 1)[1]}/{dagster_db}",
-        "DATABASE_URL": world.store_url, "KINGUIN_BASE_URL": world.kinguin.base_url,
-        "KINGUIN_API_KEY": KINGUIN_TEST_KEY, "NOWPAYMENTS_BASE": world.nowpayments.url,
-        "NOWPAYMENTS_API_KEY": NOWPAYMENTS_TEST_KEY, "R2_ENDPOINT": world.r2.endpoint,
-        "R2_ACCESS_KEY_ID": world.r2.access_key_id, "R2_SECRET_ACCESS_KEY": world.r2.secret_access_key,
-        "R2_BUCKET": world.r2.bucket, "RESEND_BASE_URL": world.resend.url, "RESEND_API_KEY": RESEND_TEST_KEY,
-        "FRONTEND_URL": FRONTEND, "DAGSTER_CODE_SERVER_HOST": "127.0.0.1", "DAGSTER_CODE_SERVER_PORT": str(code_port),
+        **world_env(world), "DAGSTER_CODE_SERVER_HOST": "127.0.0.1", "DAGSTER_CODE_SERVER_PORT": str(code_port),
         **settings,
     }
     for name in ("DAGSTER_HOME", "DAGSTER_PG_URL"):
