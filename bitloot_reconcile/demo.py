@@ -272,8 +272,10 @@ def run_demo(*, base_dir: Path, database_url: str | None, ui: bool, port: int, t
     upgrade(engine)
     store = Store(engine)
 
-    # A plain `kill` (SIGTERM) stops the demo as Ctrl-C does: every process it started ends with it.
-    signal.signal(signal.SIGTERM, _interrupted)
+    # Ctrl-C and a plain `kill` (SIGTERM) stop the demo alike: every process it started ends with it. SIGINT is
+    # handled explicitly too: a shell that starts the demo in the background hands it SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
     with (StandIns(data_dir=base_dir / "s3", s3_stop_grace=S3_STOP_GRACE_SECONDS) as standins,
           (base_dir / "dagster.log").open("wb") as log):
         world = DemoWorld(engine, standins)
