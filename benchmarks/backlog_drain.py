@@ -56,8 +56,9 @@ from _harness import (
     temp_database,
 )
 
-from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, Services, Who, work_order
+from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, Services, work_order
 from bitloot_reconcile.domain.backlog import drain
+from bitloot_reconcile.domain.steps import Who
 from bitloot_reconcile.ops.fulfill_backlog import attempt_policy
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.seed import insert_order, set_feature_flag

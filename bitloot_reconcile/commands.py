@@ -3,7 +3,7 @@ prints.
 
 Every command reads the environment through `settings.load_settings`, the same object the code location
 uses, so `plan` sees the sweep's `RECONCILE_*` tunables. `plan`, `board`, `history` and `report` only read: Kinguin,
-NOWPayments and R2 see GET/HEAD requests, the store sees SELECTs. `retry` validates like the launchpad before
+NOWPayments and R2 see GET/HEAD requests, the store sees SELECTs. `retry` runs the launchpad's check before
 anything is submitted or run, and every run it starts is in a Dagster instance the UI shows: the webserver's,
 or the one of DAGSTER_HOME.
 """
@@ -22,7 +22,7 @@ from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault, resolve_endpoint
 from bitloot_reconcile.domain import reconciliation
 from bitloot_reconcile.domain.board import Board, load_board
-from bitloot_reconcile.domain.fulfilment import parse_order_id, refusal, validate_admin_request
+from bitloot_reconcile.domain.fulfilment import check_launch, parse_order_id, refusal
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.planning import Plan, plan_order
 from bitloot_reconcile.domain.remedies import (
@@ -31,7 +31,6 @@ from bitloot_reconcile.domain.remedies import (
     PriceBound,
     Remedy,
     remedy_refusal,
-    validate_remedy_request,
 )
 from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.settings import RUN_SECRETS, Settings, SettingsError, Tunables
@@ -295,11 +294,9 @@ def open_instance() -> Iterator[DagsterInstance]:
 # ------------------------------------------------------------------------------------------------- retry
 def validate_retry(store: Store, raw_order_id: str, reason: str, requested_by: str, remedy: Remedy = NO_REMEDY,
                    bound: PriceBound | None = None) -> str:
-    """The launchpad's checks, before anything is submitted: a valid id, a reason and a requester, an order
-    the run would not refuse, and a remedy the order allows (a price ceiling within `bound` over cost)."""
-    order_id = parse_order_id(raw_order_id)
-    validate_remedy_request(remedy, reason, requested_by)
-    validate_admin_request(reason, requested_by)
+    """The launchpad's check (`fulfilment.check_launch`), then what the launchpad cannot know before the run:
+    an order the run would not refuse, and a remedy the order allows (a price ceiling within `bound` over cost)."""
+    order_id = check_launch(raw_order_id, reason, requested_by, remedy)
     order = _existing(store, order_id)
     refused = refusal(order, admin=True) or remedy_refusal(order, remedy, bound or PriceBound())
     if refused:
@@ -309,9 +306,8 @@ def validate_retry(store: Store, raw_order_id: str, reason: str, requested_by: s
 
 def _run_request(order_id: str, reason: str, requested_by: str, remedy: Remedy = NO_REMEDY) -> tuple[dict, dict]:
     config = {"order_id": order_id, "reason": reason, "requested_by": requested_by, **remedy.as_config()}
-    tags = request_tags(order_id, trigger=TRIGGER_ADMIN, reason=reason, requested_by=requested_by)
-    if remedy:
-        tags[TAG_REMEDY] = remedy.label
+    tags = request_tags(order_id, trigger=TRIGGER_ADMIN, reason=reason, requested_by=requested_by,
+                        remedy=remedy.label if remedy else None)
     return config, tags
 
 

@@ -4,17 +4,12 @@ import dagster as dg
 
 from bitloot_reconcile.ops.fulfill_backlog import work_backlog
 from bitloot_reconcile.ops.fulfill_order import (
+    STEP_OPS,
     FulfillOrderRequest,
     checked_request,
-    ensure_supplier_order,
     load_and_claim,
-    mark_fulfilled,
-    poll_supplier,
     record_failed_run,
     record_outcome,
-    send_completion_email,
-    store_keys,
-    verify_payment,
 )
 from bitloot_reconcile.ops.prune_order_history import remove_settled_partitions
 
@@ -35,17 +30,13 @@ def flat_request(request: FulfillOrderRequest) -> dg.RunConfig:
     "mark it fulfilled and send the completion email once.",
 )
 def fulfill_order() -> None:
-    progress, stopped_at_claim = load_and_claim()
-    progress, stopped_at_payment = verify_payment(progress)
-    progress, stopped_at_supplier_order = ensure_supplier_order(progress)
-    progress, stopped_at_poll = poll_supplier(progress)
-    progress, stopped_at_keys = store_keys(progress)
-    progress, stopped_at_fulfilled = mark_fulfilled(progress)
-    emailed, stopped_at_email = send_completion_email(progress)
-    record_outcome([
-        stopped_at_claim, stopped_at_payment, stopped_at_supplier_order, stopped_at_poll, stopped_at_keys,
-        stopped_at_fulfilled, stopped_at_email, emailed,
-    ])
+    """The claim, one op per row of the step table (`domain.steps`), and the one outcome."""
+    progress, stopped = load_and_claim()
+    ends = [stopped]
+    for step in STEP_OPS:
+        progress, stopped = step(progress)
+        ends.append(stopped)
+    record_outcome([*ends, progress])
 
 
 @dg.job(

@@ -1,4 +1,4 @@
-"""Run tags every `fulfill_order` run carries (docs/design.md section 3), whoever launched it."""
+"""Run tags (docs/design.md section 3) and the one function that builds them for every launcher."""
 
 from __future__ import annotations
 
@@ -30,11 +30,28 @@ OUTCOME_IN_PROGRESS = "in_progress"
 MAX_TAG_CHARS = 200  # tags are indexed and listed; the full reason lives in the audit table
 
 
-def request_tags(order_id: str, *, trigger: str, reason: str, requested_by: str) -> dict[str, str]:
-    """`order_id` must already be canonical (`fulfilment.parse_order_id`)."""
-    return {
-        TAG_ORDER_ID: order_id,
+def request_tags(order_id: str | None, *, trigger: str, reason: str, requested_by: str, remedy: str | None = None,
+                 attempt: int | None = None, parent_run_id: str | None = None,
+                 batch_size: int | None = None) -> dict[str, str]:
+    """The tags of a run, whoever launches it: a `fulfill_order` run of the launchpad (its first step tags it),
+    of the command line's `retry` or of the sweep, and the sweep's `fulfill_backlog` runs (no `order_id`: a
+    batch is not limited per order, its orders' leases are). `order_id` must already be canonical
+    (`fulfilment.parse_order_id`); `remedy` is `Remedy.label`."""
+    tags = {
         TAG_TRIGGER: trigger,
         TAG_REASON: reason.strip()[:MAX_TAG_CHARS],
         TAG_REQUESTED_BY: requested_by.strip()[:MAX_TAG_CHARS],
     }
+    if order_id is not None:
+        tags[TAG_ORDER_ID] = order_id
+    if remedy:
+        tags[TAG_REMEDY] = remedy
+    if attempt is not None:
+        tags[TAG_ATTEMPT] = str(attempt)
+    if parent_run_id:
+        tags[TAG_PARENT_RUN] = parent_run_id
+        tags[TAG_OUTCOME] = OUTCOME_IN_PROGRESS  # not the parent's, copied by Dagster
+        tags[TAG_ALERT] = ALERT_NONE  # nor the parent's alert
+    if batch_size is not None:
+        tags[TAG_BATCH_SIZE] = str(batch_size)
+    return tags

@@ -320,6 +320,9 @@ def test_retry_refuses_bad_requests_before_anything_is_submitted(world: World):
         ((expired, "--reason", "r", "--by", "me"), "is 'expired'; only paid, waiting, confirming or failed"),
         ((paid, "--reason", "  ", "--by", "me"), "reason must not be empty"),
         ((paid, "--reason", "r", "--by", ""), "requested_by must not be empty"),
+        # The launchpad's check: a NUL byte would fail in PostgreSQL after the claim.
+        ((paid, "--reason", "ticket\x0012", "--by", "me"), "reason must not contain control characters"),
+        ((paid, "--reason", "r", "--by", "me\tyou"), "requested_by must not contain control characters"),
     ]
     for args, message in cases:
         result = invoke(world, "retry", *args, "--dagster-url", nowhere)

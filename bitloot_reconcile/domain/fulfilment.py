@@ -63,6 +63,7 @@ from bitloot_reconcile.domain.remedies import (
     remedy_refusal,
     replacement_external_id,
     unit_price,
+    validate_remedy_request,
 )
 from bitloot_reconcile.store.repository import Item, LeaseLost, Order, ReconcileState, Store
 from bitloot_reconcile.store.statuses import RECOVERABLE, UNPAID, OrderStatus
@@ -147,18 +148,20 @@ def parse_order_id(raw: str) -> str:
         raise InvalidRequest(f"order_id {raw!r} is not a valid order uuid") from None
 
 
-def validate_request_text(reason: str, requested_by: str) -> None:
-    """Control characters (a NUL byte fails in PostgreSQL after the claim) are refused up front, for every run."""
+def check_launch(raw_order_id: str, reason: str, requested_by: str, remedy: Remedy = NO_REMEDY) -> str:
+    """The one check of a person's request before a run exists, whether the launchpad or the command line's
+    `retry` launches it (it needs no store): a reason and a requester without control characters (a NUL byte
+    fails in PostgreSQL after the claim), neither empty, a remedy only with both, a well-formed order id.
+    Returns the id made canonical."""
     for name, value in (("reason", reason), ("requested_by", requested_by)):
         if any(unicodedata.category(char) == "Cc" for char in value):
             raise InvalidRequest(f"{name} must not contain control characters (tabs, newlines, NUL bytes)")
-
-
-def validate_admin_request(reason: str, requested_by: str) -> None:
+    validate_remedy_request(remedy, reason, requested_by)
     if not reason.strip():
         raise InvalidRequest("reason must not be empty: say why this order is being retried")
     if not requested_by.strip():
         raise InvalidRequest("requested_by must not be empty: say who asks for this retry")
+    return parse_order_id(raw_order_id)
 
 
 def refuse_quarantined(state: ReconcileState) -> None:

@@ -9,15 +9,7 @@ from dataclasses import dataclass
 
 from bitloot_reconcile.store.repository import ReconcileState, StuckOrder
 from bitloot_reconcile.store.statuses import OrderStatus
-from bitloot_reconcile.tags import (
-    TAG_ATTEMPT,
-    TAG_BATCH_SIZE,
-    TAG_REASON,
-    TAG_REQUESTED_BY,
-    TAG_TRIGGER,
-    TRIGGER_SENSOR,
-    request_tags,
-)
+from bitloot_reconcile.tags import TRIGGER_SENSOR, request_tags
 
 SENSOR_ACTOR = "stuck_orders_sensor"
 
@@ -55,8 +47,8 @@ def plan_sweep(
             continue
         attempt = order.attempts + 1
         reason = describe(order, now)
-        tags = request_tags(order.id, trigger=TRIGGER_SENSOR, reason=reason, requested_by=SENSOR_ACTOR)
-        tags[TAG_ATTEMPT] = str(attempt)
+        tags = request_tags(order.id, trigger=TRIGGER_SENSOR, reason=reason, requested_by=SENSOR_ACTOR,
+                            attempt=attempt)
         run_key = f"{order.id}:{attempt}:{bucket}" + (f":{order.last_run_id}" if order.last_run_id else "")
         requests.append(SweepRequest(order.id, run_key, reason, tags))
     return requests
@@ -92,9 +84,8 @@ class BacklogBatch:
 
     @property
     def tags(self) -> dict[str, str]:
-        """No order id here (a batch is not limited per order; its orders' leases are)."""
-        return {TAG_TRIGGER: TRIGGER_SENSOR, TAG_REQUESTED_BY: SENSOR_ACTOR,
-                TAG_REASON: f"backlog of {len(self.requests)} stuck orders", TAG_BATCH_SIZE: str(len(self.requests))}
+        return request_tags(None, trigger=TRIGGER_SENSOR, reason=f"backlog of {len(self.requests)} stuck orders",
+                            requested_by=SENSOR_ACTOR, batch_size=len(self.requests))
 
 
 # A run worker costs about as much CPU to start as 50 orders take to work: a backlog is split into parts of

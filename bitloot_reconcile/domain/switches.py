@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bitloot_reconcile.domain.fulfilment import refusal, under_lease
+from bitloot_reconcile.domain.fulfilment import Stop, refusal, under_lease
 from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.store.repository import EmailBounce, Order, Store
 from bitloot_reconcile.store.schema import SEEDED_FEATURE_FLAGS
@@ -114,17 +114,30 @@ def hold_before_claim(store: Store, order_id: str, *, owner: str, admin: bool) -
     return Progress(order_id=order.id, lease_owner=owner).stop(Outcome.PAUSED, why) if why else None
 
 
+def kinguin_held(switches: Switches, order: Order | None) -> Stop | None:
+    """Why a step that would call Kinguin is held; a fulfilled order needs no Kinguin call and passes."""
+    why = switches.kinguin_hold
+    if why is None or order is None or order.status == OrderStatus.FULFILLED:
+        return None
+    return Stop(Outcome.PAUSED, why)
+
+
 def hold_before_kinguin(store: Store, progress: Progress) -> Progress:
-    """Before a step that would call Kinguin: a fulfilled order needs no Kinguin call and passes."""
+    """Before a step that would call Kinguin (BitLoot's flags read now)."""
     if progress.finished:
         return progress
-    why = read_switches(store).kinguin_hold
-    if why is None:
-        return progress
-    order = store.load_order(progress.order_id)
-    if order is None or order.status == OrderStatus.FULFILLED:
-        return progress
-    return progress.stop(Outcome.PAUSED, why)
+    held = kinguin_held(read_switches(store), store.load_order(progress.order_id))
+    return progress.stop(held.outcome, held.reason) if held else progress
+
+
+def email_stop(switches: Switches, bounce: EmailBounce | None) -> Stop | None:
+    """Why the completion email is not sent: a switch holds it (`paused`: the order stays email pending), or a
+    hard bounce or complaint for the address suppresses it for good (`fulfilled`)."""
+    if why := switches.email_hold:
+        return Stop(Outcome.PAUSED, email_waits(why))
+    if bounce is not None:
+        return Stop(Outcome.FULFILLED, email_suppressed(bounce))
+    return None
 
 
 @under_lease
@@ -135,12 +148,10 @@ def hold_before_email(store: Store, progress: Progress) -> Progress:
     order = store.load_order(progress.order_id, fresh=True)
     if order is None or order.status != OrderStatus.FULFILLED or order.completion_email_sent:
         return progress
-    why = read_switches(store).email_hold
-    if why is not None:
-        return progress.stop(Outcome.PAUSED, email_waits(why))
-    bounce = store.email_suppression(order.email)
-    if bounce is None:
+    held = email_stop(read_switches(store), store.email_suppression(order.email))
+    if held is None:
         return progress
-    # Flag the email as handled, as BitLoot does for a send it skips: the sweep never comes back for it.
-    store.mark_email_sent(order.id, owner=progress.lease_owner)
-    return progress.stop(Outcome.FULFILLED, email_suppressed(bounce))
+    if held.outcome is not Outcome.PAUSED:
+        # Suppressed: flag the email as handled, as BitLoot does for a send it skips; the sweep never comes back.
+        store.mark_email_sent(order.id, owner=progress.lease_owner)
+    return progress.stop(held.outcome, held.reason)

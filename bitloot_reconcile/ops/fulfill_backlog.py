@@ -18,12 +18,11 @@ from bitloot_reconcile.domain.attempt import (
     AttemptPolicy,
     AttemptResult,
     Services,
-    Who,
     work_order,
 )
 from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.steps import Who
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
-from bitloot_reconcile.ops.fulfill_order import TRANSIENT_RETRY
 from bitloot_reconcile.order_history import add_order_partitions, attempt_event, log_attempt_events
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
@@ -57,8 +56,7 @@ def attempt_policy(policy: ReconcilePolicy) -> AttemptPolicy:
     return AttemptPolicy(
         lease_ttl=policy.lease_ttl, schedule=policy.retry_schedule(), price_bound=policy.price_bound,
         supplier_poll_attempts=policy.supplier_poll_attempts, supplier_poll_seconds=policy.supplier_poll_seconds,
-        max_retry_wait_seconds=policy.max_retry_wait_seconds, max_retries=TRANSIENT_RETRY.max_retries,
-        retry_delay_seconds=TRANSIENT_RETRY.delay or 1.0,
+        max_retry_wait_seconds=policy.max_retry_wait_seconds,
     )
 
 

@@ -1,41 +1,40 @@
-"""The `fulfill_order` job's ops: thin shells over `domain.fulfilment`, one op per step of docs/design.md section 4.
+"""The `fulfill_order` job's ops: the claim, then one op per row of the step table (`domain.steps`), each a
+shell generated from its row, then `record_outcome`.
 
-Ops pass a `Progress` (ids and verdicts only) from one to the next. Transient outside failures are retried by
-Dagster's RetryPolicy (exponential backoff with jitter); bad input fails the run at once without retries.
+Ops pass a `Progress` (ids and verdicts only) from one to the next. A step's failures are retried by the
+RetryPolicy of its row's retry class (exponential backoff with jitter); bad input fails the run at once
+without retries.
 """
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from functools import cached_property
 
 import dagster as dg
 from pydantic import Field
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
-from bitloot_reconcile.domain import fulfilment, remedies, switches
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
-from bitloot_reconcile.domain.recording import record_failure, record_refusal
+from bitloot_reconcile.adapters.kinguin import KinguinClient
+from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
+from bitloot_reconcile.adapters.r2 import KeyVault
+from bitloot_reconcile.adapters.resend import ResendClient
+from bitloot_reconcile.domain import fulfilment, steps
+from bitloot_reconcile.domain.outcomes import InvalidRequest, Progress
+from bitloot_reconcile.domain.recording import record_failure
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
-from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
+from bitloot_reconcile.domain.remedies import Remedy, Resolution
+from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
 from bitloot_reconcile.order_history import add_order_partitions, attempt_event, report_in_run
-from bitloot_reconcile.resources.kinguin import KinguinResource
-from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
-from bitloot_reconcile.resources.r2 import R2Resource
-from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
+from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import (
-    ALERT_NONE,
-    OUTCOME_IN_PROGRESS,
     OUTCOME_REFUSED,
-    TAG_ALERT,
     TAG_ATTEMPT,
     TAG_ORDER_ID,
     TAG_OUTCOME,
-    TAG_PARENT_RUN,
     TAG_REASON,
-    TAG_REMEDY,
     TAG_REQUESTED_BY,
     TAG_TRIGGER,
     TRIGGER_ADMIN,
@@ -43,7 +42,14 @@ from bitloot_reconcile.tags import (
     request_tags,
 )
 
-TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+def retry_policy(retry: Retry) -> dg.RetryPolicy:
+    return dg.RetryPolicy(max_retries=retry.max_retries, delay=retry.delay_seconds, backoff=dg.Backoff.EXPONENTIAL,
+                          jitter=dg.Jitter.PLUS_MINUS)
+
+
+# The run's resource that opens each outside system a row `calls`.
+RESOURCE_OF = {"nowpayments": "nowpayments", "kinguin": "kinguin", "r2": "r2", "resend": "mailer"}
 # Every step has two optional outputs: `progress` when the order goes on to the next step, `stopped` when the
 # order's run ends here. Dagster skips a step whose input was never produced, so the run's timeline shows
 # where the order stopped; `record_outcome` collects whichever `stopped` (or the last `progress`) exists.
@@ -78,20 +84,12 @@ class RefusedLaunch(dg.DagsterError):
 
 
 def checked_request(request: FulfillOrderRequest) -> FulfillOrderRequest:
-    """The launch-time checks, which need no store: a well-formed id (made canonical), a reason and a requester
-    without control characters."""
+    """The launch check (`fulfilment.check_launch`, the command line's too), with the id made canonical."""
     try:
-        fulfilment.validate_request_text(request.reason, request.requested_by)
-        remedies.validate_remedy_request(request.remedy, request.reason, request.requested_by)
-        fulfilment.validate_admin_request(request.reason, request.requested_by)
-        order_id = fulfilment.parse_order_id(request.order_id)
+        order_id = fulfilment.check_launch(request.order_id, request.reason, request.requested_by, request.remedy)
     except InvalidRequest as exc:
         raise RefusedLaunch(f"fulfill_order refused: {exc}") from None
-    return FulfillOrderRequest(
-        order_id=order_id, reason=request.reason, requested_by=request.requested_by,
-        max_unit_price_eur=request.max_unit_price_eur,
-        replace_canceled_supplier_order=request.replace_canceled_supplier_order, resolution=request.resolution,
-    )
+    return request.model_copy(update={"order_id": order_id})
 
 
 class StepError(Exception):
@@ -99,8 +97,9 @@ class StepError(Exception):
 
 
 @contextmanager
-def step_errors(policy: ReconcilePolicy) -> Iterator[None]:
-    """Bad input and permanent refusals fail the step for good; transient errors go to the RetryPolicy,
+def step_errors(policy: ReconcilePolicy, retry: Retry) -> Iterator[None]:
+    """Bad input and permanent refusals fail the step for good; transient errors go to the RetryPolicy of its
+    retry class,
     honouring the service's Retry-After when it gives one, but never waiting past `max_retry_wait_seconds`
     (kept below the lease, which the next attempt renews). Anything else (a database error, say) is retried
     too, re-raised as redacted text without its cause: Dagster records an error's message and chain in
@@ -112,7 +111,7 @@ def step_errors(policy: ReconcilePolicy) -> Iterator[None]:
     except TransientError as exc:
         if exc.retry_after:
             wait = min(exc.retry_after, policy.max_retry_wait_seconds)
-            raise dg.RetryRequested(max_retries=TRANSIENT_RETRY.max_retries, seconds_to_wait=wait) from exc
+            raise dg.RetryRequested(max_retries=retry.max_retries, seconds_to_wait=wait) from exc
         raise
     except PermanentError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
@@ -146,22 +145,7 @@ def _set_tags(context: dg.OpExecutionContext, tags: dict[str, str]) -> None:
     context.instance.add_run_tags(context.run_id, tags)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """Who and what started this run, as recorded in its tags and audit rows."""
-
-    trigger: str
-    actor: str | None
-    reason: str | None
-    parent_run_id: str | None = None
-
-    @property
-    def admin(self) -> bool:
-        """A person's run with a reason: it may work a quarantined order and ignores the sweep's switches."""
-        return self.trigger == TRIGGER_ADMIN or (self.trigger == TRIGGER_REEXECUTION and self.reason is not None)
-
-
-def who_launched(context: dg.OpExecutionContext, config: FulfillOrderRequest) -> Launch:
+def who_launched(context: dg.OpExecutionContext, config: FulfillOrderRequest) -> Who:
     """A run Dagster re-executed (it has a parent) is a person's act, whatever tags it copied from its parent:
     it keeps a reason only when the chain started with an admin's run, whose config (and reason) it repeats."""
     run = context.dagster_run
@@ -170,21 +154,9 @@ def who_launched(context: dg.OpExecutionContext, config: FulfillOrderRequest) ->
         root_trigger = (root.tags if root else {}).get(TAG_TRIGGER, TRIGGER_ADMIN)
         reason = config.reason if root_trigger == TRIGGER_ADMIN else None
         actor = config.requested_by if root_trigger == TRIGGER_ADMIN else None
-        return Launch(TRIGGER_REEXECUTION, actor, reason, run.parent_run_id)
+        return Who(context.run_id, TRIGGER_REEXECUTION, actor, reason, run.parent_run_id)
     trigger = _run_tags(context).get(TAG_TRIGGER, TRIGGER_ADMIN)
-    return Launch(trigger, config.requested_by, config.reason)
-
-
-def launch_tags(order_id: str, launch: Launch, remedy: Remedy) -> dict[str, str]:
-    tags = request_tags(order_id, trigger=launch.trigger, reason=launch.reason or REEXECUTED_SENSOR_RUN,
-                        requested_by=launch.actor or UNKNOWN_PERSON)
-    if remedy:
-        tags[TAG_REMEDY] = remedy.label
-    if launch.parent_run_id:
-        tags[TAG_PARENT_RUN] = launch.parent_run_id
-        tags[TAG_OUTCOME] = OUTCOME_IN_PROGRESS  # not the parent's, copied by Dagster
-        tags[TAG_ALERT] = ALERT_NONE  # nor the parent's alert
-    return tags
+    return Who(context.run_id, trigger, config.requested_by, config.reason)
 
 
 # How a re-execution of a sensor run is tagged: a person started it, Dagster does not say who, nor why.
@@ -192,63 +164,33 @@ UNKNOWN_PERSON = "unknown (re-executed in Dagster)"
 REEXECUTED_SENSOR_RUN = "re-execution of a sensor run"
 
 
-def claim_order(
-    context: dg.OpExecutionContext, request: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
-) -> Progress:
-    """Tag the run (canonical order id, who, why, the remedy), check the request against the store, take the
-    order's lease under this run's id and write the run's audit row; a `resolution` remedy ends the order's
-    run here. A refusal is recorded and fails the step without retries."""
+def claim_order(context: dg.OpExecutionContext, request: FulfillOrderRequest) -> Progress:
+    """Tag the run (canonical order id, who, why, the remedy), then the claim (`steps.claim`). A refused
+    request (nobody is paged) is also the order's history; the run's remaining steps are skipped and
+    `record_outcome` fails the run with the refusal's one sentence."""
     order_id = request.order_id  # canonical: checked when the run was launched (`checked_request`)
-    launch = who_launched(context, request)
-    remedy = request.remedy
-    _set_tags(context, launch_tags(order_id, launch, remedy))
-    repo = store.get_store().for_attempt()  # the hold and the claim read the order once
-    try:
-        with step_errors(policy):
-            remedies.refuse_remedy_on_sweep_run(remedy, admin=launch.admin)
-            if launch.trigger == TRIGGER_REEXECUTION and not launch.admin:
-                fulfilment.refuse_quarantined(repo.get_state(order_id))
-            progress = switches.hold_before_claim(
-                repo, order_id, owner=context.run_id, admin=launch.admin
-            ) or fulfilment.load_and_claim(
-                repo, order_id, owner=context.run_id, lease_ttl=policy.lease_ttl, admin=launch.admin,
-                remedy=remedy, bound=policy.price_bound,
-            )
-            if remedy.resolution:
-                progress = fulfilment.resolve_by_hand(repo, remedy.resolution, progress)
-    except dg.Failure as failure:
-        if failure.allow_retries is not False:
-            raise
-        # An input error: recorded as refused (nobody is paged); the run's remaining steps are skipped and
-        # `record_outcome` fails the run with this one sentence.
-        why = failure.description or "refused"
+    policy: ReconcilePolicy = context.resources.policy
+    who, remedy = who_launched(context, request), request.remedy
+    _set_tags(context, request_tags(
+        order_id, trigger=who.trigger, reason=who.reason or REEXECUTED_SENSOR_RUN,
+        requested_by=who.actor or UNKNOWN_PERSON, remedy=remedy.label if remedy else None,
+        parent_run_id=who.parent_run_id))
+    repo = context.resources.store.get_store().for_attempt()  # the hold and the claim read the order once
+    with step_errors(policy, TRANSIENT):
+        progress = steps.claim(repo, order_id, who, lease_ttl=policy.lease_ttl, bound=policy.price_bound,
+                               remedy=remedy)
+    if progress.refusal:
         _set_tags(context, {TAG_OUTCOME: OUTCOME_REFUSED})
-        record_refusal(repo, order_id, run_id=context.run_id, trigger=launch.trigger, actor=launch.actor,
-                       reason=launch.reason, why=why)
         add_order_partitions(context.instance, [order_id])
-        context.log_event(attempt_event(order_id, outcome=OUTCOME_REFUSED, reason=why, trigger=launch.trigger,
-                                        actor=launch.actor, run_id=context.run_id, job=context.job_name))
-        return Progress(order_id=order_id, lease_owner=context.run_id).refuse(why)
+        context.log_event(attempt_event(order_id, outcome=OUTCOME_REFUSED, reason=progress.refusal,
+                                        trigger=who.trigger, actor=who.actor, run_id=context.run_id,
+                                        job=context.job_name))
+        return progress
     _set_tags(context, {TAG_ATTEMPT: str(repo.get_state(order_id).attempts)})
-    repo.append_audit(
-        order_id=order_id,
-        action="requested",
-        trigger=launch.trigger,
-        actor=launch.actor,
-        reason=launch.reason,
-        run_id=context.run_id,
-        outcome=progress.outcome.value if progress.outcome else None,
-        detail=f"re-execution of run {launch.parent_run_id}" if launch.parent_run_id else None,
-    )
-    if remedy:
-        repo.append_audit(order_id=order_id, action=REMEDY_ACTION, trigger=launch.trigger, actor=launch.actor,
-                          reason=launch.reason, run_id=context.run_id, outcome=None, detail=remedy.label)
     return progress
 
 
-def held_by_this_run(
-    context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
-) -> Progress:
+def held_by_this_run(context: dg.OpExecutionContext, progress: Progress) -> Progress:
     """The progress a step may act on: its own run's. The first step a re-execution executes (from failure,
     from a selected step) receives its parent's output, under the parent's lease: it first claims the order
     for this run, as `load_and_claim` does (tags, lease, audit row, refusals), and goes on from what the parent
@@ -256,120 +198,91 @@ def held_by_this_run(
     if progress.lease_owner == context.run_id:
         return progress
     request = checked_request(FulfillOrderRequest(**context.run_config))  # the parent's flat config, repeated
-    return fulfilment.taken_over(progress, claim_order(context, request, store, policy))
+    return fulfilment.taken_over(progress, claim_order(context, request))
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def load_and_claim(
-    context: dg.OpExecutionContext, config: FulfillOrderRequest, store: StoreResource, policy: ReconcilePolicy
-) -> Iterator[dg.Output]:
-    """Tag the run, check the request against the store, take the order's lease (`claim_order`)."""
-    yield from step_result(context, claim_order(context, config, store, policy))
+class StepServices:
+    """What one try of a step works with, from the run's resources: its own view of the store (the step's
+    switch and its work read the order once) and the clients of the systems its row `calls`, opened on first
+    use (a resource the row does not name is not there: Dagster provides only the op's required ones)."""
+
+    def __init__(self, resources, stack: ExitStack):
+        self._resources, self._stack = resources, stack
+
+    @cached_property
+    def store(self) -> Store:
+        return self._resources.store.get_store().for_attempt()
+
+    @cached_property
+    def nowpayments(self) -> NowPaymentsClient:
+        return self._stack.enter_context(self._resources.nowpayments.get_client())
+
+    @cached_property
+    def kinguin(self) -> KinguinClient:
+        return self._stack.enter_context(self._resources.kinguin.get_client())
+
+    @cached_property
+    def vault(self) -> KeyVault:
+        return self._resources.r2.get_vault()
+
+    @cached_property
+    def mailer(self) -> ResendClient:
+        return self._stack.enter_context(self._resources.mailer.get_client())
+
+    @property
+    def sender(self) -> str:
+        return self._resources.mailer.sender
+
+    @property
+    def frontend_url(self) -> str:
+        return self._resources.policy.frontend_url
+
+    @property
+    def presign_seconds(self) -> int:
+        return self._resources.r2.presign_expiry_seconds
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def verify_payment(
-    context: dg.OpExecutionContext,
-    progress: Progress,
-    store: StoreResource,
-    nowpayments: NowPaymentsResource,
-    policy: ReconcilePolicy,
-) -> Iterator[dg.Output]:
-    progress = held_by_this_run(context, progress, store, policy)
-    with step_errors(policy), nowpayments.get_client() as client:
-        progress = fulfilment.verify_payment(store.get_store(), client, progress)
-    yield from step_result(context, progress)
-
-
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def ensure_supplier_order(
-    context: dg.OpExecutionContext,
-    progress: Progress,
-    store: StoreResource,
-    kinguin: KinguinResource,
-    policy: ReconcilePolicy,
-) -> Iterator[dg.Output]:
-    progress = held_by_this_run(context, progress, store, policy)
-    with step_errors(policy), kinguin.get_client() as client:
-        progress = switches.hold_before_kinguin(store.get_store(), progress)
-        progress = fulfilment.ensure_supplier_order(store.get_store(), client, progress)
-    yield from step_result(context, progress)
-
-
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def poll_supplier(
-    context: dg.OpExecutionContext,
-    progress: Progress,
-    store: StoreResource,
-    kinguin: KinguinResource,
-    policy: ReconcilePolicy,
-) -> Iterator[dg.Output]:
-    """A short in-run poll while Kinguin is processing; longer waits end the run and the sweep returns."""
-    progress = held_by_this_run(context, progress, store, policy)
-    with step_errors(policy), kinguin.get_client() as client:
-        progress = switches.hold_before_kinguin(store.get_store(), progress)
-        result = fulfilment.poll_supplier(store.get_store(), client, progress)
-    if result.outcome is Outcome.WAITING_FOR_SUPPLIER and context.retry_number < policy.supplier_poll_attempts:
+def run_step(context: dg.OpExecutionContext, step: Step, progress: Progress) -> Iterator[dg.Output]:
+    """One try of a row: under this run's lease, its switch and its work; a failure retried by the op's
+    RetryPolicy, or, once the retries are used up, ended as the row `gives_up`; polled again while it waits."""
+    policy: ReconcilePolicy = context.resources.policy
+    progress = held_by_this_run(context, progress)
+    with step_errors(policy, step.retry), ExitStack() as stack:
+        try:
+            result = steps.run(step, StepServices(context.resources, stack), progress)
+        except Exception as exc:
+            retries_left = context.retry_number < step.retry.max_retries
+            ended = None if retries_left or step.gives_up is None else step.gives_up(progress, exc)
+            if ended is None:
+                raise
+            result = ended
+    if step.polls_while and result.outcome is step.polls_while \
+            and context.retry_number < policy.supplier_poll_attempts:
         wait = policy.supplier_poll_seconds
         context.log.info(f"order {progress.order_id}: {result.reason}; polling again in {wait} s")
-        raise dg.RetryRequested(
-            max_retries=policy.supplier_poll_attempts, seconds_to_wait=wait
-        )
+        raise dg.RetryRequested(max_retries=policy.supplier_poll_attempts, seconds_to_wait=wait)
     yield from step_result(context, result)
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def store_keys(
-    context: dg.OpExecutionContext,
-    progress: Progress,
-    store: StoreResource,
-    kinguin: KinguinResource,
-    r2: R2Resource,
-    policy: ReconcilePolicy,
-) -> Iterator[dg.Output]:
-    """Fetch, decode and store the keys in one step: key serials never leave this op's memory."""
-    progress = held_by_this_run(context, progress, store, policy)
-    with step_errors(policy), kinguin.get_client() as client:
-        progress = switches.hold_before_kinguin(store.get_store(), progress)
-        progress = fulfilment.store_keys(
-            store.get_store(), client, r2.get_vault(), progress, presign_seconds=r2.presign_expiry_seconds
-        )
-    yield from step_result(context, progress)
+def step_op(step: Step) -> dg.OpDefinition:
+    """The op of one row of the step table: its name, retry policy and resources come from the row."""
+
+    @dg.op(name=step.name, description=step.does, retry_policy=retry_policy(step.retry), out=STEP_OUTS,
+           required_resource_keys={"store", "policy", *(RESOURCE_OF[system] for system in step.calls)})
+    def step_shell(context: dg.OpExecutionContext, progress: Progress) -> Iterator[dg.Output]:
+        yield from run_step(context, step, progress)
+
+    return step_shell
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def mark_fulfilled(
-    context: dg.OpExecutionContext, progress: Progress, store: StoreResource, policy: ReconcilePolicy
-) -> Iterator[dg.Output]:
-    progress = held_by_this_run(context, progress, store, policy)
-    with step_errors(policy):
-        progress = fulfilment.mark_fulfilled(store.get_store(), progress)
-    yield from step_result(context, progress)
+@dg.op(name=CLAIM_STEP, retry_policy=retry_policy(TRANSIENT), out=STEP_OUTS,
+       required_resource_keys={"store", "policy"})
+def load_and_claim(context: dg.OpExecutionContext, config: FulfillOrderRequest) -> Iterator[dg.Output]:
+    """Tag the run, check the request against the store, take the order's lease (`claim_order`)."""
+    yield from step_result(context, claim_order(context, config))
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY, out=STEP_OUTS)
-def send_completion_email(
-    context: dg.OpExecutionContext,
-    progress: Progress,
-    store: StoreResource,
-    mailer: ResendResource,
-    policy: ReconcilePolicy,
-) -> Iterator[dg.Output]:
-    """The order is already fulfilled here: when Resend stays down, end well and let the sweep send it later."""
-    progress = held_by_this_run(context, progress, store, policy)
-    with step_errors(policy):
-        repo = store.get_store().for_attempt()  # the hold and the email read the order once
-        progress = switches.hold_before_email(repo, progress)
-        try:
-            with mailer.get_client() as client:
-                progress = fulfilment.send_completion_email(
-                    repo, client, progress, sender=mailer.sender, frontend_url=policy.frontend_url
-                )
-        except TransientError as exc:
-            if context.retry_number < TRANSIENT_RETRY.max_retries:
-                raise  # retried by the policy (or after Retry-After) like every other step
-            progress = fulfilment.email_deferred(progress, exc)
-    yield from step_result(context, progress)
+STEP_OPS = tuple(step_op(step) for step in STEPS)
 
 
 @dg.op(ins={"ends": dg.In(list[Progress], description="The one step output where the order's run ended.")})
@@ -379,7 +292,7 @@ def record_outcome(
     """One outcome per run: into the reconcile state, the audit table, this run's metadata and its
     `bitloot/outcome` tag; or, for a refused request, the run's failure in one sentence."""
     (end,) = ends  # each step yields exactly one of its two outputs, so exactly one end reaches here
-    end = held_by_this_run(context, end, store, policy)
+    end = held_by_this_run(context, end)
     if end.refusal:
         # The run fails here, with the refusal's one sentence, after the steps between were skipped.
         raise dg.Failure(description=end.refusal, allow_retries=False)

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
-from bitloot_reconcile.domain.fulfilment import kinguin_lines, parse_order_id, validate_admin_request
+from bitloot_reconcile.domain.fulfilment import check_launch, kinguin_lines, parse_order_id
 from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.store.repository import Item, Order
 
@@ -41,16 +41,18 @@ def test_lines_refused_for_custom_items_missing_cost_and_kinguin_limits():
     assert "exceeds Kinguin's limits" in kinguin_lines(order([item(n, f"p{n}") for n in range(11)]))
 
 
-def test_order_id_and_admin_request_validation():
+def test_order_id_and_the_launch_check():
     assert parse_order_id(f"  {ORDER_ID.upper()} ") == ORDER_ID
     for bad in ("", "123", "5c91f65c-not-a-uuid"):
         with pytest.raises(InvalidRequest, match="not a valid order uuid"):
             parse_order_id(bad)
-    validate_admin_request("ticket 42", "ops@bitloot.io")
-    with pytest.raises(InvalidRequest, match="reason"):
-        validate_admin_request(" ", "ops@bitloot.io")
-    with pytest.raises(InvalidRequest, match="requested_by"):
-        validate_admin_request("ticket", "")
+    assert check_launch(f" {ORDER_ID.upper()}", "ticket 42", "ops@bitloot.io") == ORDER_ID
+    with pytest.raises(InvalidRequest, match="reason must not be empty"):
+        check_launch(ORDER_ID, " ", "ops@bitloot.io")
+    with pytest.raises(InvalidRequest, match="requested_by must not be empty"):
+        check_launch(ORDER_ID, "ticket", "")
+    with pytest.raises(InvalidRequest, match="reason must not contain control characters"):
+        check_launch(ORDER_ID, "ticket\x0042", "ops@bitloot.io")
 
 
 def test_completion_email_links_to_the_order_and_escapes_titles():
