@@ -55,22 +55,14 @@ class Who:
 class Services(Protocol):
     """What a step works with: the store (one attempt's view of it) and the clients of the systems it calls."""
 
-    @property
-    def store(self) -> Store: ...
-    @property
-    def nowpayments(self) -> NowPaymentsClient: ...
-    @property
-    def kinguin(self) -> KinguinClient: ...
-    @property
-    def vault(self) -> KeyVault: ...
-    @property
-    def mailer(self) -> ResendClient: ...
-    @property
-    def sender(self) -> str: ...
-    @property
-    def frontend_url(self) -> str: ...
-    @property
-    def presign_seconds(self) -> int: ...
+    store: Store
+    nowpayments: NowPaymentsClient
+    kinguin: KinguinClient
+    vault: KeyVault
+    mailer: ResendClient
+    sender: str
+    frontend_url: str
+    presign_seconds: int
 
 
 class KinguinReader(Protocol):

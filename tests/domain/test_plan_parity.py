@@ -1,5 +1,6 @@
-"""The dry run and the run share their decisions: on every demo scenario, `plan` for an order and then an admin
-`fulfill_order` run on it end with the same outcome and the same reason.
+"""The dry run and the runs walk one step table: on every demo scenario, `plan` for an order and then a run on it
+end with the same outcome and the same reason; both as an admin retry (`plan ORDER_ID`, then a `fulfill_order`
+run) and as the sweep would (the plan of a sweep run, then the order worked in a `fulfill_backlog` batch).
 
 Outages are not decisions: the faults a scenario injects (a lost answer, R2 or Resend down for a while) are
 cleared before planning, so plan and run see the same outside world.
@@ -15,7 +16,9 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.commands import Readers, plan
 from bitloot_reconcile.demo import SCENARIOS, DemoWorld, Scenario
-from bitloot_reconcile.jobs import fulfill_order
+from bitloot_reconcile.domain.planning import LEFT_ALONE, plan_order
+from bitloot_reconcile.domain.switches import read_switches
+from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
@@ -24,7 +27,7 @@ from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
 from bitloot_reconcile.settings import Tunables
-from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.store.repository import Store, utcnow
 
 
 @pytest.fixture(scope="module")
@@ -71,5 +74,31 @@ def test_plan_and_run_end_alike(scenario: Scenario, standins: StandIns, store_en
         assert not result.success and planned.why in " ".join(failures)
         return
     assert result.success, [e.message for e in result.all_events if e.is_failure]
+    state = store.get_state(order_id)
+    assert (planned.outcome, planned.why) == (state.last_outcome, state.last_reason), planned.steps
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_a_sweep_plan_and_the_batch_end_alike(scenario: Scenario, standins: StandIns, store_engine, store_url,
+                                              dagster_instance):
+    order_id = scenario.seed(DemoWorld(store_engine, standins))
+    clear_faults(standins)
+    store = Store(store_engine)
+    order = store.load_order(order_id)
+    with (KinguinClient(standins.kinguin.base_url, KINGUIN_KEY) as kinguin,
+          NowPaymentsClient(standins.nowpayments.url, NOWPAYMENTS_KEY) as nowpayments):
+        planned = plan_order(order, store.get_state(order_id), store.key_assignments(order_id), kinguin=kinguin,
+                             payments=nowpayments, vault=standins.vault(), switches=read_switches(store),
+                             bounce=store.email_suppression(order.email), now=utcnow(), admin=False)
+
+    result = fulfill_backlog.execute_in_process(
+        run_config={"ops": {"work_backlog": {"config": {"orders": [{"order_id": order_id, "reason": "parity"}]}}}},
+        resources=resources(standins, store_url), instance=dagster_instance,
+    )
+
+    assert result.success
+    if planned.outcome == LEFT_ALONE:  # the batch refuses the order as an input error: audited, nothing changed
+        assert store.audit_trail(order_id)[-1]["detail"] == planned.why
+        return
     state = store.get_state(order_id)
     assert (planned.outcome, planned.why) == (state.last_outcome, state.last_reason), planned.steps
