@@ -59,7 +59,6 @@ from _harness import (
 from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, Services, work_order
 from bitloot_reconcile.domain.backlog import drain
 from bitloot_reconcile.domain.steps import Who
-from bitloot_reconcile.ops.fulfill_backlog import attempt_policy
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.seed import insert_order, set_feature_flag
 from bitloot_reconcile.store.schema import orders
@@ -346,7 +345,7 @@ def peer_side(stack: Stack, n: int) -> dict:
         order_ids = copy.paid_orders(n)
         resources = copy.resources()
         policy, mailer, r2 = resources["policy"], resources["mailer"], resources["r2"]
-        limits, vault = attempt_policy(policy), r2.get_vault()
+        schedule, vault = policy.retry_schedule(), r2.get_vault()
         store = resources["store"].get_store().sharing_flags(SWITCHES_MAX_AGE_SECONDS)  # as the batch's op
         cpu, lock = [0.0], threading.Lock()
 
@@ -361,7 +360,8 @@ def peer_side(stack: Stack, n: int) -> dict:
 
         def work(services: Services, order_id: str):
             before = time.thread_time()
-            result = work_order(services, order_id, who=Who("peer", "sensor", "peer", "benchmark"), policy=limits)
+            result = work_order(services, order_id, who=Who("peer", "sensor", "peer", "benchmark"), policy=policy,
+                                schedule=schedule)
             with lock:
                 cpu[0] += time.thread_time() - before
             return result

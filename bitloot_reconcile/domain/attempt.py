@@ -27,9 +27,9 @@ from bitloot_reconcile.domain import fulfilment, steps
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
 from bitloot_reconcile.domain.recording import record_failure, record_outcome
 from bitloot_reconcile.domain.redaction import describe_error
-from bitloot_reconcile.domain.remedies import PriceBound
 from bitloot_reconcile.domain.schedule import RetrySchedule
 from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
+from bitloot_reconcile.settings import PolicyValues
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import OUTCOME_REFUSED
 
@@ -55,16 +55,6 @@ class Services:
 
 
 @dataclass(frozen=True)
-class AttemptPolicy:
-    lease_ttl: dt.timedelta
-    schedule: RetrySchedule
-    price_bound: PriceBound
-    supplier_poll_attempts: int
-    supplier_poll_seconds: float
-    max_retry_wait_seconds: float
-
-
-@dataclass(frozen=True)
 class AttemptResult:
     """How one order's attempt ended: an `Outcome` value, or `refused` (nothing changed). Ids and words only."""
 
@@ -81,25 +71,27 @@ class _StepFailed(Exception):
         self.error = error
 
 
-def work_order(services: Services, order_id: str, *, who: Who, policy: AttemptPolicy,
+def work_order(services: Services, order_id: str, *, who: Who, policy: PolicyValues, schedule: RetrySchedule,
                sleep: Callable[[float], None] = time.sleep) -> AttemptResult:
-    """Claim, recover and record one order, as one `fulfill_order` run launched by `who.trigger` would.
-    The steps share one view of the order, read again only after their own writes (`Store.for_attempt`)."""
+    """Claim, recover and record one order, as one `fulfill_order` run launched by `who.trigger` would, under
+    the same policy (the values of the `ReconcilePolicy` resource) and retry schedule. The steps share one view
+    of the order, read again only after their own writes (`Store.for_attempt`)."""
     services = replace(services, store=services.store.for_attempt())
     repo = services.store
     try:
         progress = _retried(CLAIM_STEP, TRANSIENT, lambda: steps.claim(
-            repo, order_id, who, lease_ttl=policy.lease_ttl, bound=policy.price_bound), policy, sleep)
+            repo, order_id, who, lease_ttl=dt.timedelta(seconds=policy.lease_seconds), bound=policy.price_bound),
+            policy, sleep)
         if progress.refusal:  # an input error: audited, nothing changed
             return AttemptResult(order_id, OUTCOME_REFUSED, progress.refusal, False)
         for step in STEPS:
             progress = _worked(step, services, progress, policy, sleep)
         final = record_outcome(repo, fulfilment.final_outcome(progress), run_id=who.run_id, trigger=who.trigger,
-                               actor=who.actor, reason=who.reason, schedule=policy.schedule)
+                               actor=who.actor, reason=who.reason, schedule=schedule)
         return AttemptResult(order_id, str(final.outcome), final.reason, True)
     except _StepFailed as failed:
         final = record_failure(repo, order_id, step=failed.step, error=failed.error, run_id=who.run_id,
-                               trigger=who.trigger, actor=who.actor, reason=who.reason, schedule=policy.schedule)
+                               trigger=who.trigger, actor=who.actor, reason=who.reason, schedule=schedule)
         if final is None:  # failed before it held the order: nothing recorded, the lease is not this attempt's
             failure = f"{failed.step} failed: {describe_error(failed.error)}"
             return AttemptResult(order_id, str(Outcome.RETRY_LATER), failure, False)
@@ -109,7 +101,7 @@ def work_order(services: Services, order_id: str, *, who: Who, policy: AttemptPo
         return AttemptResult(order_id, str(Outcome.RETRY_LATER), f"not recorded: {describe_error(exc)}", False)
 
 
-def _worked(step: Step, services: Services, progress: Progress, policy: AttemptPolicy,
+def _worked(step: Step, services: Services, progress: Progress, policy: PolicyValues,
             sleep: Callable[[float], None]) -> Progress:
     """One row of the table, as its op would run it: retried, polled while it waits, given up as it says."""
     if progress.finished:
@@ -128,7 +120,7 @@ def _worked(step: Step, services: Services, progress: Progress, policy: AttemptP
         raise
 
 
-def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: AttemptPolicy,
+def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: PolicyValues,
              sleep: Callable[[float], None]) -> Progress:
     """Bad input and permanent refusals fail the step at once; anything else is tried again, as the ops'
     RetryPolicy does, honouring a service's Retry-After up to `max_retry_wait_seconds`."""

@@ -254,8 +254,8 @@ def resolve_by_hand(store: Store, resolution: Resolution, progress: Progress) ->
     """An admin closes the order: no outside call. BitLoot's status changes only when the shop refunded."""
     order = _load(store, progress.order_id)
     if resolution is Resolution.refunded_to_customer:
-        moved = store.mark_refunded(order.id, owner=progress.lease_owner)
-        status = (f"orders.status {order.status} -> refunded" if moved
+        refunded = store.mark_refunded(order.id, owner=progress.lease_owner)
+        status = (f"orders.status {order.status} -> refunded" if refunded
                   else f"orders.status left {_status_now(store, order.id)}")
     else:
         status = f"orders.status left {order.status}"
@@ -283,8 +283,8 @@ def verify_payment(store: Store, nowpayments: NowPaymentsClient, progress: Progr
         return progress.noted(f"no check needed: the order is {order.status}")
     if isinstance(decision, Stop):
         return progress.stop(decision.outcome, decision.reason)
-    moved = not store.mark_paid(order.id, owner=progress.lease_owner)
-    if moved and (current := _status_now(store, order.id)) != OrderStatus.PAID:
+    moved_by_someone_else = not store.mark_paid(order.id, owner=progress.lease_owner)
+    if moved_by_someone_else and (current := _status_now(store, order.id)) != OrderStatus.PAID:
         return progress.stop(Outcome.NEEDS_ATTENTION, f"order moved to {current!r} during recovery")
     return progress.noted(f"payment confirmed ({decision.evidence}); order moved from {order.status} to paid")
 
@@ -598,8 +598,8 @@ def mark_fulfilled(store: Store, progress: Progress) -> Progress:
         return progress.noted("already fulfilled")
     if waiting := undelivered_items(order):
         return progress.stop(waiting.outcome, waiting.reason)
-    moved = not store.mark_fulfilled(order.id, owner=progress.lease_owner)
-    if moved and (current := _status_now(store, order.id)) != OrderStatus.FULFILLED:
+    moved_by_someone_else = not store.mark_fulfilled(order.id, owner=progress.lease_owner)
+    if moved_by_someone_else and (current := _status_now(store, order.id)) != OrderStatus.FULFILLED:
         return progress.stop(Outcome.NEEDS_ATTENTION, f"keys stored but order is {current!r}; left as it is")
     return progress.noted(f"order moved from {order.status} to fulfilled")
 

@@ -15,7 +15,6 @@ from pydantic import Field
 from bitloot_reconcile.domain import backlog, fulfilment
 from bitloot_reconcile.domain.attempt import (
     SWITCHES_MAX_AGE_SECONDS,
-    AttemptPolicy,
     AttemptResult,
     Services,
     work_order,
@@ -52,14 +51,6 @@ class BacklogRequest(dg.Config):
     orders: list[DueOrder] = Field(description="The due orders, oldest first; at most batch_max_orders are worked")
 
 
-def attempt_policy(policy: ReconcilePolicy) -> AttemptPolicy:
-    return AttemptPolicy(
-        lease_ttl=policy.lease_ttl, schedule=policy.retry_schedule(), price_bound=policy.price_bound,
-        supplier_poll_attempts=policy.supplier_poll_attempts, supplier_poll_seconds=policy.supplier_poll_seconds,
-        max_retry_wait_seconds=policy.max_retry_wait_seconds,
-    )
-
-
 @dg.op
 def work_backlog(
     context: dg.OpExecutionContext,
@@ -80,7 +71,7 @@ def work_backlog(
         context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: OUTCOME_REFUSED})
         raise dg.Failure(description=f"fulfill_backlog refused: {exc}", allow_retries=False) from None
     repo = store.get_store().sharing_flags(SWITCHES_MAX_AGE_SECONDS)
-    vault, limits = r2.get_vault(), attempt_policy(policy)
+    vault, schedule = r2.get_vault(), policy.retry_schedule()
     add_order_partitions(context.instance, list(reasons))
 
     @contextmanager
@@ -96,7 +87,7 @@ def work_backlog(
 
     def work(services: Services, order_id: str) -> AttemptResult:
         who = Who(run_id=context.run_id, trigger=TRIGGER_SENSOR, actor=SENSOR_ACTOR, reason=reasons[order_id])
-        return work_order(services, order_id, who=who, policy=limits)
+        return work_order(services, order_id, who=who, policy=policy, schedule=schedule)
 
     context.log.info(f"working {len(reasons)} order(s) on {policy.batch_workers} worker(s)")
     counts: dict[str, int] = {}

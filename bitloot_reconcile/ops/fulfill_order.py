@@ -100,9 +100,10 @@ class StepError(Exception):
 def step_errors(policy: ReconcilePolicy, retry: Retry) -> Iterator[None]:
     """Bad input and permanent refusals fail the step for good; transient errors go to the RetryPolicy of the
     step's retry class, honouring the service's Retry-After when it gives one, but never waiting past
-    `max_retry_wait_seconds` (kept below the lease, which the next attempt renews). Anything else (a database error, say) is retried
-    too, re-raised as redacted text without its cause: Dagster records an error's message and chain in
-    the event log, and driver errors can quote the statement's parameters (a presigned URL, for one)."""
+    `max_retry_wait_seconds` (kept below the lease, which the next attempt renews). Anything else (a database
+    error, say) is retried too, re-raised as redacted text without its cause: Dagster records an error's
+    message and chain in the event log, and driver errors can quote the statement's parameters (a presigned
+    URL, for one)."""
     try:
         yield
     except InvalidRequest as exc:
