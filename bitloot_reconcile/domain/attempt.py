@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from bitloot_reconcile.adapters.errors import PermanentError, TransientError
+from bitloot_reconcile.adapters.errors import PermanentError
 from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault
@@ -132,9 +132,8 @@ def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: Reco
         except Exception as exc:
             if attempt == retry.max_retries:
                 raise _StepFailed(name, exc) from None
-            if isinstance(exc, TransientError) and exc.retry_after:
-                wait = min(exc.retry_after, policy.max_retry_wait_seconds)
-            else:
+            wait = steps.retry_after(exc, policy.max_retry_wait_seconds)
+            if wait is None:
                 wait = retry.delay_seconds * 2**attempt * random.uniform(0.5, 1.5)
             sleep(min(wait, policy.max_retry_wait_seconds))
     raise AssertionError("unreachable")

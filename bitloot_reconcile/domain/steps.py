@@ -126,6 +126,14 @@ class Retry:
 TRANSIENT = Retry(max_retries=3, delay_seconds=1.0)  # outages; bad input and refusals are never retried
 
 
+def retry_after(error: Exception, cap: float) -> float | None:
+    """The wait a service asked for (Retry-After), never past `cap` (the policy's `max_retry_wait_seconds`,
+    well inside the lease, which the next try renews); None when it asked for none."""
+    if isinstance(error, TransientError) and error.retry_after:
+        return min(error.retry_after, cap)
+    return None
+
+
 @dataclass(frozen=True)
 class Step:
     name: str  # the job's op name: the UI's step, re-execution's step selection

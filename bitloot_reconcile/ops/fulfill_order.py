@@ -109,8 +109,7 @@ def step_errors(policy: RecoveryPolicyResource, retry: Retry) -> Iterator[None]:
     except InvalidRequest as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     except TransientError as exc:
-        if exc.retry_after:
-            wait = min(exc.retry_after, policy.max_retry_wait_seconds)
+        if (wait := steps.retry_after(exc, policy.max_retry_wait_seconds)) is not None:
             raise dg.RetryRequested(max_retries=retry.max_retries, seconds_to_wait=wait) from exc
         raise
     except PermanentError as exc:

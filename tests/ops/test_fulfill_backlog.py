@@ -336,3 +336,18 @@ def test_a_malformed_order_id_in_a_hand_made_batch_fails_it_before_anything_is_c
     result = world.batch([f" {order_id.upper()} "])  # canonicalised, as the launchpad does for one order
     assert result.success and world.store.get_state(order_id).last_outcome == "fulfilled"
     assert {r["order_id"] for r in world.store.audit_trail(order_id)} == {order_id}
+
+
+def test_a_retry_after_wait_in_a_batch_is_capped_as_in_a_run(world: World):
+    order_id = world.order([world.product()], status="waiting", payment_status="waiting")
+    world.nowpayments.inject("get_payment", Fault(status=429, retry_after=3600, times=10))
+    policy = RecoveryPolicyResource(frontend_url=FRONTEND, max_retry_wait_seconds=0.2)
+
+    started = time.monotonic()
+    result = world.batch([order_id], policy=policy)
+
+    assert result.success  # the order's failure is its own
+    assert time.monotonic() - started < 30  # four tries, each waiting 0.2 s instead of an hour
+    state = world.store.get_state(order_id)
+    assert state.last_outcome == "retry_later"
+    assert state.last_reason.startswith("verify_payment failed: TransientError: nowpayments:"), state.last_reason
