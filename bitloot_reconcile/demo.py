@@ -36,14 +36,14 @@ from bitloot_reconcile.sandbox.seed import (
     set_feature_flag,
 )
 from bitloot_reconcile.sandbox.standins import StandIns
-from bitloot_reconcile.settings import ReconcileVariables
+from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import reconcile_audit
 
 # Short clocks so that the whole story plays out in a couple of minutes.
-DEMO_TUNING = ReconcileVariables(
+DEMO_TUNING = Tunables(
     sweep_interval_seconds=5,
     grace_minutes=0.05,
     backoff_base_seconds=3,

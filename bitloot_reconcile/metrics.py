@@ -36,7 +36,7 @@ from bitloot_reconcile.domain.failures import KINDS, SERVICES, failed_call
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.sensors.sweep import IN_FLIGHT, in_flight_run_records, runs_in_flight, stuck_orders_sensor
-from bitloot_reconcile.settings import ReconcileVariables
+from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import audit_counts
 from bitloot_reconcile.store.repository import Store, utcnow
 from bitloot_reconcile.tags import OUTCOME_REFUSED, TRIGGER_ADMIN, TRIGGER_REEXECUTION, TRIGGER_SENSOR
@@ -140,7 +140,7 @@ def read_dagster(instance: dg.DagsterInstance) -> DagsterView:
 class MetricsSource:
     """The snapshot the collector reports, read again once `cache_seconds` old; concurrent scrapes share a read."""
 
-    def __init__(self, store: Store, instance: dg.DagsterInstance, tunables: ReconcileVariables, *,
+    def __init__(self, store: Store, instance: dg.DagsterInstance, tunables: Tunables, *,
                  cache_seconds: float = DEFAULT_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic):
         self.store, self.instance, self.tunables = store, instance, tunables
         self.cache_seconds, self.clock = cache_seconds, clock

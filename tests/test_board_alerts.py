@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from bitloot_reconcile.assets import order_backlog
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import RecoveryPolicyResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sensors.board_alerts import board_check_alert_sensor
@@ -31,7 +31,7 @@ def board(store_url, r2_bucket, receiver):
             @staticmethod
             def refresh() -> str:
                 result = dg.materialize([order_backlog], instance=instance, resources={
-                    "store": StoreResource(database_url=store_url), "policy": RecoveryPolicyResource(), "r2": r2_bucket,
+                    "store": StoreResource(database_url=store_url), "policy": ReconcilePolicy(), "r2": r2_bucket,
                     "alerts": alerts})
                 assert result.success
                 return result.run_id

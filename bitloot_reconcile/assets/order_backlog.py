@@ -18,7 +18,7 @@ import dagster as dg
 from bitloot_reconcile.domain import board as bd
 from bitloot_reconcile.domain.alerting import order_runs_url, run_url
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import RecoveryPolicyResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sensors.sweep import runs_in_flight
@@ -47,7 +47,7 @@ def report_path(moment: dt.datetime) -> str:
 def order_backlog(
     context: dg.AssetExecutionContext,
     store: StoreResource,
-    policy: RecoveryPolicyResource,
+    policy: ReconcilePolicy,
     r2: R2Resource,
     alerts: AlertsResource,
 ) -> dg.MaterializeResult:

@@ -29,7 +29,7 @@ from bitloot_reconcile.domain.recording import record_failure, record_outcome
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.schedule import RetrySchedule
 from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
-from bitloot_reconcile.settings import RecoveryPolicy
+from bitloot_reconcile.settings import PolicyValues
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import OUTCOME_REFUSED
 
@@ -71,11 +71,11 @@ class _StepFailed(Exception):
         self.error = error
 
 
-def work_order(services: Services, order_id: str, *, who: Who, policy: RecoveryPolicy, schedule: RetrySchedule,
+def work_order(services: Services, order_id: str, *, who: Who, policy: PolicyValues, schedule: RetrySchedule,
                sleep: Callable[[float], None] = time.sleep) -> AttemptResult:
     """Claim, recover and record one order, as one `fulfill_order` run launched by `who.trigger` would, under
-    the same policy (the values the `RecoveryPolicyResource` carries) and retry schedule. The steps share one
-    view of the order, read again only after their own writes (`Store.for_attempt`)."""
+    the same policy (the values of the `ReconcilePolicy` resource) and retry schedule. The steps share one view
+    of the order, read again only after their own writes (`Store.for_attempt`)."""
     services = replace(services, store=services.store.for_attempt())
     repo = services.store
     try:
@@ -101,7 +101,7 @@ def work_order(services: Services, order_id: str, *, who: Who, policy: RecoveryP
         return AttemptResult(order_id, str(Outcome.RETRY_LATER), f"not recorded: {describe_error(exc)}", False)
 
 
-def _worked(step: Step, services: Services, progress: Progress, policy: RecoveryPolicy,
+def _worked(step: Step, services: Services, progress: Progress, policy: PolicyValues,
             sleep: Callable[[float], None]) -> Progress:
     """One row of the table, as its op would run it: retried, polled while it waits, given up as it says."""
     if progress.finished:
@@ -120,7 +120,7 @@ def _worked(step: Step, services: Services, progress: Progress, policy: Recovery
         raise
 
 
-def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: RecoveryPolicy,
+def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: PolicyValues,
              sleep: Callable[[float], None]) -> Progress:
     """Bad input and permanent refusals fail the step at once; anything else is tried again, as the ops'
     RetryPolicy does, honouring a service's Retry-After up to `max_retry_wait_seconds`."""

@@ -18,7 +18,7 @@ from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.ops.fulfill_backlog import EVENT_CHUNK
 from bitloot_reconcile.order_history import EVENT_BATCH_SIZE_VAR, ORDER_ATTEMPTS_KEY, ORDER_IDS
-from bitloot_reconcile.resources.policy import RecoveryPolicyResource
+from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
@@ -247,8 +247,7 @@ def test_a_crash_after_each_step_inside_a_batch_then_the_next_batch_converges(wo
 
 # -- concurrency and kills: each run in its own process, as the run launcher starts them ------------------------
 def _specs(world: World, **policy) -> dict:
-    overrides = {"policy": RecoveryPolicyResource(frontend_url=FRONTEND, **policy)} if policy else {}
-    resources = world.resources(**overrides)
+    resources = world.resources(**({"policy": ReconcilePolicy(frontend_url=FRONTEND, **policy)} if policy else {}))
     return {name: (type(r), {f: getattr(r, f) for f in type(r).model_fields}) for name, r in resources.items()}
 
 
