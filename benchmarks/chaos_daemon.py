@@ -347,7 +347,7 @@ class Chaos:
         from dagster_graphql import DagsterGraphQLClient
 
         from bitloot_reconcile.commands import submit_retry
-        from bitloot_reconcile.sensors.sweep import batch_order_ids
+        from bitloot_reconcile.runs_in_flight import batch_order_ids
 
         def second_batch() -> None:
             run = self.instance.get_run_by_id(batch_run_id)

@@ -139,7 +139,7 @@ def in_flight_runs(settings: Settings) -> dict[str, str]:
         return {}
     import dagster as dg
 
-    from bitloot_reconcile.sensors.sweep import runs_in_flight
+    from bitloot_reconcile.runs_in_flight import runs_in_flight
 
     with dg.DagsterInstance.get() as instance:
         return runs_in_flight(instance)
@@ -280,14 +280,11 @@ def _failure(instance, run_id: str) -> str | None:
 def open_instance() -> Iterator[DagsterInstance]:
     """The Dagster instance of DAGSTER_HOME: the one the daemon and the UI use, so its runs show there."""
     import dagster as dg
-    from dagster._core.errors import DagsterHomeNotSetError, DagsterInvariantViolationError
 
     try:
         instance = dg.DagsterInstance.get()
-    except DagsterHomeNotSetError:
-        raise SettingsError("environment variable DAGSTER_HOME is not set") from None
-    except DagsterInvariantViolationError as exc:  # not absolute, or not an existing directory
-        raise SettingsError(str(exc).split(". ")[0]) from None
+    except dg.DagsterError as exc:  # DAGSTER_HOME unset, not absolute, or not an existing directory
+        raise SettingsError(str(exc).split(". ")[0].replace("$DAGSTER_HOME", "DAGSTER_HOME")) from None
     with instance:
         yield instance
 

@@ -14,9 +14,9 @@ from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
-from bitloot_reconcile.sensors import stuck_orders_sensor
 from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
 from tests.fixtures.board import seed_every_state
+from tests.fixtures.definitions import stuck_orders_sensor
 from tests.fixtures.world import backlog_config
 from tests.store import bitloot_ddl
 

@@ -12,13 +12,13 @@ import dagster as dg
 from pydantic import Field
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
+from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.domain import fulfilment, remedies, switches
 from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
 from bitloot_reconcile.domain.recording import record_failure, record_refusal
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import REMEDY_ACTION, Remedy, Resolution
-from bitloot_reconcile.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
+from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY
 from bitloot_reconcile.commands import history
-from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.postgres import temporary_database
 from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy

@@ -14,10 +14,10 @@ import pytest
 import sqlalchemy as sa
 
 from bitloot_reconcile.adapters.errors import PermanentError
+from bitloot_reconcile.assets.order_history import EVENT_BATCH_SIZE_VAR, ORDER_ATTEMPTS_KEY, ORDER_IDS
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.ops.fulfill_backlog import EVENT_CHUNK
-from bitloot_reconcile.order_history import EVENT_BATCH_SIZE_VAR, ORDER_ATTEMPTS_KEY, ORDER_IDS
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.sandbox.httpserver import Fault

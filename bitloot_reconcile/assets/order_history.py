@@ -3,8 +3,7 @@ own partition, so an order's history reads the same whatever shape of run made e
 
 The asset is never materialised by a job of its own: the runs that work orders report one materialisation per
 attempt (outcome, reason, trigger, actor, run id; never a secret). Partitions are the canonical order ids,
-added only for orders a run touched. It lives outside `assets/` because the ops that report it are imported
-by the sensors that the assets package imports.
+added only for orders a run touched.
 """
 
 from __future__ import annotations
