@@ -188,3 +188,24 @@ def test_no_private_dagster_and_no_settings_read_at_import(name):
     private = sorted(n for n in imported_names(tree, name) if n == "dagster._core" or n.startswith("dagster._"))
     assert private == [], f"{name} imports Dagster's private modules"
     assert module_level_calls(tree, "load_settings") == [], f"{name} reads the settings when imported"
+
+
+def test_the_production_wheel_carries_no_stand_in(tmp_path):
+    """`pip install .` installs what this wheel holds and requires: no simulator, no SeaweedFS, no pyarrow."""
+    import shutil
+    import zipfile
+
+    uv = shutil.which("uv") or str(Path.home() / ".local" / "bin" / "uv")
+    built = subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path), "--quiet"], cwd=ROOT.parent,
+                           capture_output=True, text=True, timeout=240)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("bitloot_reconcile-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert f"{PACKAGE}/definitions.py" in names and f"{PACKAGE}/store/migrations/env.py" in names
+    assert not [n for n in names if n.startswith("bitloot_standins/") or "/sandbox/" in n or n.endswith("/demo.py")]
+    requires = [line.split(":", 1)[1].strip().lower() for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert any(r.startswith("dagster==") for r in requires)
+    assert not [r for r in requires if r.startswith(("seaweedfs", "pyarrow", "bitloot-standins"))], requires

@@ -13,8 +13,8 @@ from dagster._core.events import DagsterEvent, DagsterEventType
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 from tests.fixtures.board import seed_every_state
 from tests.fixtures.definitions import stuck_orders_sensor
 from tests.fixtures.world import backlog_config

@@ -19,8 +19,8 @@ from bitloot_reconcile.adapters.errors import (
     TransientError,
 )
 from bitloot_reconcile.adapters.kinguin import KinguinClient, KinguinOrder, OrderLine
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.kinguin import image_key_bytes
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.kinguin import image_key_bytes
 from tests.fixtures.kinguin import (
     CHEAP_PRODUCT,
     GIF_PRODUCT,
@@ -105,7 +105,6 @@ def test_search_filters(kinguin_sim, kinguin_client):
     assert [o.order_external_id for o in kinguin_client.search_orders()] == ["new", "mid", "old"]
     assert [o.order_external_id for o in kinguin_client.search_orders(order_external_id="mid")] == ["mid"]
     assert kinguin_client.search_orders(order_external_id="nope") == []
-    assert [o.order_external_id for o in kinguin_client.search_orders(status="canceled")] == ["new"]
     got = kinguin_client.search_orders(created_at_from=t0 - timedelta(days=1), created_at_to="2025-01-11")
     assert [o.order_external_id for o in got] == ["mid"]
 

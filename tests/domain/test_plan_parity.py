@@ -14,7 +14,6 @@ import pytest
 from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.commands import Readers, plan
-from bitloot_reconcile.demo import SCENARIOS, DemoWorld, Scenario
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
@@ -22,9 +21,10 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.repository import Store
+from bitloot_standins.demo import SCENARIOS, DemoWorld, Scenario
+from bitloot_standins.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
 
 
 @pytest.fixture(scope="module")

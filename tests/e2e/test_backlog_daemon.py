@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
-from bitloot_reconcile.sandbox.postgres import temporary_database
+from bitloot_standins.postgres import temporary_database
 from tests.e2e.test_daemon import (
     STUCK,
     Processes,

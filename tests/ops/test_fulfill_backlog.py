@@ -20,9 +20,9 @@ from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.ops.fulfill_backlog import EVENT_CHUNK
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from bitloot_reconcile.store.schema import orders
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.s3_proxy import FaultyS3Proxy
 from tests.fixtures.runs import assert_fully_delivered
 from tests.fixtures.world import FRONTEND, World, backlog_config
 

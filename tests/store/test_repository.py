@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_email_bounce, insert_product, set_feature_flag
-from bitloot_reconcile.sandbox.seed import insert_order as insert_seeded_order
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
 from bitloot_reconcile.store.repository import LeaseLost, Store, utcnow
+from bitloot_standins.seed import SeedProduct, insert_email_bounce, insert_product, set_feature_flag
+from bitloot_standins.seed import insert_order as insert_seeded_order
 from tests.store import bitloot_ddl as ddl
 
 OLD = dt.datetime(2026, 1, 2, 3, 4, 5)  # BitLoot timestamps are naive UTC
