@@ -81,7 +81,7 @@ def test_canned_errors_are_kinguin_shaped(kinguin_sim, api, status, kind, reason
 
 # -- placement -------------------------------------------------------------------------------------------
 def test_place_an_order(kinguin_sim, api):
-    response = api.post("v2/order", json=order_body(item(qty=2, price=9.99)))
+    response = api.post("v2/order", json=order_body(item(qty=2, price=9.99), eid=None))
     assert response.status_code == 201
     order = response.json()
     assert re.fullmatch(r"[A-Z0-9]{12}", order["orderId"]) and "orderExternalId" not in order
