@@ -1,5 +1,5 @@
 """One order's whole attempt outside Dagster's step machinery: the driver of the batch path (docs/design.md
-section 14). No Dagster here.
+section 15). No Dagster here.
 
 It calls the same step functions as the `fulfill_order` ops, in the same order and behind the same holds of
 BitLoot's switches, under the same per-order lease, and ends with the same `record_outcome`. What Dagster does

@@ -57,7 +57,7 @@ class FulfillOrderRequest(dg.Config):
     order_id: str = Field(description="BitLoot order uuid (orders.id)")
     reason: str = Field(description="Why this order is being retried (required for admin runs)")
     requested_by: str = Field(description="Who asks for this run, e.g. admin@bitloot.io (required for admin runs)")
-    # An admin's remedies (docs/design.md section 13): optional, each recorded in the run's tags and the audit.
+    # An admin's remedies (docs/design.md section 14): optional, each recorded in the run's tags and the audit.
     max_unit_price_eur: float | None = Field(
         default=None, description="Remedy: pay Kinguin up to this much per unit for this run only, above cost "
         "but within the shop's bound (RECONCILE_MAX_PRICE_OVER_COST_PERCENT / _EUR)")

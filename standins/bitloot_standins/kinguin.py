@@ -1,5 +1,5 @@
-"""Kinguin eCommerce API (ESA) simulator, faithful to the API as the adapter (adapters/kinguin.py) and
-`docs/design.md` section 9 describe it.
+"""Kinguin eCommerce API (ESA) simulator, faithful to the API as the adapter (bitloot_reconcile/adapters/kinguin.py)
+describes it.
 
 Serves under `/esa/api` (`sim.base_url`), authenticates `X-Api-Key`, and implements:
 
