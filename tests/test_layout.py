@@ -215,3 +215,14 @@ def test_the_production_wheel_carries_no_stand_in(tmp_path):
                 if line.startswith("Requires-Dist:")]
     assert any(r.startswith("dagster==") for r in requires)
     assert not [r for r in requires if r.startswith(("seaweedfs", "pyarrow", "bitloot-standins"))], requires
+
+
+@pytest.mark.parametrize("command", ["demo", "sandbox"])
+def test_without_the_stand_ins_the_demo_says_what_to_install(command):
+    standins = str(ROOT.parent / "standins")  # where the development install finds the package
+    hidden = (f"import sys; sys.path = [p for p in sys.path if p != {standins!r}]\n"
+              f"from bitloot_reconcile.cli import main; main([{command!r}])")
+    done = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT.parent)
+    assert done.returncode == 1
+    assert "not part of a production install" in done.stderr and "make demo" in done.stderr
