@@ -50,7 +50,7 @@ def environment_from(path: str) -> Iterator[None]:
 
 @contextmanager
 def usage_errors() -> Iterator[None]:
-    from bitloot_reconcile.domain.outcomes import InvalidRequest
+    from bitloot_reconcile.domain.errors import InvalidRequest
     from bitloot_reconcile.settings import SettingsError
     from bitloot_reconcile.store.repository import ProjectTablesMissing
 

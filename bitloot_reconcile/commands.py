@@ -22,8 +22,8 @@ from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault, resolve_endpoint
 from bitloot_reconcile.domain import reconciliation
 from bitloot_reconcile.domain.board import Board, load_board
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import parse_order_id, refusal, validate_admin_request
-from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.planning import Plan, plan_order
 from bitloot_reconcile.domain.remedies import (
     NO_REMEDY,

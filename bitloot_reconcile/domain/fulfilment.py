@@ -47,13 +47,8 @@ from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
 from bitloot_reconcile.domain.delivery import attachment_filename, completion_idempotency_key, key_object_path
-from bitloot_reconcile.domain.outcomes import (
-    LEASE_LOST_REASON,
-    TERMINAL_OUTCOMES,
-    InvalidRequest,
-    Outcome,
-    Progress,
-)
+from bitloot_reconcile.domain.errors import InvalidRequest
+from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, TERMINAL_OUTCOMES, Outcome, Progress
 from bitloot_reconcile.domain.remedies import (
     NO_REMEDY,
     PriceBound,

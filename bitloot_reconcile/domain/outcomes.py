@@ -33,10 +33,6 @@ TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION, Outcome.RESOLVED})
 LEASE_LOST_REASON = "this run's lease on the order lapsed and another run took it over; nothing more written"
 
 
-class InvalidRequest(ValueError):
-    """The request cannot be acted on (unknown order, bad id, empty reason...). Nothing was changed."""
-
-
 @dataclass(frozen=True)
 class Progress:
     """Passed from step to step: ids and verdicts only, never key serials or URLs (outputs are pickled)."""

@@ -22,7 +22,7 @@ from bitloot_reconcile.domain.attempt import (
     Who,
     work_order,
 )
-from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
 from bitloot_reconcile.ops.fulfill_order import TRANSIENT_RETRY
 from bitloot_reconcile.resources.kinguin import KinguinResource

@@ -14,7 +14,8 @@ from pydantic import Field
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.domain import fulfilment, remedies, switches
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
+from bitloot_reconcile.domain.errors import InvalidRequest
+from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.domain.recording import record_failure, record_refusal
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error

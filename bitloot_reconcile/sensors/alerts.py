@@ -29,8 +29,8 @@ import dagster as dg
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import alerting
 from bitloot_reconcile.domain.alerting import ALERT_OUTCOMES, Alert, clean, error_words, first_line
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import parse_order_id
-from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
