@@ -316,3 +316,12 @@ def test_a_run_that_lost_its_lease_writes_nothing(store: Store):
     assert store.finish_run(order, "run-b", last_outcome="fulfilled")
     state = store.get_state(order)
     assert (state.lease_owner, state.lease_expires_at, state.last_outcome) == (None, None, "fulfilled")
+
+
+def test_give_back_attempt_only_for_the_lease_holder(store):
+    order_id = _new_order_id()
+    assert store.claim(order_id, "run-a", dt.timedelta(minutes=5))
+    store.give_back_attempt(order_id, "run-b")
+    assert store.get_state(order_id).attempts == 1
+    store.give_back_attempt(order_id, "run-a")
+    assert store.get_state(order_id).attempts == 0
