@@ -5,6 +5,7 @@ Kinguin order id is never overwritten, an item gets one `keys` row."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 import sqlalchemy as sa
@@ -35,41 +36,40 @@ class BitLootWrites(Lease):
         self, order_id: str, status: OrderStatus, allowed_from: tuple[OrderStatus, ...], owner: str | None
     ) -> bool:
         now = naive_utc(utcnow())
-        with self._write(order_id, owner) as conn:
-            moved = conn.execute(
-                sa.update(orders)
-                .where(orders.c.id == order_id, orders.c.status.in_([s.value for s in allowed_from]))
-                .values(status=status.value, updatedAt=now)
-            ).rowcount == 1
-        self._order_changed(order_id, (lambda o: replace(o, status=status.value, updated_at=now)) if moved else None)
-        return moved
+        return self._write_order(order_id, owner, orders.c.status.in_([s.value for s in allowed_from]),
+                                 sa.update(orders).values(status=status.value, updatedAt=now),
+                                 lambda o: replace(o, status=status.value, updated_at=now))
 
     def save_reservation_id(self, order_id: str, kinguin_order_id: str, *, owner: str | None = None) -> None:
         """Saved at once, in its own transaction, and never overwritten once set."""
         now = naive_utc(utcnow())
-        with self._write(order_id, owner) as conn:
-            saved = conn.execute(
-                sa.update(orders)
-                .where(orders.c.id == order_id, orders.c.kinguinReservationId.is_(None))
-                .values(kinguinReservationId=kinguin_order_id, updatedAt=now)
-            ).rowcount == 1
-        self._order_changed(order_id, (lambda o: replace(o, kinguin_reservation_id=kinguin_order_id, updated_at=now))
-                    if saved else None)
+        self._write_order(order_id, owner, orders.c.kinguinReservationId.is_(None),
+                          sa.update(orders).values(kinguinReservationId=kinguin_order_id, updatedAt=now),
+                          lambda o: replace(o, kinguin_reservation_id=kinguin_order_id, updated_at=now))
 
     def replace_reservation_id(self, order_id: str, replaced: str, replacement: str, *, owner: str | None = None
                                ) -> bool:
         """A replacement Kinguin order takes the place of the canceled one, only while the canceled one is the
         order's saved reservation (so a second attempt changes nothing)."""
         now = naive_utc(utcnow())
+        return self._write_order(order_id, owner, orders.c.kinguinReservationId == replaced,
+                                 sa.update(orders).values(kinguinReservationId=replacement, updatedAt=now),
+                                 lambda o: replace(o, kinguin_reservation_id=replacement, updated_at=now))
+
+    def mark_email_sent(self, order_id: str, *, owner: str | None = None) -> None:
+        now = naive_utc(utcnow())
+        self._write_order(order_id, owner, orders.c.completionEmailSent.is_(False),
+                          sa.update(orders).values(completionEmailSent=True, updatedAt=now),
+                          lambda o: replace(o, completion_email_sent=True, updated_at=now))
+
+    def _write_order(self, order_id: str, owner: str | None, guard: sa.ColumnElement[bool], update: sa.Update,
+                     change: Callable[[Order], Order]) -> bool:
+        """`update` of the order's row where `guard` holds, under the lease; `change` is what it does to the order
+        as read. False when the guard matched nothing: someone else moved the order, which is then read again."""
         with self._write(order_id, owner) as conn:
-            moved = conn.execute(
-                sa.update(orders)
-                .where(orders.c.id == order_id, orders.c.kinguinReservationId == replaced)
-                .values(kinguinReservationId=replacement, updatedAt=now)
-            ).rowcount == 1
-        self._order_changed(order_id, (lambda o: replace(o, kinguin_reservation_id=replacement, updated_at=now))
-                    if moved else None)
-        return moved
+            changed = conn.execute(update.where(orders.c.id == order_id, guard)).rowcount == 1
+        self._order_changed(order_id, change if changed else None)
+        return changed
 
     def record_stored_key(
         self,
@@ -116,14 +116,3 @@ class BitLootWrites(Lease):
 
         # Another writer's `keys` row (its storage ref) is only known by reading the order again.
         self._order_changed(order_id, stored if has_row is None else None)
-
-    def mark_email_sent(self, order_id: str, *, owner: str | None = None) -> None:
-        now = naive_utc(utcnow())
-        with self._write(order_id, owner) as conn:
-            marked = conn.execute(
-                sa.update(orders)
-                .where(orders.c.id == order_id, orders.c.completionEmailSent.is_(False))
-                .values(completionEmailSent=True, updatedAt=now)
-            ).rowcount == 1
-        self._order_changed(order_id, (lambda o: replace(o, completion_email_sent=True, updated_at=now))
-                            if marked else None)

@@ -83,38 +83,19 @@ class OrderReads(StoreBase):
                 if r["key_id"] is not None:
                     refs[r["id"]].append(r["key_ref"] or "")
             items = tuple(
-                Item(
-                    id=r["id"],
-                    product_id=r["productId"],
-                    quantity=r["quantity"],
-                    unit_price=r["unitPrice"],
-                    source_type=r["productSourceType"],
-                    signed_url=r["signedUrl"],
-                    product_title=r["title"],
-                    product_source_type=r["product_source"],
-                    kinguin_product_id=r["kinguinProductId"],
-                    kinguin_offer_id=r["kinguinOfferId"],
-                    product_cost=r["cost"],
-                    is_preorder=bool(r["isPreorder"]),
-                    key_refs=tuple(refs[item_id]),
-                )
+                Item(id=r["id"], product_id=r["productId"], quantity=r["quantity"], unit_price=r["unitPrice"],
+                     source_type=r["productSourceType"], signed_url=r["signedUrl"], product_title=r["title"],
+                     product_source_type=r["product_source"], kinguin_product_id=r["kinguinProductId"],
+                     kinguin_offer_id=r["kinguinOfferId"], product_cost=r["cost"], is_preorder=bool(r["isPreorder"]),
+                     key_refs=tuple(refs[item_id]))
                 for item_id, r in firsts.items()
             )
             pays = tuple(Payment(external_id=r["payment_id"], status=r["payment_status"])
                          for r in order_rows if r["payment_id"] is not None)
-        return Order(
-            id=row["id"],
-            email=row["email"],
-            status=row["status"],
-            source_type=row["sourceType"],
-            total=row["totalCrypto"],
-            kinguin_reservation_id=row["kinguinReservationId"],
-            completion_email_sent=bool(row["completionEmailSent"]),
-            created_at=row["createdAt"],
-            updated_at=row["updatedAt"],
-            items=items,
-            payments=pays,
-        )
+        return Order(id=row["id"], email=row["email"], status=row["status"], source_type=row["sourceType"],
+                     total=row["totalCrypto"], kinguin_reservation_id=row["kinguinReservationId"],
+                     completion_email_sent=bool(row["completionEmailSent"]), created_at=row["createdAt"],
+                     updated_at=row["updatedAt"], items=items, payments=pays)
 
     # -- the reconciliation report (reads only) ------------------------------------------------------------
     def order_ids_created_between(self, start: dt.datetime, end: dt.datetime) -> list[str]:

@@ -126,29 +126,9 @@ class ReconcileTables(Lease):
                 .values(**values, updated_at=utcnow())
             )
 
-    def append_audit(
-        self,
-        *,
-        order_id: str,
-        action: str,
-        trigger: str,
-        actor: str | None,
-        reason: str | None,
-        run_id: str | None,
-        outcome: str | None,
-        detail: str | None = None,
-    ) -> None:
+    def append_audit(self, *, order_id: str, action: str, trigger: str, actor: str | None, reason: str | None,
+                     run_id: str | None, outcome: str | None, detail: str | None = None) -> None:
         with self._autocommit() as conn:
-            conn.execute(
-                sa.insert(reconcile_audit).values(
-                    order_id=order_id,
-                    action=action,
-                    trigger=trigger,
-                    actor=actor,
-                    reason=reason,
-                    run_id=run_id,
-                    outcome=outcome,
-                    detail=detail,
-                    created_at=utcnow(),
-                )
-            )
+            conn.execute(sa.insert(reconcile_audit).values(
+                order_id=order_id, action=action, trigger=trigger, actor=actor, reason=reason, run_id=run_id,
+                outcome=outcome, detail=detail, created_at=utcnow()))
