@@ -100,13 +100,14 @@ def held_back_sql(state: sa.FromClause, now: dt.datetime) -> sa.ColumnElement[bo
     )
 
 
-def may_hold_back_sql(state: sa.FromClause) -> sa.ColumnElement[bool]:
+def may_hold_back_sql(state: sa.FromClause, *, outcomes: tuple[Outcome, ...] = LEFT_TO_A_PERSON
+                      ) -> sa.ColumnElement[bool]:
     """The state rows that can hold an order back at some time (the partial index the sweep probes): every row
     `held_back_sql` matches, whatever the time."""
     return sa.or_(
         state.c.lease_owner.is_not(None),
         state.c.next_attempt_at.is_not(None),
-        *(state.c.last_outcome == outcome.value for outcome in LEFT_TO_A_PERSON),
+        *(state.c.last_outcome == _rendered(outcome.value) for outcome in outcomes),
     )
 
 
@@ -135,8 +136,5 @@ def kept_on_board_sql(orders: sa.FromClause, state: sa.FromClause) -> sa.ColumnE
     """Not done and held back by the project at any age (leased, a backoff set, needing a person: served by the
     partial index of `may_hold_back_sql`), so a quarantined order never drops off the board. An order closed by
     hand is done."""
-    return sa.and_(
-        sa.or_(state.c.lease_owner.is_not(None), state.c.next_attempt_at.is_not(None),
-               state.c.last_outcome == _rendered(Outcome.NEEDS_ATTENTION.value)),
-        sa.or_(recoverable_sql(orders), email_pending_sql(orders)),
-    )
+    return sa.and_(may_hold_back_sql(state, outcomes=(Outcome.NEEDS_ATTENTION,)),
+                   sa.or_(recoverable_sql(orders), email_pending_sql(orders)))
