@@ -122,8 +122,9 @@ class ReconcileState:
     replaced_kinguin_order_id: str | None = None
 
 
-def state_from_row(row: sa.RowMapping) -> ReconcileState:
-    return ReconcileState(**{f.name: row[f.name] for f in fields(ReconcileState)})
+def state_from_row(row: sa.RowMapping, prefix: str = "") -> ReconcileState:
+    """The state row's columns, named `{prefix}{column}` in `row`."""
+    return ReconcileState(**{f.name: row[f"{prefix}{f.name}"] for f in fields(ReconcileState)})
 
 
 class LeaseLost(Exception):

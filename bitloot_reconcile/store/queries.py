@@ -18,6 +18,7 @@ from bitloot_reconcile.store.models import (
     StuckOrder,
     naive_utc,
     needs_project_tables,
+    state_from_row,
 )
 from bitloot_reconcile.store.schema import orders, reconcile_state
 from bitloot_reconcile.store.statuses import OrderStatus
@@ -90,8 +91,7 @@ class Queries(StoreBase):
                 BacklogOrder(
                     r["id"], r["status"], bool(r["completionEmailSent"]), r["createdAt"], r["updatedAt"],
                     r["kinguinReservationId"],
-                    ReconcileState(**{f.name: r[f"state_{f.name}"] for f in fields(ReconcileState)})
-                    if r["state_order_id"] else ReconcileState(order_id=r["id"]),
+                    state_from_row(r, prefix="state_") if r["state_order_id"] else ReconcileState(order_id=r["id"]),
                 )
                 for r in conn.execute(query).mappings()
             ]

@@ -1,4 +1,4 @@
-"""The per-order lease: one conditional UPDATE on reconcile_state decides, on PostgreSQL and on SQLite."""
+"""The per-order lease: one upsert on reconcile_state decides, on PostgreSQL and on SQLite."""
 
 from __future__ import annotations
 
