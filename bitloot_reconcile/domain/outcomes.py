@@ -26,10 +26,6 @@ class Outcome(StrEnum):
     RESOLVED = "resolved"
 
 
-# Outcomes after which the sweep leaves the order alone until a person acts (an admin run still works).
-TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION, Outcome.RESOLVED})
-
-
 LEASE_LOST_REASON = "this run's lease on the order lapsed and another run took it over; nothing more written"
 
 
