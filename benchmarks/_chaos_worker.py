@@ -17,7 +17,7 @@ import dagster as dg
 from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.definitions import defs
 
-JOB = defs.resolve_job_def("fulfill_order")
+JOB = defs().resolve_job_def("fulfill_order")
 
 
 @dg.op

@@ -31,14 +31,14 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.kinguin import KinguinSimulator
-from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
-from bitloot_reconcile.sandbox.postgres import temporary_database
-from bitloot_reconcile.sandbox.resend import ResendSimulator
-from bitloot_reconcile.sandbox.s3 import SeaweedS3
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
+from bitloot_standins.kinguin import KinguinSimulator
+from bitloot_standins.nowpayments import NowPaymentsSimulator
+from bitloot_standins.postgres import temporary_database
+from bitloot_standins.resend import ResendSimulator
+from bitloot_standins.s3 import SeaweedS3
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 
 PG_SERVER_URL = os.environ.get("BENCH_PG_SERVER_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REPO_ROOT = Path(__file__).resolve().parent.parent

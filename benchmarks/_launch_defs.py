@@ -32,4 +32,4 @@ def empty_job() -> None:
         value = op(value)
 
 
-defs = dg.Definitions.merge(project_defs, dg.Definitions(jobs=[empty_job]))
+defs = dg.Definitions.merge(project_defs(), dg.Definitions(jobs=[empty_job]))

@@ -59,9 +59,9 @@ from _harness import (
 from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, Services, work_order
 from bitloot_reconcile.domain.backlog import drain
 from bitloot_reconcile.domain.steps import Who
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.seed import insert_order, set_feature_flag
 from bitloot_reconcile.store.schema import orders
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.seed import insert_order, set_feature_flag
 
 BIN = Path(sys.executable).parent
 AUTO_FULFIL = "auto_fulfill_enabled"

@@ -66,14 +66,14 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.domain.outcomes import Outcome
-from bitloot_reconcile.sandbox.httpserver import Fault, RecordedRequest
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy, Outage
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
-from bitloot_reconcile.sensors.sweep import IN_FLIGHT
+from bitloot_reconcile.runs_in_flight import IN_FLIGHT
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import keys as keys_table
 from bitloot_reconcile.store.schema import order_items, orders, reconcile_state
 from bitloot_reconcile.tags import TRIGGER_ADMIN, request_tags
+from bitloot_standins.httpserver import Fault, RecordedRequest
+from bitloot_standins.s3_proxy import FaultyS3Proxy, Outage
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 
 BENCHMARKS = Path(__file__).resolve().parent
 STATEMENT_TIMEOUT_SECONDS = 15.0  # StoreResource's default, which the code location uses
@@ -557,7 +557,7 @@ class Chaos:
 
     # -- the sweep ----------------------------------------------------------------------------------------
     def sweep(self) -> None:
-        from bitloot_reconcile.sensors import stuck_orders_sensor
+        from tests.fixtures.definitions import stuck_orders_sensor
 
         resources = {k: self.resources[k] for k in ("store", "policy")}
         with dg.build_sensor_context(instance=self.instance, resources=resources) as context:

@@ -70,11 +70,11 @@ from chaos import check as check_store
 from chaos import policy_env as chaos_policy_env
 
 from bitloot_reconcile.adapters.r2 import KeyVault
-from bitloot_reconcile.sandbox.httpserver import RecordedRequest
-from bitloot_reconcile.sandbox.postgres import PostgresCluster
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from bitloot_reconcile.store.schema import feature_flags, order_items, reconcile_state
 from bitloot_reconcile.store.schema import keys as keys_table
+from bitloot_standins.httpserver import RecordedRequest
+from bitloot_standins.postgres import PostgresCluster
+from bitloot_standins.s3_proxy import FaultyS3Proxy
 
 BIN = Path(sys.executable).parent
 IN_FLIGHT = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -347,7 +347,7 @@ class Chaos:
         from dagster_graphql import DagsterGraphQLClient
 
         from bitloot_reconcile.commands import submit_retry
-        from bitloot_reconcile.sensors.sweep import batch_order_ids
+        from bitloot_reconcile.runs_in_flight import batch_order_ids
 
         def second_batch() -> None:
             run = self.instance.get_run_by_id(batch_run_id)

@@ -19,7 +19,7 @@ from collections import Counter
 from _harness import console, print_machine, print_table, stand_ins, stderr_to_file
 
 from bitloot_reconcile.jobs import fulfill_order
-from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_standins.httpserver import Fault
 
 ROUTES = ("place_order_v2", "search_orders", "get_order", "get_keys")
 

@@ -60,13 +60,13 @@ from sensor_tick import load
 
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.kinguin import KinguinSimulator
-from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
-from bitloot_reconcile.sandbox.resend import ResendSimulator
-from bitloot_reconcile.sandbox.s3 import SeaweedS3
-from bitloot_reconcile.sandbox.seed import SeedProduct, add_history_lines, add_recovery_history
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
+from bitloot_standins.kinguin import KinguinSimulator
+from bitloot_standins.nowpayments import NowPaymentsSimulator
+from bitloot_standins.resend import ResendSimulator
+from bitloot_standins.s3 import SeaweedS3
+from bitloot_standins.seed import SeedProduct, add_history_lines, add_recovery_history
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.store.bitloot_ddl import MODELED_TABLES, create_bitloot_schema  # noqa: E402

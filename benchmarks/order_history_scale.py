@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from _harness import REPO_ROOT, console, median, print_machine, print_table, temp_database, timed
 from backlog_drain import free_port, wait_port
 
-from bitloot_reconcile.order_history import (
+from bitloot_reconcile.assets.order_history import (
     ORDER_ATTEMPTS_KEY,
     ORDER_IDS,
     add_order_partitions,

@@ -46,7 +46,7 @@ from dagster._core.workspace.load_target import PythonFileTarget
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sensors import stuck_orders_sensor
+from tests.fixtures.definitions import stuck_orders_sensor
 
 COORDINATOR = "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
 DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}

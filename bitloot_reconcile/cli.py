@@ -50,7 +50,7 @@ def environment_from(path: str) -> Iterator[None]:
 
 @contextmanager
 def usage_errors() -> Iterator[None]:
-    from bitloot_reconcile.domain.outcomes import InvalidRequest
+    from bitloot_reconcile.domain.errors import InvalidRequest
     from bitloot_reconcile.settings import SettingsError
     from bitloot_reconcile.store.repository import ProjectTablesMissing
 
@@ -466,6 +466,24 @@ def report_cmd(since: dt.datetime | None, until: dt.datetime | None, csv_path: s
         click.echo(f"all rows written to {csv_path}")
 
 
+STANDINS_MISSING = (
+    "the demo and the stand-ins are development tools, not part of a production install: run them from a clone "
+    "of the repository, where `make demo` (or `uv sync`) installs the bitloot-standins package with them"
+)
+
+
+def _standins(module: str):
+    """A module of the development-only `bitloot_standins` package, or a usage error saying how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"bitloot_standins.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bitloot_standins":
+            raise
+        raise click.ClickException(STANDINS_MISSING) from None
+
+
 @main.command()
 @click.option("--ui", is_flag=True, help="Also start the Dagster UI (dagster dev) on the same state and keep it up.")
 @click.option("--port", default=3000, show_default=True, help="Port of the UI with --ui.")
@@ -478,8 +496,7 @@ def demo(ui: bool, port: int, base_dir: str, database_url: str | None, timeout: 
     """Seed stuck orders of every kind and let the real sensor and jobs recover them."""
     from pathlib import Path
 
-    from bitloot_reconcile.demo import run_demo
-
+    run_demo = _standins("demo").run_demo
     settings = _settings()
     database_url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
     raise SystemExit(run_demo(base_dir=Path(base_dir), database_url=database_url, ui=ui, port=port, timeout=timeout))
@@ -492,9 +509,8 @@ def sandbox() -> None:
     import sys
     import time
 
-    from bitloot_reconcile.sandbox.standins import KINGUIN_KEY, StandIns
-
-    with StandIns() as standins:
+    standins_module = _standins("standins")
+    with standins_module.StandIns() as standins:
         products = standins.add_sample_products()
         for name, value in standins.env().items():
             click.echo(f"{name}={value}")
@@ -502,8 +518,8 @@ def sandbox() -> None:
             click.echo(f"# Kinguin product {product_id}: {title}")
         first = next(iter(products))
         click.echo(
-            f"# try: curl -s -X POST {standins.kinguin.base_url}/v2/order -H 'X-Api-Key: {KINGUIN_KEY}' "
-            f"-H 'Content-Type: application/json' "
+            f"# try: curl -s -X POST {standins.kinguin.base_url}/v2/order "
+            f"-H 'X-Api-Key: {standins_module.KINGUIN_KEY}' -H 'Content-Type: application/json' "
             f"-d '{{\"products\":[{{\"productId\":\"{first}\",\"qty\":1,\"price\":25}}],"
             f"\"orderExternalId\":\"demo-1\"}}'"
         )

@@ -22,8 +22,8 @@ from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault, resolve_endpoint
 from bitloot_reconcile.domain import reconciliation
 from bitloot_reconcile.domain.board import Board, load_board
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import check_launch, parse_order_id, refusal
-from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.domain.planning import Plan, plan_order
 from bitloot_reconcile.domain.remedies import (
     NO_REMEDY,
@@ -138,7 +138,7 @@ def in_flight_runs(settings: Settings) -> dict[str, str]:
         return {}
     import dagster as dg
 
-    from bitloot_reconcile.sensors.sweep import runs_in_flight
+    from bitloot_reconcile.runs_in_flight import runs_in_flight
 
     with dg.DagsterInstance.get() as instance:
         return runs_in_flight(instance)
@@ -279,14 +279,11 @@ def _failure(instance, run_id: str) -> str | None:
 def open_instance() -> Iterator[DagsterInstance]:
     """The Dagster instance of DAGSTER_HOME: the one the daemon and the UI use, so its runs show there."""
     import dagster as dg
-    from dagster._core.errors import DagsterHomeNotSetError, DagsterInvariantViolationError
 
     try:
         instance = dg.DagsterInstance.get()
-    except DagsterHomeNotSetError:
-        raise SettingsError("environment variable DAGSTER_HOME is not set") from None
-    except DagsterInvariantViolationError as exc:  # not absolute, or not an existing directory
-        raise SettingsError(str(exc).split(". ")[0]) from None
+    except dg.DagsterError as exc:  # DAGSTER_HOME unset, not absolute, or not an existing directory
+        raise SettingsError(str(exc).split(". ")[0].replace("$DAGSTER_HOME", "DAGSTER_HOME")) from None
     with instance:
         yield instance
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dagster as dg
 
-from bitloot_reconcile.assets import ASSETS, SCHEDULES
+from bitloot_reconcile.assets.order_backlog import build_order_backlog, order_backlog_job, order_backlog_schedule
+from bitloot_reconcile.assets.order_history import order_attempts
+from bitloot_reconcile.assets.reconciliation_report import reconciliation_report, reconciliation_report_schedule
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order, prune_order_history, prune_order_history_schedule
 from bitloot_reconcile.resources.alerts import DEFAULT_WEBSERVER_URL, AlertsResource
 from bitloot_reconcile.resources.kinguin import KinguinResource
@@ -13,7 +17,7 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sensors import SENSORS
+from bitloot_reconcile.sensors import build_sensors
 from bitloot_reconcile.settings import Settings, load_settings
 
 
@@ -44,10 +48,21 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     }
 
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    jobs=[fulfill_order, fulfill_backlog, prune_order_history],
-    schedules=[*SCHEDULES, prune_order_history_schedule],
-    sensors=SENSORS,
-    resources=build_resources(load_settings()),
-)
+def build_definitions(settings: Settings) -> dg.Definitions:
+    """The code location from one `Settings`: every module below takes its values from here."""
+    tunables = settings.reconcile
+    return dg.Definitions(
+        assets=[reconciliation_report, build_order_backlog(sla=dt.timedelta(minutes=tunables.board_sla_minutes)),
+                order_attempts],
+        jobs=[fulfill_order, fulfill_backlog, prune_order_history, order_backlog_job],
+        schedules=[reconciliation_report_schedule, order_backlog_schedule, prune_order_history_schedule],
+        sensors=build_sensors(sweep_interval_seconds=tunables.sweep_interval_seconds,
+                              alert_interval_seconds=tunables.alert_interval_seconds),
+        resources=build_resources(settings),
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What Dagster loads (lazily: the settings are read when the code location loads, not at import)."""
+    return build_definitions(load_settings())

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 import sqlalchemy as sa
-from dagster._core.definitions.run_request import InstigatorType
-from dagster._core.scheduler.instigation import TickStatus
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -35,7 +33,8 @@ from bitloot_reconcile.domain.board import Board, BoardState, load_board
 from bitloot_reconcile.domain.failures import KINDS, SERVICES, failed_call
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
-from bitloot_reconcile.sensors.sweep import IN_FLIGHT, in_flight_run_records, runs_in_flight, stuck_orders_sensor
+from bitloot_reconcile.runs_in_flight import IN_FLIGHT, in_flight_run_records, runs_in_flight
+from bitloot_reconcile.sensors.sweep import SWEEP_SENSOR_NAME
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store import audit_counts
 from bitloot_reconcile.store.repository import Store, utcnow
@@ -55,7 +54,9 @@ OUTCOMES = (*(o.value for o in Outcome), OUTCOME_REFUSED)
 TRIGGERS = (TRIGGER_SENSOR, TRIGGER_ADMIN, TRIGGER_REEXECUTION)
 JOBS = (fulfill_order.name, fulfill_backlog.name)
 IN_FLIGHT_STATUSES = tuple(status.value for status in IN_FLIGHT)
-TICKED = [TickStatus.SUCCESS, TickStatus.SKIPPED]
+# A tick that ended so swept (Dagster's TickStatus values; a failed or unfinished tick is no sweep).
+TICKED = frozenset({"SUCCESS", "SKIPPED"})
+TICK_PAGE, TICK_PAGES = 50, 20  # the last completed tick is looked for among at most 1000 recent ticks
 
 
 @dataclass
@@ -127,14 +128,25 @@ class Snapshot:
 def read_dagster(instance: dg.DagsterInstance) -> DagsterView:
     records = in_flight_run_records(instance)
     runs = Counter((r.dagster_run.job_name, r.dagster_run.status.value) for group in records for r in group)
-    last_tick = None
-    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
-        if state.instigator_name != stuck_orders_sensor.name:
-            continue
-        ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1, statuses=TICKED)
-        if ticks and (last_tick is None or ticks[0].timestamp > last_tick):
-            last_tick = ticks[0].timestamp
+    ticks = [last_completed_tick(instance, state) for state in instance.all_instigator_state()
+             if state.instigator_name == SWEEP_SENSOR_NAME and state.instigator_type.value == "SENSOR"]
+    last_tick = max((t for t in ticks if t is not None), default=None)
     return DagsterView(dict(runs), runs_in_flight(instance, records), last_tick)
+
+
+def last_completed_tick(instance: dg.DagsterInstance, state) -> float | None:
+    """When this sensor's newest successful or skipped tick started (epoch seconds); None: none in reach. Read a
+    page at a time, newest first, so a run of failed ticks does not hide the last good one."""
+    before = None
+    for _ in range(TICK_PAGES):
+        ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, before=before, limit=TICK_PAGE)
+        for tick in ticks:
+            if tick.status.value in TICKED:
+                return tick.timestamp
+        if len(ticks) < TICK_PAGE:
+            return None
+        before = ticks[-1].timestamp
+    return None
 
 
 class MetricsSource:

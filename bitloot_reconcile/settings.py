@@ -1,8 +1,9 @@
 """Every environment variable the project reads, typed and with its default, in one object.
 
 BitLoot's own names, so one `.env` serves both systems (the contract, docs/design.md section 3), plus the
-`RECONCILE_<NAME>` tunables. The code location, the sensors, the command line and the demo all read the
-environment through `load_settings`; a value of the wrong type stops them with the variable's name.
+`RECONCILE_<NAME>` tunables. The code location (once, when it loads: `definitions.py` passes the values down),
+the command line and the demo read the environment through `load_settings`; a value of the wrong type stops
+them with the variable's name.
 
 Secrets are held as `SecretStr` (never printed); Dagster resources get them as `EnvVar` by name instead, so
 the UI shows the names only. `DAGSTER_PG_URL` is not here: only Dagster's own `dagster.yaml` reads it.

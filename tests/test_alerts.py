@@ -13,18 +13,18 @@ import pytest
 
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.webhook import WebhookClient
-from bitloot_reconcile.assets import order_backlog
 from bitloot_reconcile.jobs import fulfill_backlog
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
 from bitloot_reconcile.sensors import alerts as alerts_module
-from bitloot_reconcile.sensors.alerts import TAG_ALERT, needs_attention_alert_sensor, run_failure_alert_sensor
+from bitloot_reconcile.sensors.alerts import TAG_ALERT
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_BATCH_SIZE, TAG_OUTCOME
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.s3_proxy import FaultyS3Proxy
+from tests.fixtures.definitions import needs_attention_alert_sensor, order_backlog, run_failure_alert_sensor
 from tests.fixtures.webhook import HOOK_PATH, Receiver
 from tests.fixtures.world import FRONTEND, World, backlog_config
 

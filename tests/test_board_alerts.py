@@ -7,14 +7,13 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from bitloot_reconcile.assets import order_backlog
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sensors.board_alerts import board_check_alert_sensor
 from bitloot_reconcile.store.schema import reconcile_state
+from bitloot_standins.httpserver import Fault
 from tests.fixtures.board import seed_every_state
+from tests.fixtures.definitions import board_check_alert_sensor, order_backlog
 from tests.fixtures.webhook import Receiver
 
 DAGSTER_URL = "http://dagster.test"

@@ -10,7 +10,7 @@ import dagster as dg
 
 from bitloot_reconcile.domain.board import LABELS, BoardState
 from bitloot_reconcile.jobs import fulfill_order
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 from tests.fixtures.board import SUPPLIER_CANCELED, on_board, seed_every_state
 from tests.fixtures.world import World
 from tests.test_cli_operator import invoke

@@ -7,7 +7,10 @@ import sys
 
 import dagster as dg
 
-from bitloot_reconcile.definitions import defs
+from bitloot_reconcile import definitions
+from bitloot_reconcile.settings import Settings, Tunables
+
+defs = definitions.defs()  # as Dagster loads the code location: from the environment now
 
 SECRETS = {  # resource -> its fields that are credentials, and the variable each must be read from at run time
     "store": {"database_url": "DATABASE_URL"},
@@ -56,7 +59,16 @@ def test_launchpad_config_is_flat():
 
 def test_a_malformed_setting_stops_the_load_naming_the_variable():
     env = {**os.environ, "RECONCILE_GRACE_MINUTES": "abc"}
-    loaded = subprocess.run([sys.executable, "-c", "import bitloot_reconcile.definitions"], env=env,
+    loaded = subprocess.run([sys.executable, "-c", "from bitloot_reconcile.definitions import defs; defs()"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert loaded.returncode != 0
     assert "RECONCILE_GRACE_MINUTES: Input should be a valid number" in loaded.stderr
+
+
+def test_the_settings_given_set_the_sensors_intervals():
+    tunables = Tunables(sweep_interval_seconds=7, alert_interval_seconds=11, board_sla_minutes=25)
+    built = definitions.build_definitions(Settings(reconcile=tunables)).get_repository_def()
+    assert built.get_sensor_def("stuck_orders_sensor").minimum_interval_seconds == 7
+    assert built.get_sensor_def("needs_attention_alert_sensor").minimum_interval_seconds == 11
+    assert built.get_sensor_def("board_check_alert_sensor").minimum_interval_seconds == 11
+    assert built.get_sensor_def("run_failure_alert_sensor").minimum_interval_seconds == 11

@@ -34,10 +34,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from bitloot_reconcile import metrics
 from bitloot_reconcile.domain.board import BoardState, build_board
 from bitloot_reconcile.metrics import AuditCounts, DagsterView, MetricsSource, ReconcileCollector, Snapshot
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import reconcile_audit
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 from tests.e2e.test_daemon import free_port
 from tests.fixtures.board import seed_every_state
 from tests.fixtures.world import backlog_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY
+from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY
 from bitloot_reconcile.resources.r2 import R2Resource
 from tests.fixtures.world import World
 

@@ -13,10 +13,10 @@ from dagster._core.events import DagsterEvent, DagsterEventType
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
-from bitloot_reconcile.sensors import stuck_orders_sensor
 from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 from tests.fixtures.board import seed_every_state
+from tests.fixtures.definitions import stuck_orders_sensor
 from tests.fixtures.world import backlog_config
 from tests.store import bitloot_ddl
 
@@ -108,7 +108,7 @@ def test_run_request_carries_tags_config_and_an_attempt_numbered_key(sweep):
     assert dg.validate_run_config(fulfill_order, first.run_config)
     # After a run claimed the order (attempt 1 done) the next request is attempt 2, with a new key.
     sweep.store.claim(order_id, "run-1", dt.timedelta(minutes=1))
-    sweep.store.release(order_id, "run-1")
+    sweep.store.finish_run(order_id, "run-1")
     (second,) = sweep.tick()
     assert second.run_key == f"{order_id}:2:{bucket}" and second.tags["bitloot/attempt"] == "2"
 

@@ -179,15 +179,13 @@ class KinguinClient(HttpAdapter):
 
     def search_orders(self, *, order_external_id: str | None = None,
                       created_at_from: datetime | str | None = None,
-                      created_at_to: datetime | str | None = None, status: str | None = None,
-                      page_size: int = 100) -> list[KinguinOrder]:
+                      created_at_to: datetime | str | None = None, page_size: int = 100) -> list[KinguinOrder]:
         """GET /v1/order with filters, following every page. Newest first, as Kinguin sorts them."""
         limit = min(max(int(page_size), 1), MAX_PAGE_SIZE)
         params: dict[str, Any] = {k: v for k, v in {
             "orderExternalId": order_external_id,
             "createdAtFrom": _fmt_time(created_at_from),
             "createdAtTo": _fmt_time(created_at_to),
-            "status": status,
         }.items() if v is not None}
         found: dict[str, KinguinOrder] = {}
         for page in range(1, _MAX_PAGES + 1):

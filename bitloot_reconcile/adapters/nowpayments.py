@@ -98,11 +98,6 @@ class PaymentInfo(BaseModel):
     created_at: str | None = None
     updated_at: str | None = None
 
-    @property
-    def verdict(self) -> PaymentVerdict:
-        """classify_payment_status(payment_status); raises ValueError on an unknown status."""
-        return classify_payment_status(self.payment_status)
-
 
 class NowPaymentsClient(HttpAdapter):
     """Synchronous NOWPayments API client. `base_url` is the API root; the client appends `/v1/...`.

@@ -21,71 +21,76 @@ from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sensors.sweep import runs_in_flight
-from bitloot_reconcile.settings import load_settings
+from bitloot_reconcile.runs_in_flight import runs_in_flight
 from bitloot_reconcile.store.repository import utcnow
 
 ASSET_NAME = bd.ASSET_NAME
-# Read when the code location loads, like the sensors' intervals.
-SLA = dt.timedelta(minutes=load_settings().reconcile.board_sla_minutes)
 TABLE_ROWS = 50  # shown in the UI, oldest first; the CSV holds every row
 SCHEDULE = "*/5 * * * *"
 SEVERITY = {"ERROR": dg.AssetCheckSeverity.ERROR, "WARN": dg.AssetCheckSeverity.WARN}
+
+
 def report_path(moment: dt.datetime) -> str:
     return f"reports/board/{moment.astimezone(dt.UTC):%Y-%m-%dT%H-%M-%SZ}.csv"
 
 
-@dg.asset(
-    name=ASSET_NAME,
-    check_specs=[dg.AssetCheckSpec(name, asset=ASSET_NAME, description=text)
-                 for name, text in bd.CHECK_DESCRIPTIONS.items()],
-    group_name="operations",
-    kinds={"s3"},
-    description="Every order that is not done: stuck, in flight, backing off, waiting for the supplier, payment "
-    "not confirmed, quarantined or needing a person, oldest first; the trend over the last 24 h.",
-)
-def order_backlog(
-    context: dg.AssetExecutionContext,
-    store: StoreResource,
-    policy: ReconcilePolicy,
-    r2: R2Resource,
-    alerts: AlertsResource,
-) -> dg.MaterializeResult:
-    now = utcnow()
-    board = bd.load_board(store.get_store(), in_flight=runs_in_flight(context.instance), now=now,
-                          grace=dt.timedelta(minutes=policy.grace_minutes),
-                          max_age=dt.timedelta(days=policy.max_age_days))
-    link = partial(run_url, alerts.dagster_base_url)
-    runs_of_order = partial(order_runs_url, alerts.dagster_base_url)
-    vault, path = r2.get_vault(), report_path(now)
-    vault.put_object(path, bd.to_csv(board.rows, link).encode(), "text/csv")
-    shown = board.rows[:TABLE_ROWS]
-    context.log.info(f"board: {len(board.rows)} orders not done; {board.counts()}")
-    return dg.MaterializeResult(
-        metadata={
-            "board": dg.MetadataValue.md(bd.to_markdown(shown, runs_of_order=runs_of_order, run_url=link)),
-            "shown": f"the oldest {len(shown)} of {len(board.rows)}"
-                     + (" (cut short at the read's limit)" if board.truncated else ""),
-            "dagster/row_count": len(board.rows),
-            **{f"orders_{state}": dg.MetadataValue.int(count) for state, count in board.counts().items()},
-            **{name: (dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value))
-               for name, value in board.figures().items()},
-            "sla_minutes": dg.MetadataValue.float(SLA.total_seconds() / 60),
-            "csv_path": dg.MetadataValue.path(f"{vault.bucket}/{path}"),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=verdict.name, passed=verdict.passed, severity=SEVERITY[verdict.severity],
-                description=verdict.description,
-                metadata={"count": len(verdict.order_ids),
-                          "orders": dg.MetadataValue.json(list(verdict.order_ids[:bd.SAMPLE_IDS * 2]))},
-            )
-            for verdict in bd.checks(board, sla=SLA)
-        ],
+def build_order_backlog(sla: dt.timedelta) -> dg.AssetsDefinition:
+    """The board asset; `sla` is how old the oldest stuck order may be before its check fails
+    (RECONCILE_BOARD_SLA_MINUTES, fixed when the code location loads)."""
+
+    @dg.asset(
+        name=ASSET_NAME,
+        check_specs=[dg.AssetCheckSpec(name, asset=ASSET_NAME, description=text)
+                     for name, text in bd.CHECK_DESCRIPTIONS.items()],
+        group_name="operations",
+        kinds={"s3"},
+        description="Every order that is not done: stuck, in flight, backing off, waiting for the supplier, payment "
+        "not confirmed, quarantined or needing a person, oldest first; the trend over the last 24 h.",
     )
+    def order_backlog(
+        context: dg.AssetExecutionContext,
+        store: StoreResource,
+        policy: ReconcilePolicy,
+        r2: R2Resource,
+        alerts: AlertsResource,
+    ) -> dg.MaterializeResult:
+        now = utcnow()
+        board = bd.load_board(store.get_store(), in_flight=runs_in_flight(context.instance), now=now,
+                              grace=dt.timedelta(minutes=policy.grace_minutes),
+                              max_age=dt.timedelta(days=policy.max_age_days))
+        link = partial(run_url, alerts.dagster_base_url)
+        runs_of_order = partial(order_runs_url, alerts.dagster_base_url)
+        vault, path = r2.get_vault(), report_path(now)
+        vault.put_object(path, bd.to_csv(board.rows, link).encode(), "text/csv")
+        shown = board.rows[:TABLE_ROWS]
+        context.log.info(f"board: {len(board.rows)} orders not done; {board.counts()}")
+        return dg.MaterializeResult(
+            metadata={
+                "board": dg.MetadataValue.md(bd.to_markdown(shown, runs_of_order=runs_of_order, run_url=link)),
+                "shown": f"the oldest {len(shown)} of {len(board.rows)}"
+                         + (" (cut short at the read's limit)" if board.truncated else ""),
+                "dagster/row_count": len(board.rows),
+                **{f"orders_{state}": dg.MetadataValue.int(count) for state, count in board.counts().items()},
+                **{name: (dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value))
+                   for name, value in board.figures().items()},
+                "sla_minutes": dg.MetadataValue.float(sla.total_seconds() / 60),
+                "csv_path": dg.MetadataValue.path(f"{vault.bucket}/{path}"),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=verdict.name, passed=verdict.passed, severity=SEVERITY[verdict.severity],
+                    description=verdict.description,
+                    metadata={"count": len(verdict.order_ids),
+                              "orders": dg.MetadataValue.json(list(verdict.order_ids[:bd.SAMPLE_IDS * 2]))},
+                )
+                for verdict in bd.checks(board, sla=sla)
+            ],
+        )
+
+    return order_backlog
 
 
-order_backlog_job = dg.define_asset_job("order_backlog_job", selection=[order_backlog])
+order_backlog_job = dg.define_asset_job("order_backlog_job", selection=[ASSET_NAME])
 
 
 @dg.schedule(cron_schedule=SCHEDULE, execution_timezone="UTC", job=order_backlog_job,

@@ -39,11 +39,6 @@ MAX_ID_CHARS = 64  # an order id from a failed admin run may be any text the adm
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 
 
-def needs_alert(last_outcome: str | None, alerted_outcome: str | None) -> bool:
-    """The rule the store's `pending_alerts` query implements, spelled out for tests and readers."""
-    return last_outcome in ALERT_OUTCOMES and alerted_outcome != last_outcome
-
-
 @dataclass(frozen=True)
 class Alert:
     order_id: str

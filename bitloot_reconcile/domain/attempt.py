@@ -24,7 +24,8 @@ from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain import fulfilment, steps
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
+from bitloot_reconcile.domain.errors import InvalidRequest
+from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.domain.recording import record_failure, record_outcome
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.schedule import RetrySchedule

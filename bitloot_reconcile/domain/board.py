@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from bitloot_reconcile.domain import eligibility
+from bitloot_reconcile.domain.eligibility import Hold
 from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.domain.schedule import GAVE_UP
 from bitloot_reconcile.store.repository import BacklogOrder, FulfilledOrder, Store
@@ -115,21 +117,21 @@ def classify(order: BacklogOrder, *, in_flight: Mapping[str, str], now: dt.datet
     """The one state of a not-done order (precedence as in the module's table). `in_flight`: order id -> the id
     of its queued or running run."""
     state, reason, run_id = order.state, order.state.last_reason, order.state.last_run_id
-    leased = state.lease_owner is not None and (state.lease_expires_at is None or state.lease_expires_at >= now)
-    changed = order.updated_at.replace(tzinfo=dt.UTC)
-    waits = state.next_attempt_at is not None and state.next_attempt_at > now
-    if order.id in in_flight or leased:
+    hold = eligibility.hold(status=order.status, completion_email_sent=order.completion_email_sent,
+                            updated_at=order.updated_at, state=state, now=now, grace=grace, max_age=max_age)
+    waits = eligibility.backing_off(state, now)
+    if order.id in in_flight or hold is Hold.LEASED:
         kind = BoardState.IN_FLIGHT
         run_id = in_flight.get(order.id) or state.lease_owner
-        reason = (f"run {state.lease_owner} holds the lease until {_when(state.lease_expires_at)}" if leased
-                  else "a run is queued or starting")
-    elif state.last_outcome == Outcome.NEEDS_ATTENTION:
+        reason = (f"run {state.lease_owner} holds the lease until {_when(state.lease_expires_at)}"
+                  if hold is Hold.LEASED else "a run is queued or starting")
+    elif hold is Hold.LEFT_TO_A_PERSON:
         kind = BoardState.QUARANTINED if (reason or "").startswith(GAVE_UP) else BoardState.NEEDS_ATTENTION
-    elif waits:
+    elif hold is Hold.BACKING_OFF:
         kind = _BACKOFF_STATES.get(state.last_outcome, BoardState.BACKING_OFF)
-    elif changed > now - grace:
+    elif hold is Hold.INSIDE_GRACE:
         kind = BoardState.INSIDE_GRACE
-    elif changed < now - max_age:
+    elif hold is Hold.PAST_AGE_WINDOW:
         kind = BoardState.PAST_AGE_WINDOW
     elif order.status == OrderStatus.FULFILLED:
         kind = BoardState.EMAIL_PENDING
@@ -137,7 +139,7 @@ def classify(order: BacklogOrder, *, in_flight: Mapping[str, str], now: dt.datet
         kind = BoardState.STUCK
     return BoardRow(
         order_id=order.id, state=kind, status=order.status, age=now - order.created_at.replace(tzinfo=dt.UTC),
-        changed_at=changed,
+        changed_at=order.updated_at.replace(tzinfo=dt.UTC),
         attempts=state.attempts, last_outcome=state.last_outcome, reason=reason,
         next_attempt_at=state.next_attempt_at if waits else None, run_id=run_id,
     )

@@ -47,13 +47,9 @@ from bitloot_reconcile.adapters.r2 import KeyConflictError, KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
 from bitloot_reconcile.domain.delivery import attachment_filename, completion_idempotency_key, key_object_path
-from bitloot_reconcile.domain.outcomes import (
-    LEASE_LOST_REASON,
-    TERMINAL_OUTCOMES,
-    InvalidRequest,
-    Outcome,
-    Progress,
-)
+from bitloot_reconcile.domain.eligibility import LEFT_TO_A_PERSON
+from bitloot_reconcile.domain.errors import InvalidRequest
+from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, Outcome, Progress
 from bitloot_reconcile.domain.remedies import (
     NO_REMEDY,
     PriceBound,
@@ -166,7 +162,7 @@ def check_launch(raw_order_id: str, reason: str, requested_by: str, remedy: Reme
 
 def refuse_quarantined(state: ReconcileState) -> None:
     """A run nobody gave a reason for (a re-execution of a sweep run) leaves a quarantined order to a person."""
-    if state.last_outcome in TERMINAL_OUTCOMES:
+    if state.last_outcome in LEFT_TO_A_PERSON:
         raise InvalidRequest(
             f"order {state.order_id} is quarantined ({state.last_outcome}: {state.last_reason or 'no reason'}); "
             "re-executing a sweep run does not work it: launch fulfill_order with a reason and requested_by"

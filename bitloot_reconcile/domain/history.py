@@ -11,8 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import parse_order_id
-from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.store.repository import Store
 
 # Order ids per store query (one primary-key probe each).

@@ -26,15 +26,7 @@ class Outcome(StrEnum):
     RESOLVED = "resolved"
 
 
-# Outcomes after which the sweep leaves the order alone until a person acts (an admin run still works).
-TERMINAL_OUTCOMES = frozenset({Outcome.NEEDS_ATTENTION, Outcome.RESOLVED})
-
-
 LEASE_LOST_REASON = "this run's lease on the order lapsed and another run took it over; nothing more written"
-
-
-class InvalidRequest(ValueError):
-    """The request cannot be acted on (unknown order, bad id, empty reason...). Nothing was changed."""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 from bitloot_reconcile.adapters.errors import ExternalServiceError
-from bitloot_reconcile.domain import fulfilment
+from bitloot_reconcile.domain import eligibility, fulfilment
 from bitloot_reconcile.domain.fulfilment import PaymentReader
-from bitloot_reconcile.domain.outcomes import TERMINAL_OUTCOMES, Outcome
+from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.domain.steps import DryRun, KinguinReader, VaultReader, dry_run
 from bitloot_reconcile.domain.switches import Switches, claim_hold
 from bitloot_reconcile.store.repository import EmailBounce, Order, ReconcileState
@@ -48,12 +48,14 @@ def plan_order(order: Order, state: ReconcileState, assignments: dict[str, str],
         return end(Outcome.PAUSED, held)
     if done := fulfilment.already_done(order):
         return end(done.outcome, done.reason)
-    if state.lease_owner and state.lease_expires_at and state.lease_expires_at > now:
-        return end(Outcome.BUSY, f"run {state.lease_owner} holds the lease until {state.lease_expires_at:%H:%M}")
-    if not admin and state.last_outcome in TERMINAL_OUTCOMES:
+    hold = eligibility.state_hold(state, now)
+    if hold is eligibility.Hold.LEASED:
+        until = f" until {state.lease_expires_at:%H:%M}" if state.lease_expires_at else " (no expiry)"
+        return end(Outcome.BUSY, f"run {state.lease_owner} holds the lease{until}")
+    if not admin and hold is eligibility.Hold.LEFT_TO_A_PERSON:
         left = "needs attention" if state.last_outcome == Outcome.NEEDS_ATTENTION else "resolved by hand"
         return end(LEFT_ALONE, f"{left}: {state.last_reason}; only an admin retry runs it")
-    if not admin and state.next_attempt_at and state.next_attempt_at > now:
+    if not admin and hold is eligibility.Hold.BACKING_OFF:
         return end(LEFT_ALONE, f"backing off until {state.next_attempt_at:%Y-%m-%d %H:%M} UTC")
     dry = DryRun(order, state, assignments, kinguin=kinguin, payments=payments, vault=vault, switches=switches,
                  bounce=bounce, said=steps)

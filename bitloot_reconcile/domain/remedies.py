@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
-from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.store.repository import Order
 
 CENT = Decimal("0.01")

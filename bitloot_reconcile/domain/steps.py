@@ -24,8 +24,9 @@ from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain import fulfilment, remedies, switches
 from bitloot_reconcile.domain.delivery import key_object_path
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import PaymentReader, PlaceSupplierOrder, Stop
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome, Progress
+from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.domain.recording import record_refusal
 from bitloot_reconcile.domain.remedies import NO_REMEDY, REMEDY_ACTION, PriceBound, Remedy
 from bitloot_reconcile.domain.switches import Switches

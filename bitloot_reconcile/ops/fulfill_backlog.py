@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 import dagster as dg
 from pydantic import Field
 
+from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event, log_attempt_events
 from bitloot_reconcile.domain import backlog, fulfilment
 from bitloot_reconcile.domain.attempt import (
     SWITCHES_MAX_AGE_SECONDS,
@@ -19,10 +20,9 @@ from bitloot_reconcile.domain.attempt import (
     Services,
     work_order,
 )
-from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.steps import Who
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
-from bitloot_reconcile.order_history import add_order_partitions, attempt_event, log_attempt_events
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy

@@ -18,14 +18,15 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
+from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.domain import fulfilment, steps
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Progress
+from bitloot_reconcile.domain.errors import InvalidRequest
+from bitloot_reconcile.domain.outcomes import Progress
 from bitloot_reconcile.domain.recording import record_failure
 from bitloot_reconcile.domain.recording import record_outcome as record_outcome_step
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import Remedy, Resolution
 from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
-from bitloot_reconcile.order_history import add_order_partitions, attempt_event, report_in_run
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.repository import Store
@@ -63,7 +64,7 @@ class FulfillOrderRequest(dg.Config):
     order_id: str = Field(description="BitLoot order uuid (orders.id)")
     reason: str = Field(description="Why this order is being retried (required for admin runs)")
     requested_by: str = Field(description="Who asks for this run, e.g. admin@bitloot.io (required for admin runs)")
-    # An admin's remedies (docs/design.md section 13): optional, each recorded in the run's tags and the audit.
+    # An admin's remedies (docs/design.md section 14): optional, each recorded in the run's tags and the audit.
     max_unit_price_eur: float | None = Field(
         default=None, description="Remedy: pay Kinguin up to this much per unit for this run only, above cost "
         "but within the shop's bound (RECONCILE_MAX_PRICE_OVER_COST_PERCENT / _EUR)")

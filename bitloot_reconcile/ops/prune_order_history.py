@@ -5,8 +5,8 @@ import datetime as dt
 import dagster as dg
 from pydantic import Field
 
+from bitloot_reconcile.assets.order_history import order_partitions, remove_order_partitions
 from bitloot_reconcile.domain.history import partitions_to_remove
-from bitloot_reconcile.order_history import order_partitions, remove_order_partitions
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.repository import utcnow
 

@@ -29,12 +29,11 @@ import dagster as dg
 from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.domain import alerting
 from bitloot_reconcile.domain.alerting import ALERT_OUTCOMES, Alert, clean, error_words, first_line
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import parse_order_id
-from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.settings import load_settings
 from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import TAG_ALERT, TAG_ORDER_ID
 
@@ -43,8 +42,6 @@ ALERT_INPUT_ERROR = "input_error"  # an operator's input error: logged, never al
 MAX_ALERTS_PER_TICK = 20
 # Sensor evaluations time out after 60 s; stop posting well before, the rest goes out next tick.
 TICK_BUDGET_SECONDS = 30.0
-# Floor between needs-attention ticks, fixed when the code location loads; the end-to-end test shortens it.
-ALERT_INTERVAL_SECONDS = load_settings().reconcile.alert_interval_seconds
 # A run tagged pending this recently may still be in the failure sensor's hands (sensors run in parallel).
 RETRY_PENDING_AFTER = dt.timedelta(seconds=60)
 
@@ -155,14 +152,32 @@ def _tag_run(instance: dg.DagsterInstance, run_id: str, value: str) -> None:
     instance.add_run_tags(run_id, {TAG_ALERT: value})
 
 
-@dg.run_failure_sensor(  # no monitored_jobs: every job of this code location
-    minimum_interval_seconds=min(30, ALERT_INTERVAL_SECONDS),  # Dagster's default 30 s, or faster when tuned
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Posts an alert for every failed run of this code location (fulfill_order: order, cause, what "
-    "happens next; fulfill_backlog: how many orders it held; the report and board jobs), with the run link; "
-    "an operator's input error is logged only.",
-)
-def run_failure_alert_sensor(
+def build_run_failure_alert_sensor(interval_seconds: int) -> dg.RunStatusSensorDefinition:
+    """The run-failure alert sensor; it ticks every 30 s (Dagster's default), or every `interval_seconds`
+    (RECONCILE_ALERT_INTERVAL_SECONDS) when that is shorter."""
+    return dg.run_failure_sensor(  # no monitored_jobs: every job of this code location
+        name="run_failure_alert_sensor",
+        minimum_interval_seconds=min(30, interval_seconds),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Posts an alert for every failed run of this code location (fulfill_order: order, cause, what "
+        "happens next; fulfill_backlog: how many orders it held; the report and board jobs), with the run link; "
+        "an operator's input error is logged only.",
+    )(alert_failed_run)
+
+
+def build_needs_attention_alert_sensor(interval_seconds: int) -> dg.SensorDefinition:
+    """The needs-attention alert sensor; `interval_seconds` is the floor between its ticks
+    (RECONCILE_ALERT_INTERVAL_SECONDS, fixed when the code location loads; the end-to-end test shortens it)."""
+    return dg.sensor(
+        name="needs_attention_alert_sensor",
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Posts one alert per order that needs a person (once per state change) and re-sends "
+        "run-failure alerts that did not go out.",
+    )(alert_needs_attention)
+
+
+def alert_failed_run(
     context: dg.RunFailureSensorContext, store: StoreResource, alerts: AlertsResource
 ) -> None:
     run = context.dagster_run
@@ -173,13 +188,7 @@ def run_failure_alert_sensor(
         deliver(context.log, alerts, [delivery])
 
 
-@dg.sensor(
-    minimum_interval_seconds=ALERT_INTERVAL_SECONDS,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Posts one alert per order that needs a person (once per state change) and re-sends "
-    "run-failure alerts that did not go out.",
-)
-def needs_attention_alert_sensor(
+def alert_needs_attention(
     context: dg.SensorEvaluationContext, store: StoreResource, alerts: AlertsResource
 ) -> dg.SkipReason:
     repo = store.get_store()

@@ -14,11 +14,9 @@ from bitloot_reconcile.domain import board as bd
 from bitloot_reconcile.domain.alerting import Alert
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.sensors.alerts import deliver
-from bitloot_reconcile.settings import load_settings
 
 PASSED, FAILED = "passed", "failed"
 CHECK_KEYS = [dg.AssetCheckKey(dg.AssetKey(bd.ASSET_NAME), name) for name in bd.CHECK_DESCRIPTIONS]
-INTERVAL_SECONDS = load_settings().reconcile.alert_interval_seconds
 
 
 def check_alert(record) -> Alert:
@@ -33,12 +31,18 @@ def check_alert(record) -> Alert:
     )
 
 
-@dg.sensor(
-    minimum_interval_seconds=INTERVAL_SECONDS,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Posts one alert when a check of the order_backlog board turns failed (once per state change).",
-)
-def board_check_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertsResource) -> dg.SkipReason:
+def build_board_check_alert_sensor(interval_seconds: int) -> dg.SensorDefinition:
+    """The board-check alert sensor; `interval_seconds` is the floor between its ticks
+    (RECONCILE_ALERT_INTERVAL_SECONDS)."""
+    return dg.sensor(
+        name="board_check_alert_sensor",
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Posts one alert when a check of the order_backlog board turns failed (once per state change).",
+    )(alert_failed_checks)
+
+
+def alert_failed_checks(context: dg.SensorEvaluationContext, alerts: AlertsResource) -> dg.SkipReason:
     told: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     batch = []
     for key in CHECK_KEYS:

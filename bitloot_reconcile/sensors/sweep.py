@@ -10,49 +10,11 @@ from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.settings import load_settings
+from bitloot_reconcile.runs_in_flight import batch_order_ids, batch_run_records, order_run_records
 from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import TAG_ORDER_ID
 
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
-
 _WAITING = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING)  # for a slot, for its worker to load
-
-
-def _in_flight_records(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_order.name, statuses=IN_FLIGHT))
-    return [r for r in records if TAG_ORDER_ID in r.dagster_run.tags]
-
-
-def _batches_in_flight(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
-    return list(instance.get_run_records(filters=dg.RunsFilter(job_name=fulfill_backlog.name, statuses=IN_FLIGHT)))
-
-
-def batch_order_ids(run: dg.DagsterRun) -> list[str]:
-    """The orders a `fulfill_backlog` run was given (its run config: ids and reasons, nothing secret)."""
-    config = ((run.run_config or {}).get("ops", {}).get("work_backlog", {}).get("config", {}))
-    return [due["order_id"] for due in config.get("orders", [])]
-
-
-def in_flight_run_records(instance: dg.DagsterInstance) -> tuple[list[dg.RunRecord], list[dg.RunRecord]]:
-    """The queued or running `fulfill_order` runs (one order each) and `fulfill_backlog` runs."""
-    return _in_flight_records(instance), _batches_in_flight(instance)
-
-
-def runs_in_flight(instance: dg.DagsterInstance,
-                   records: tuple[list[dg.RunRecord], list[dg.RunRecord]] | None = None) -> dict[str, str]:
-    """Order id -> its queued or running `fulfill_order` run, or the batch it is in, as Dagster shows them
-    (reads only: the board). `records`: `in_flight_run_records` already read."""
-    singles, batches = records or in_flight_run_records(instance)
-    in_flight = {order_id: r.dagster_run.run_id for r in batches for order_id in batch_order_ids(r.dagster_run)}
-    in_flight.update({r.dagster_run.tags[TAG_ORDER_ID]: r.dagster_run.run_id for r in singles})
-    return in_flight
 
 
 def _since(record: dg.RunRecord) -> dt.datetime:
@@ -69,9 +31,9 @@ def orders_in_flight(
     its orders for new runs in this same tick. Queued runs are left alone: they wait for a slot, not a worker; so
     are starting ones: a worker still loading the code location (longer than a lease on a loaded host) is Dagster's
     run monitoring's to fail (`start_timeout_seconds`), else the sweep and the run retry launch more onto it."""
-    tagged = _in_flight_records(instance)
+    tagged = order_run_records(instance)
     launched = [r for r in tagged if r.dagster_run.status not in _WAITING]
-    batches = _batches_in_flight(instance)
+    batches = batch_run_records(instance)
     launched_batches = [r for r in batches if r.dagster_run.status not in _WAITING]
     states = store.states_of({r.dagster_run.tags[TAG_ORDER_ID] for r in launched}
                              | {o for r in launched_batches for o in batch_order_ids(r.dagster_run)})
@@ -118,15 +80,18 @@ def nothing_due(store: Store, in_flight: dict[str, str], policy: ReconcilePolicy
     return f"no stuck orders due; {skipped}" if skipped else "no stuck orders"
 
 
-# The daemon's floor between ticks, fixed when the code location loads; the demo shortens it.
-SWEEP_INTERVAL_SECONDS = load_settings().reconcile.sweep_interval_seconds
+SWEEP_SENSOR_NAME = "stuck_orders_sensor"
 
 
-@dg.sensor(
-    jobs=[fulfill_order, fulfill_backlog], minimum_interval_seconds=SWEEP_INTERVAL_SECONDS,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def stuck_orders_sensor(
+def build_stuck_orders_sensor(interval_seconds: int) -> dg.SensorDefinition:
+    """The sweep sensor; `interval_seconds` is the daemon's floor between its ticks
+    (RECONCILE_SWEEP_INTERVAL_SECONDS, fixed when the code location loads; the demo shortens it)."""
+    return dg.sensor(name=SWEEP_SENSOR_NAME, jobs=[fulfill_order, fulfill_backlog],
+                     minimum_interval_seconds=interval_seconds,
+                     default_status=dg.DefaultSensorStatus.RUNNING)(sweep_tick)
+
+
+def sweep_tick(
     context: dg.SensorEvaluationContext, store: StoreResource, policy: ReconcilePolicy
 ) -> dg.SensorResult | dg.SkipReason:
     """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each; or, when more are due than
@@ -148,7 +113,7 @@ def stuck_orders_sensor(
     )
     due = plan_sweep(stuck, in_flight=set(in_flight), now=now, lease_ttl=policy.lease_ttl)
     # One more read of the runs, made only on ticks that want a batch.
-    running = len(_batches_in_flight(context.instance)) if len(due) > policy.batch_threshold else 0
+    running = len(batch_run_records(context.instance)) if len(due) > policy.batch_threshold else 0
     requests, batches = split_backlog(due, threshold=policy.batch_threshold, max_orders=policy.batch_max_orders,
                                       max_runs=policy.max_runs_per_tick, batch_slots=policy.batch_max_runs - running)
     if batches:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from bitloot_reconcile.store.repository import needs_project_tables
+from bitloot_reconcile.store.models import needs_project_tables
 from bitloot_reconcile.store.schema import reconcile_audit
 
 # The audit rows that end an attempt (`record_outcome`) or refuse a request (`record_refusal`); the `requested`

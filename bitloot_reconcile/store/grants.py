@@ -25,9 +25,21 @@ from types import ModuleType
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from bitloot_reconcile.store import audit_counts, repository, schema
+from bitloot_reconcile.store import (
+    alert_marks,
+    audit_counts,
+    bitloot_writes,
+    lease,
+    order_reads,
+    queries,
+    reconcile_tables,
+    schema,
+    switches,
+)
 
-STATEMENT_MODULES: tuple[ModuleType, ...] = (repository, audit_counts)
+STATEMENT_MODULES: tuple[ModuleType, ...] = (
+    lease, order_reads, queries, bitloot_writes, reconcile_tables, alert_marks, switches, audit_counts,
+)
 _DML = {"insert": "INSERT", "update": "UPDATE", "delete": "DELETE"}
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 

@@ -15,6 +15,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from bitloot_reconcile.domain import eligibility
 from bitloot_reconcile.store.statuses import OrderStatus
 
 metadata = sa.MetaData()
@@ -248,15 +249,9 @@ email_pending_index = sa.Index(
 reservation_index = sa.Index("ix_reconcile_orders_kinguin_reservation", orders.c.kinguinReservationId)
 PROJECT_INDEXES = (sweep_index, email_pending_index, reservation_index)
 
-# Outcomes after which the sweep never takes the order up by itself (domain.outcomes.TERMINAL_OUTCOMES).
-SWEEP_EXCLUDED_OUTCOMES = ("needs_attention", "resolved")
-# Only the state rows that can hold an order back from the sweep (leased, backing off, quarantined, resolved by
-# hand): the sweep's NOT EXISTS probes this small index instead of reading every order's history.
-_BLOCKING = sa.or_(
-    reconcile_state.c.lease_owner.is_not(None),
-    reconcile_state.c.next_attempt_at.is_not(None),
-    *(reconcile_state.c.last_outcome == outcome for outcome in SWEEP_EXCLUDED_OUTCOMES),
-)
+# Only the state rows that can hold an order back from the sweep (leased, backing off, left to a person): the
+# sweep's NOT EXISTS probes this small index instead of reading every order's history.
+_BLOCKING = eligibility.may_hold_back_sql(reconcile_state)
 blocking_state_index = sa.Index(
     "ix_reconcile_state_blocking", reconcile_state.c.order_id, postgresql_where=_BLOCKING, sqlite_where=_BLOCKING
 )

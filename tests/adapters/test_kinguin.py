@@ -19,8 +19,8 @@ from bitloot_reconcile.adapters.errors import (
     TransientError,
 )
 from bitloot_reconcile.adapters.kinguin import KinguinClient, KinguinOrder, OrderLine
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.kinguin import image_key_bytes
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.kinguin import image_key_bytes
 from tests.fixtures.kinguin import (
     CHEAP_PRODUCT,
     GIF_PRODUCT,
@@ -105,7 +105,6 @@ def test_search_filters(kinguin_sim, kinguin_client):
     assert [o.order_external_id for o in kinguin_client.search_orders()] == ["new", "mid", "old"]
     assert [o.order_external_id for o in kinguin_client.search_orders(order_external_id="mid")] == ["mid"]
     assert kinguin_client.search_orders(order_external_id="nope") == []
-    assert [o.order_external_id for o in kinguin_client.search_orders(status="canceled")] == ["new"]
     got = kinguin_client.search_orders(created_at_from=t0 - timedelta(days=1), created_at_to="2025-01-11")
     assert [o.order_external_id for o in got] == ["mid"]
 
@@ -114,7 +113,7 @@ def test_search_follows_every_page(kinguin_sim, kinguin_client):
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     for i in range(230):
         kinguin_sim.plant_order(f"bulk-{i}", [(CHEAP_PRODUCT, 1)], created_at=t0 + timedelta(minutes=i))
-    orders = kinguin_client.search_orders(status="completed")
+    orders = kinguin_client.search_orders(created_at_from=t0)
     assert len(orders) == 230 == len({o.order_id for o in orders})
     assert orders[0].order_external_id == "bulk-229" and orders[-1].order_external_id == "bulk-0"
     assert [r.query["page"] for r in kinguin_sim.requests_to("search_orders")] == ["1", "2", "3"]

@@ -22,8 +22,8 @@ from bitloot_reconcile.adapters.nowpayments import (
     classify_payment_status,
 )
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.nowpayments import NowPaymentsSimulator
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY
 
 ORDER_ID = "5c91f65c-4b12-463c-9277-8cfc139ceda4"
@@ -91,7 +91,7 @@ def test_get_payment_returns_payment_info(nowpayments_sim, nowpayments_client):
     assert info.pay_amount == Decimal("0.00123456")
     assert info.actually_paid == Decimal("0.00123456")
     assert info.pay_currency == "btc"
-    assert info.verdict is PaymentVerdict.PAID
+    assert classify_payment_status(info.payment_status) is PaymentVerdict.PAID
     assert info.model_extra["type"] == "crypto2crypto"  # unknown fields are kept
 
 
@@ -118,14 +118,14 @@ def test_every_status_read_over_http_and_classified(nowpayments_sim, nowpayments
     nowpayments_sim.set_payment(PAYMENT_ID, status, order_id=ORDER_ID)
     info = nowpayments_client.get_payment(PAYMENT_ID)
     assert info.payment_status == status
-    assert info.verdict is verdict
+    assert classify_payment_status(info.payment_status) is verdict
 
 
 def test_status_change_is_seen_on_the_next_read(nowpayments_sim, nowpayments_client):
     nowpayments_sim.set_payment(PAYMENT_ID, "confirming", order_id=ORDER_ID)
-    assert nowpayments_client.get_payment(PAYMENT_ID).verdict is PaymentVerdict.PENDING
+    assert classify_payment_status(nowpayments_client.get_payment(PAYMENT_ID).payment_status) is PaymentVerdict.PENDING
     nowpayments_sim.set_status(PAYMENT_ID, "finished")
-    assert nowpayments_client.get_payment(PAYMENT_ID).verdict is PaymentVerdict.PAID
+    assert classify_payment_status(nowpayments_client.get_payment(PAYMENT_ID).payment_status) is PaymentVerdict.PAID
 
 
 def test_unknown_status_is_returned_and_refused_by_classification(nowpayments_sim, nowpayments_client):
@@ -133,7 +133,7 @@ def test_unknown_status_is_returned_and_refused_by_classification(nowpayments_si
     info = nowpayments_client.get_payment(PAYMENT_ID)
     assert info.payment_status == "wrong_asset_confirmed"
     with pytest.raises(ValueError, match="wrong_asset_confirmed"):
-        _ = info.verdict
+        _ = classify_payment_status(info.payment_status)
 
 
 def test_lenient_on_missing_fields(nowpayments_sim, nowpayments_client):
@@ -221,7 +221,7 @@ def test_lost_response_is_transient_and_a_retry_works(nowpayments_sim, nowpaymen
     with pytest.raises(TransientError) as info:
         nowpayments_client.get_payment(PAYMENT_ID)
     assert info.value.kind == "connection"
-    assert nowpayments_client.get_payment(PAYMENT_ID).verdict is PaymentVerdict.PAID
+    assert classify_payment_status(nowpayments_client.get_payment(PAYMENT_ID).payment_status) is PaymentVerdict.PAID
     assert len(nowpayments_sim.requests_to("get_payment")) == 2
 
 

@@ -31,8 +31,8 @@ from bitloot_reconcile.adapters.r2 import (
 )
 from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
 from bitloot_reconcile.resources.r2 import R2Resource
-from bitloot_reconcile.sandbox.s3 import SeaweedS3
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
+from bitloot_standins.s3 import SeaweedS3
+from bitloot_standins.s3_proxy import FaultyS3Proxy
 from tests.fixtures.s3 import unique_bucket
 
 ORDER_ID = "5c91f65c-4b12-463c-9277-8cfc139ceda4"

@@ -13,8 +13,8 @@ from bitloot_reconcile.adapters.errors import ExternalServiceError, PermanentErr
 from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain.delivery import completion_idempotency_key
 from bitloot_reconcile.resources.resend import ResendResource
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.resend import ResendSimulator
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.resend import ResendSimulator
 from tests.fixtures.payments_mail import RESEND_TEST_KEY
 
 ORDER_ID = "5c91f65c-4b12-463c-9277-8cfc139ceda4"

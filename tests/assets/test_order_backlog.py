@@ -10,14 +10,14 @@ import io
 import dagster as dg
 import pytest
 
-from bitloot_reconcile.assets import order_backlog
 from bitloot_reconcile.assets.order_backlog import TABLE_ROWS
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 from tests.fixtures.board import EXHAUSTED, SUPPLIER_CANCELED, on_board, seed_every_state
+from tests.fixtures.definitions import order_backlog
 
 DAGSTER_URL = "http://dagster.test"
 

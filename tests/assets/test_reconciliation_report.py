@@ -14,11 +14,10 @@ import dagster as dg
 import pandas as pd
 import sqlalchemy as sa
 
-from bitloot_reconcile.assets import reconciliation_report
-from bitloot_reconcile.assets.reconciliation_report import bar_chart, worst_rows_markdown
+from bitloot_reconcile.assets.reconciliation_report import bar_chart, reconciliation_report, worst_rows_markdown
 from bitloot_reconcile.domain import reconciliation
-from bitloot_reconcile.sandbox.seed import set_feature_flag
 from bitloot_reconcile.store.schema import keys, orders, products
+from bitloot_standins.seed import set_feature_flag
 from tests.fixtures.report import NOON, order, plant
 from tests.fixtures.world import World
 

@@ -16,7 +16,6 @@ from bitloot_reconcile.domain.alerting import (
     failed_run_alert,
     first_line,
     is_input_error,
-    needs_alert,
     needs_attention_alert,
     what_happens_next,
 )
@@ -26,22 +25,6 @@ RUN = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 ORDER = "5c91f65c-4b12-463c-9277-8cfc139ceda4"
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 OUTAGE = "store_keys failed: TransientError: r2: put_object orders/x/key-1.txt: 503 ServiceUnavailable"
-
-
-@pytest.mark.parametrize(
-    ("last", "alerted", "expected"),
-    [
-        ("needs_attention", None, True),
-        ("needs_attention", "needs_attention", False),  # already alerted for this state
-        ("needs_attention", "retry_later", True),
-        ("fulfilled", None, False),
-        ("retry_later", None, False),  # resolves itself with backoff
-        ("payment_not_confirmed", None, False),
-        (None, None, False),
-    ],
-)
-def test_which_states_alert(last, alerted, expected):
-    assert needs_alert(last, alerted) is expected
 
 
 def test_message_has_order_outcome_reason_and_run_link():

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.domain.outcomes import LEASE_LOST_REASON, Outcome, Progress
-from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.store.schema import order_items
+from bitloot_standins.httpserver import Fault
 from tests.fixtures.runs import key_rows
 from tests.fixtures.world import World
 

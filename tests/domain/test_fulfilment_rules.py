@@ -7,8 +7,8 @@ from decimal import Decimal
 import pytest
 
 from bitloot_reconcile.domain.completion_email import completion_html, completion_subject
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import check_launch, kinguin_lines, parse_order_id
-from bitloot_reconcile.domain.outcomes import InvalidRequest
 from bitloot_reconcile.store.repository import Item, Order
 
 ORDER_ID = "5c91f65c-4b12-463c-9277-8cfc139ceda4"

@@ -7,9 +7,9 @@ import datetime as dt
 import sqlalchemy as sa
 
 from bitloot_reconcile.domain.history import partitions_to_remove
-from bitloot_reconcile.sandbox.seed import SeedProduct, insert_order, insert_product
 from bitloot_reconcile.store.repository import Store, utcnow
 from bitloot_reconcile.store.schema import reconcile_state
+from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 
 LONG_AGO, LATELY = dt.timedelta(days=60), dt.timedelta(days=3)
 KEEP = dt.timedelta(days=30)

@@ -15,7 +15,6 @@ import pytest
 from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.commands import Readers, plan
-from bitloot_reconcile.demo import SCENARIOS, DemoWorld, Scenario
 from bitloot_reconcile.domain.planning import LEFT_ALONE, plan_order
 from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
@@ -25,9 +24,10 @@ from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
 from bitloot_reconcile.settings import Tunables
 from bitloot_reconcile.store.repository import Store, utcnow
+from bitloot_standins.demo import SCENARIOS, DemoWorld, Scenario
+from bitloot_standins.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
 
 
 @pytest.fixture(scope="module")

@@ -178,6 +178,10 @@ def test_refusals_and_the_sweeps_holds():
     assert plan(o, state=leased, admin=True).outcome == "busy"
     expired_lease = dataclasses.replace(leased, lease_expires_at=NOW - dt.timedelta(minutes=1))
     assert plan(o, state=expired_lease).outcome == "fulfilled"
+    # A lease without an expiry never lapses: the claim would refuse the run, as the sweep skips the order.
+    forever = dataclasses.replace(leased, lease_expires_at=None)
+    assert (plan(o, state=forever).outcome, plan(o, state=forever).why) == (
+        "busy", "run run-1 holds the lease (no expiry)")
     parked = ReconcileState(order_id=o.id, last_outcome="needs_attention", last_reason="insufficient balance")
     assert plan(o, state=parked).why == "needs attention: insufficient balance; only an admin retry runs it"
     assert plan(o, state=parked, admin=True).outcome == "fulfilled"

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from bitloot_reconcile.domain.outcomes import InvalidRequest
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.remedies import (
     PriceBound,
     Remedy,

@@ -10,8 +10,8 @@ import time
 import dagster as dg
 import pytest
 
-from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
-from bitloot_reconcile.sandbox.postgres import temporary_database
+from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
+from bitloot_standins.postgres import temporary_database
 from tests.e2e.test_daemon import (
     STUCK,
     Processes,

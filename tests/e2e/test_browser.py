@@ -24,8 +24,8 @@ import pytest
 import sqlalchemy as sa
 from dotenv import dotenv_values
 
-from bitloot_reconcile.demo import SCENARIOS
 from bitloot_reconcile.store.schema import reconcile_audit, reconcile_state
+from bitloot_standins.demo import SCENARIOS
 from tests.e2e.test_daemon import free_port
 from tests.fixtures.webhook import Receiver
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from bitloot_reconcile.sandbox.postgres import temporary_database
+from bitloot_standins.postgres import temporary_database
 from tests.e2e.test_browser import PAGE_TIMEOUT_MS, browser
 from tests.e2e.test_daemon import BIN, REPO, Processes, free_port
 from tests.fixtures.db import PG_SERVER_URL

@@ -30,9 +30,9 @@ import pytest
 from dagster._core.scheduler.instigation import InstigatorType
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.postgres import temporary_database
 from bitloot_reconcile.store.repository import Store
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.postgres import temporary_database
 from tests.fixtures.db import PG_SERVER_URL
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY, RESEND_TEST_KEY

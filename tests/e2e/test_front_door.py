@@ -23,7 +23,7 @@ import dagster as dg
 import httpx
 import pytest
 
-from bitloot_reconcile.sandbox.postgres import temporary_database
+from bitloot_standins.postgres import temporary_database
 from tests.e2e.test_browser import PAGE_TIMEOUT_MS, browser, launch_from_launchpad, open_launchpad
 from tests.e2e.test_daemon import BIN, REPO, Processes, free_port
 from tests.fixtures.db import PG_SERVER_URL

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
+from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY
 from bitloot_reconcile.commands import history
-from bitloot_reconcile.order_history import ORDER_ATTEMPTS_KEY
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.postgres import temporary_database
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.postgres import temporary_database
+from bitloot_standins.s3_proxy import FaultyS3Proxy
 from tests.e2e.test_daemon import (
     BIN,
     REEXECUTE,

@@ -19,8 +19,8 @@ from bitloot_reconcile.ops.fulfill_order import RefusedLaunch
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.store.schema import order_items, orders, reconcile_audit, reconcile_state
+from bitloot_standins.httpserver import Fault
 from tests.fixtures.runs import assert_fully_delivered, key_bytes, key_rows, outcome_of, reason_of
 from tests.fixtures.world import FRONTEND, World
 

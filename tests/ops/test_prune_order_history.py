@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-from bitloot_reconcile.jobs import prune_order_history
-from bitloot_reconcile.order_history import (
+from bitloot_reconcile.assets.order_history import (
     ORDER_ATTEMPTS_KEY,
     add_order_partitions,
     attempt_event,
     order_partitions,
 )
+from bitloot_reconcile.jobs import prune_order_history
 from tests.fixtures.world import World
 
 

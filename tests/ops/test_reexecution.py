@@ -10,7 +10,7 @@ import pytest
 
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.r2 import R2Resource
-from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_standins.httpserver import Fault
 from tests.fixtures.runs import assert_fully_delivered
 from tests.fixtures.world import World
 

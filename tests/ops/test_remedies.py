@@ -17,8 +17,8 @@ from bitloot_reconcile.ops.fulfill_order import RefusedLaunch
 from bitloot_reconcile.resources.alerts import AlertsResource
 from bitloot_reconcile.resources.policy import ReconcilePolicy
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.sensors import needs_attention_alert_sensor, stuck_orders_sensor
 from bitloot_reconcile.store.repository import utcnow
+from tests.fixtures.definitions import needs_attention_alert_sensor, stuck_orders_sensor
 from tests.fixtures.kinguin import KINGUIN_TEST_KEY
 from tests.fixtures.payments_mail import NOWPAYMENTS_TEST_KEY
 from tests.fixtures.runs import assert_fully_delivered, outcome_of, reason_of

@@ -11,10 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from bitloot_reconcile.domain import fulfilment
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.seed import insert_email_bounce, set_feature_flag
-from bitloot_reconcile.sensors import stuck_orders_sensor
 from bitloot_reconcile.store.schema import orders, reconcile_state
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.seed import insert_email_bounce, set_feature_flag
+from tests.fixtures.definitions import stuck_orders_sensor
 from tests.fixtures.runs import assert_fully_delivered, outcome_of, reason_of
 from tests.fixtures.world import World
 

@@ -10,8 +10,8 @@ import pytest
 
 from bitloot_reconcile.adapters.errors import TransientError
 from bitloot_reconcile.adapters.r2 import KeyVault
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.s3_proxy import FaultyS3Proxy
 from tests.fixtures.payments_mail import RESEND_TEST_KEY
 from tests.fixtures.s3 import unique_bucket
 

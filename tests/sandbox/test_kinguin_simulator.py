@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import re
 import struct
-import threading
 import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bitloot_reconcile.sandbox.httpserver import Fault, JsonServer, Response
-from bitloot_reconcile.sandbox.kinguin import KinguinSimulator, image_key_bytes
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.kinguin import KinguinSimulator, image_key_bytes
 from tests.fixtures.kinguin import CHEAP_PRODUCT, GIF_PRODUCT, KINGUIN_TEST_KEY, PNG_PRODUCT, TEXT_PRODUCT
 
 ERROR_FIELDS = {"kind", "status", "detail", "type", "title", "path", "method", "timestamp", "trace"}
@@ -81,8 +80,8 @@ def test_canned_errors_are_kinguin_shaped(kinguin_sim, api, status, kind, reason
 
 
 # -- placement -------------------------------------------------------------------------------------------
-def test_place_v1_with_kinguin_id(kinguin_sim, api):
-    response = api.post("v1/order", json={"products": [{"kinguinId": 1949, "qty": 2, "price": 9.99}]})
+def test_place_an_order(kinguin_sim, api):
+    response = api.post("v2/order", json=order_body(item(qty=2, price=9.99), eid=None))
     assert response.status_code == 201
     order = response.json()
     assert re.fullmatch(r"[A-Z0-9]{12}", order["orderId"]) and "orderExternalId" not in order
@@ -93,7 +92,7 @@ def test_place_v1_with_kinguin_id(kinguin_sim, api):
     assert (line["kinguinId"], line["productId"], line["price"], line["requestPrice"], line["totalPrice"]) == (
         1949, TEXT_PRODUCT, 5.0, 9.99, 10.0)
     assert datetime.fromisoformat(order["createdAt"]).utcoffset() == timedelta(0)
-    assert kinguin_sim.requests_to("place_order_v1")[0].status == 201
+    assert kinguin_sim.requests_to("place_order_v2")[0].status == 201
     # GET shows the keys, in upper case, once delivered
     got = api.get(f"v1/order/{order['orderId']}").json()
     assert got["status"] == "completed"
@@ -121,18 +120,12 @@ def test_place_validation(kinguin_sim, api, body, prop):
     assert kinguin_sim.orders == {} and kinguin_sim.balance == 10_000.0
 
 
-def test_v1_needs_an_int_kinguin_id(api):
-    error = assert_error(api.post("v1/order", json={"products": [item()]}), 400, "ConstraintViolation",
-                         "/api/v1/order")
-    assert error["propertyPath"] == "products[0].kinguinId"
-
-
 @pytest.mark.parametrize("status", [422, 400])
 def test_duplicate_external_id(kinguin_sim, api, status):
     kinguin_sim.duplicate_status = status
     assert api.post("v2/order", json=order_body(item(), eid="dup")).status_code == 201
-    error = assert_error(api.post("v1/order", json={"products": [{"kinguinId": 1950, "qty": 1, "price": 1.0}],
-                                                   "orderExternalId": "dup"}), status, "ConstraintViolation")
+    error = assert_error(api.post("v2/order", json=order_body(item(CHEAP_PRODUCT, price=1.0), eid="dup")), status,
+                         "ConstraintViolation")
     assert error["propertyPath"] == "orderExternalId" and error["invalidValue"] == "dup"
     assert "already used" in error["detail"]
     assert len(kinguin_sim.orders) == 1 and kinguin_sim.balance == 9_995.0
@@ -178,8 +171,6 @@ def test_preorders(kinguin_sim, api):
     assert order["isPreorder"] is True and order["preorderReleaseDate"] == "2099-01-01"
     got = api.get(f"v1/order/{order['orderId']}").json()
     assert got["status"] == "processing" and got["products"][0]["keys"][0]["status"] == "PENDING"
-    assert api.get("v1/order", params={"isPreorder": "yes"}).json()["item_count"] == 1
-    assert api.get("v1/order", params={"isPreorder": "no"}).json()["item_count"] == 0
 
 
 # -- orders ----------------------------------------------------------------------------------------------
@@ -199,14 +190,11 @@ def test_search_filters_and_paging(kinguin_sim, api):
     assert [o["orderExternalId"] for o in api.get("v1/order", params={"page": 2}).json()["results"]] == [
         "e4", "e3", "e2", "e1", "e0"]
     assert api.get("v1/order", params={"page": 3}).json() == {"results": [], "item_count": 30}
-    assert api.get("v1/order", params={"productId": TEXT_PRODUCT}).json()["item_count"] == 15
-    assert api.get("v1/order", params={"kinguinId": 1950}).json()["item_count"] == 15
-    assert api.get("v1/order", params={"orderId": planted[3].order_id}).json()["results"][0]["orderExternalId"] == "e3"
+    assert api.get("v1/order", params={"orderExternalId": "e3"}).json()["results"][0]["orderId"] == planted[3].order_id
     window = {"createdAtFrom": "2025-03-01 02:00:00", "createdAtTo": "2025-03-01T04:00:00+00:00"}
     assert api.get("v1/order", params=window).json()["item_count"] == 3
     assert api.get("v1/order", params={"createdAtFrom": "2025-03-02"}).json()["item_count"] == 6
     assert api.get("v1/order", params={"createdAtTo": "2025-03-01"}).json()["item_count"] == 24
-    assert api.get("v1/order", params={"status": "completed,canceled"}).json()["item_count"] == 30
     assert api.get("v1/order", params={"orderExternalId": "missing"}).json() == {"results": [], "item_count": 0}
     assert_error(api.get("v1/order", params={"limit": 101}), 400, "ConstraintViolation")
     assert_error(api.get("v1/order", params={"createdAtFrom": "yesterday"}), 400, "ConstraintViolation")
@@ -265,7 +253,7 @@ def test_image_keys_are_valid_images(kinguin_sim, api):
     assert jpeg.startswith(b"\xff\xd8\xff\xfe") and jpeg.endswith(b"\xff\xd9")
 
 
-# -- cancel, refund, return ------------------------------------------------------------------------------
+# -- cancel, refund ------------------------------------------------------------------------------------
 def test_cancel_and_refund(kinguin_sim, api):
     kinguin_sim.delivery_mode = "manual"
     first = api.post("v2/order", json=order_body(item(qty=2), eid="a")).json()["orderId"]
@@ -280,72 +268,12 @@ def test_cancel_and_refund(kinguin_sim, api):
     assert kinguin_sim.balance == 10_000.0 - 10.0  # only the refund came back
 
 
-def test_return_keys_once(kinguin_sim, api):
-    order_id = api.post("v2/order", json=order_body(item(qty=2))).json()["orderId"]
-    returned = api.post(f"v2/order/{order_id}/keys/return")
-    assert returned.status_code == 200
-    assert [k["status"] for k in returned.json()] == ["RETURNED", "RETURNED"]
-    assert kinguin_sim.balance == 10_000.0
-    error = assert_error(api.post(f"v2/order/{order_id}/keys/return"), 422, "NoKeysToReturn",
-                         f"/api/v2/order/{order_id}/keys/return")
-    assert error["orderId"] == order_id
-    assert api.get(f"v2/order/{order_id}/keys").json() == []
-    kinguin_sim.refund(order_id)  # nothing left to credit
-    assert kinguin_sim.balance == 10_000.0
-
-
-def test_return_keys_refused_without_delivered_keys_or_after_24h(kinguin_sim, api):
-    kinguin_sim.delivery_mode = "manual"
-    waiting = api.post("v2/order", json=order_body(item(), eid="w")).json()["orderId"]
-    assert_error(api.post(f"v2/order/{waiting}/keys/return"), 422, "NoKeysToReturn")
-    old = kinguin_sim.plant_order("old", [(TEXT_PRODUCT, 1)], created_at=datetime.now(UTC) - timedelta(days=2))
-    assert_error(api.post(f"v2/order/{old.order_id}/keys/return"), 422, "NoKeysToReturn")
-
-
-# -- faults and webhooks ---------------------------------------------------------------------------------
+# -- faults ---------------------------------------------------------------------------------------------
 def test_lost_response_still_creates_the_order(kinguin_sim, api):
     kinguin_sim.inject("place_order_v2", Fault(lose_response=True))
     with pytest.raises(httpx.RemoteProtocolError):
         api.post("v2/order", json=order_body(item(), eid="lost"))
     assert len(kinguin_sim.orders_for_external_id("lost")) == 1 and kinguin_sim.balance == 9_995.0
-
-
-class Receiver(JsonServer):
-    def __init__(self, status: int = 204):
-        super().__init__()
-        self.route("POST", "/hooks/kinguin", "hook", lambda **_: Response(status))
-
-    def start(self) -> Receiver:
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-
-def test_order_status_webhooks(kinguin_sim, api):
-    with Receiver() as receiver:
-        kinguin_sim.webhook_url, kinguin_sim.webhook_secret = f"{receiver.url}/hooks/kinguin", "s3cret"
-        kinguin_sim.delivery_mode = "manual"
-        order = api.post("v2/order", json=order_body(item(), eid="hook-1")).json()
-        kinguin_sim.flush_webhooks()
-        assert receiver.requests_to("hook") == []  # no event for the initial processing state
-        kinguin_sim.deliver(order["orderId"])
-        kinguin_sim.flush_webhooks()  # each event has its own thread: like Kinguin, no ordering guarantee
-        kinguin_sim.refund(order["orderId"])
-        kinguin_sim.flush_webhooks()
-        hooks = receiver.requests_to("hook")
-    assert [h.body["status"] for h in hooks] == ["completed", "refunded"]
-    assert hooks[0].body["orderId"] == order["orderId"] and hooks[0].body["orderExternalId"] == "hook-1"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", hooks[0].body["updatedAt"])
-    assert hooks[0].headers["x-event-name"] == "order.status" and hooks[0].headers["x-event-secret"] == "s3cret"
-    assert [e["outcome"] for e in kinguin_sim.webhooks] == [204, 204]
-
-
-def test_webhook_failures_are_ignored(kinguin_sim, api):
-    kinguin_sim.webhook_url = "http://127.0.0.1:9/unreachable"
-    kinguin_sim.webhook_on_processing = True
-    assert api.post("v2/order", json=order_body(item())).status_code == 201
-    kinguin_sim.flush_webhooks()
-    assert [e["payload"]["status"] for e in kinguin_sim.webhooks] == ["processing", "completed"]
-    assert all(isinstance(e["outcome"], str) for e in kinguin_sim.webhooks)
 
 
 def test_seeded_ids_are_deterministic():

@@ -14,7 +14,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from bitloot_reconcile.sandbox.s3 import SeaweedS3, SeaweedStartError
+from bitloot_standins.s3 import SeaweedS3, SeaweedStartError
 
 
 def client_for(s3: SeaweedS3, secret: str | None = None):

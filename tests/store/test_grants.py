@@ -12,10 +12,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from bitloot_reconcile.sandbox.seed import insert_order
 from bitloot_reconcile.store import grants, schema
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
+from bitloot_standins.seed import insert_order
 from tests.fixtures.db import restricted_role
 from tests.fixtures.world import World
 from tests.store import bitloot_ddl as ddl

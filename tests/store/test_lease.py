@@ -1,4 +1,4 @@
-"""The per-order lease: one conditional UPDATE on reconcile_state decides, on PostgreSQL and on SQLite."""
+"""The per-order lease: one upsert on reconcile_state decides, on PostgreSQL and on SQLite."""
 
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def test_claim_and_release_rules(store):
     assert store.claim(order, "run-a", TTL)  # same owner re-claims
     assert store.get_state(order).attempts == 2
 
-    store.release(order, "run-b")  # not B's lease: nothing happens
+    store.finish_run(order, "run-b")  # not B's lease: nothing happens
     assert store.get_state(order).lease_owner == "run-a"
     assert not store.claim(order, "run-b", TTL)
 
-    store.release(order, "run-a")
+    store.finish_run(order, "run-a")
     state = store.get_state(order)
     assert (state.lease_owner, state.lease_expires_at, state.attempts) == (None, None, 2)
 
@@ -88,7 +88,7 @@ def test_expired_lease_can_be_taken_over(store):
     assert state.lease_expires_at > utcnow()
 
     assert not store.claim(order, "run-a", TTL)  # A came back: B holds a live lease now
-    store.release(order, "run-a")  # and A's late release does not free B's lease
+    store.finish_run(order, "run-a")  # and A's late release does not free B's lease
     assert store.get_state(order).lease_owner == "run-b"
 
 
@@ -105,7 +105,7 @@ def test_leases_are_per_order(store):
     assert store.claim(second, "run-b", TTL)
     assert not store.claim(first, "run-b", TTL)
     assert not store.claim(second, "run-a", TTL)
-    store.release(first, "run-a")
+    store.finish_run(first, "run-a")
     assert store.get_state(second).lease_owner == "run-b"
 
 
@@ -316,3 +316,12 @@ def test_a_run_that_lost_its_lease_writes_nothing(store: Store):
     assert store.finish_run(order, "run-b", last_outcome="fulfilled")
     state = store.get_state(order)
     assert (state.lease_owner, state.lease_expires_at, state.last_outcome) == (None, None, "fulfilled")
+
+
+def test_give_back_attempt_only_for_the_lease_holder(store):
+    order_id = _new_order_id()
+    assert store.claim(order_id, "run-a", dt.timedelta(minutes=5))
+    store.give_back_attempt(order_id, "run-b")
+    assert store.get_state(order_id).attempts == 1
+    store.give_back_attempt(order_id, "run-a")
+    assert store.get_state(order_id).attempts == 0

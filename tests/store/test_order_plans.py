@@ -13,10 +13,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bitloot_reconcile.sandbox.seed import add_history_lines, add_recovery_history
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import downgrade, upgrade
 from bitloot_reconcile.store.repository import Store
+from bitloot_standins.seed import add_history_lines, add_recovery_history
 from tests.fixtures.world import World
 from tests.store import bitloot_ddl as ddl
 

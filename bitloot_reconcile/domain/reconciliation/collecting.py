@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from bitloot_reconcile.adapters.errors import NotFoundError
 from bitloot_reconcile.adapters.kinguin import KinguinOrder
 from bitloot_reconcile.adapters.nowpayments import PaymentVerdict
+from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.fulfilment import parse_order_id, payment_verdict
-from bitloot_reconcile.domain.outcomes import InvalidRequest, Outcome
+from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.domain.remedies import external_id_order, replacement_external_id
 from bitloot_reconcile.store.repository import Order, Store
 from bitloot_reconcile.store.statuses import LOOKS_UNPAID, OrderStatus

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
-from bitloot_reconcile.sandbox.httpserver import JsonServer, Response
+from bitloot_standins.httpserver import JsonServer, Response
 
 STATUSES = frozenset({"waiting", "confirming", "confirmed", "sending", "partially_paid", "finished", "failed",
                       "refunded", "expired"})
@@ -56,17 +55,6 @@ class NowPaymentsSimulator(JsonServer):
         self.api_key = api_key
         self.payments: dict[str, dict[str, Any]] = {}
         self.route("GET", r"/v1/payment/(?P<payment_id>[^/]+)", "get_payment", self._get_payment)
-
-    def start(self) -> NowPaymentsSimulator:
-        # serve_forever's default 0.5 s poll makes every stop() wait up to half a second; tests start one
-        # simulator per test, so poll faster.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name=f"{self.name}-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def __enter__(self) -> NowPaymentsSimulator:
-        return self.start()
 
     # -- control API ---------------------------------------------------------------------------------------
     def set_payment(self, payment_id: str | int, status: str, *, order_id: str | None = None,
@@ -135,10 +123,6 @@ class NowPaymentsSimulator(JsonServer):
         with self._lock:
             found = self.payments.get(str(payment_id))
             return copy.deepcopy(found) if found is not None else None
-
-    def remove_payment(self, payment_id: str | int) -> None:
-        with self._lock:
-            self.payments.pop(str(payment_id), None)
 
     @staticmethod
     def _default_paid(status: str, pay_amount: Any) -> Any:

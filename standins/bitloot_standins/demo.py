@@ -27,20 +27,20 @@ from rich.console import Console
 from rich.table import Table
 
 from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
-from bitloot_reconcile.sandbox.httpserver import Fault
-from bitloot_reconcile.sandbox.seed import (
+from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.store.engine import create_store_engine
+from bitloot_reconcile.store.migrate import upgrade
+from bitloot_reconcile.store.repository import Store
+from bitloot_reconcile.store.schema import reconcile_audit
+from bitloot_standins.httpserver import Fault
+from bitloot_standins.seed import (
     SeedProduct,
     insert_email_bounce,
     insert_order,
     insert_product,
     set_feature_flag,
 )
-from bitloot_reconcile.sandbox.standins import StandIns
-from bitloot_reconcile.settings import Tunables
-from bitloot_reconcile.store.engine import create_store_engine
-from bitloot_reconcile.store.migrate import upgrade
-from bitloot_reconcile.store.repository import Store
-from bitloot_reconcile.store.schema import reconcile_audit
+from bitloot_standins.standins import StandIns
 
 # Short clocks so that the whole story plays out in a couple of minutes.
 DEMO_TUNING = Tunables(

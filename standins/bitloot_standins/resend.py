@@ -16,12 +16,11 @@ import copy
 import hashlib
 import json
 import re
-import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from bitloot_reconcile.sandbox.httpserver import JsonServer, Response
+from bitloot_standins.httpserver import JsonServer, Response
 
 MAX_RECIPIENTS = 50
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
@@ -67,17 +66,6 @@ class ResendSimulator(JsonServer):
         self._by_key: dict[str, tuple[str, Response]] = {}  # key -> (body fingerprint, first answer)
         self.route("POST", r"/emails", "send_email", self._send_email)
 
-    def start(self) -> ResendSimulator:
-        # serve_forever's default 0.5 s poll makes every stop() wait up to half a second; tests start one
-        # simulator per test, so poll faster.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name=f"{self.name}-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def __enter__(self) -> ResendSimulator:
-        return self.start()
-
     # -- control API ---------------------------------------------------------------------------------------
     def emails_to(self, address: str) -> list[dict[str, Any]]:
         """Stored emails sent to `address` (case-insensitive; display names are ignored)."""
@@ -92,11 +80,6 @@ class ResendSimulator(JsonServer):
                 if e["id"] == email_id:
                     return copy.deepcopy(e)
         return None
-
-    def forget_idempotency_keys(self) -> None:
-        """What Resend does after 24 h: a key may then be used again (and sends again)."""
-        with self._lock:
-            self._by_key.clear()
 
     # -- protocol ------------------------------------------------------------------------------------------
     def authorize(self, headers: dict[str, str]) -> Response | None:

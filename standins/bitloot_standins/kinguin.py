@@ -1,16 +1,14 @@
-"""Kinguin eCommerce API (ESA) simulator, faithful to the API as the adapter (adapters/kinguin.py) and
-`docs/design.md` section 9 describe it.
+"""Kinguin eCommerce API (ESA) simulator, faithful to the API as the adapter (bitloot_reconcile/adapters/kinguin.py)
+describes it.
 
 Serves under `/esa/api` (`sim.base_url`), authenticates `X-Api-Key`, and implements:
 
 | route name        | endpoint                                   |
 |-------------------|--------------------------------------------|
-| `place_order_v1`  | POST /v1/order            (kinguinId)      |
 | `place_order_v2`  | POST /v2/order            (productId)      |
 | `get_order`       | GET  /v1/order/{orderId}                   |
-| `search_orders`   | GET  /v1/order            (filters, paging)|
+| `search_orders`   | GET  /v1/order  (orderExternalId, createdAtFrom/To, paging) |
 | `get_keys`        | GET  /v2/order/{orderId}/keys (paging)     |
-| `return_keys`     | POST /v2/order/{orderId}/keys/return       |
 | `get_product`     | GET  /v2/products/{productId} (404 when out of stock) |
 
 Faults: `sim.inject("<route name>", Fault(...))` (latency, canned status, lost response). Canned bodies are
@@ -28,10 +26,10 @@ Behaviour worth knowing (choices where Kinguin's docs are silent are marked ASSU
   `"instant"` delivers every key at once; `"manual"` waits for `sim.deliver(order_id, n)`;
   `"after_polls=N"` answers the first N `GET /v1/order/{id}` calls with `processing` and delivers after the
   N-th. Pre-order products whose release date is in the future always wait for `deliver()`.
-- `cancel()` cancels undelivered keys (no credit); `refund()` marks keys REFUNDED and credits the payment back
-  (less anything already credited by a key return). `GET .../keys` only ever lists DELIVERED keys.
-- `order.status` webhooks go to `webhook_url` (headers X-Event-Name, X-Event-Secret) from a background thread
-  on every later transition; with `webhook_on_processing=True` also on creation. Failures are ignored.
+- `cancel()` cancels undelivered keys (no credit); `refund()` marks keys REFUNDED and credits the payment back.
+  `GET .../keys` only ever lists DELIVERED keys.
+
+Only what the project calls is served: no v1 placement, key returns or webhooks.
 """
 
 from __future__ import annotations
@@ -40,16 +38,13 @@ import base64
 import hmac
 import random
 import struct
-import threading
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
 
-import httpx
-
-from bitloot_reconcile.sandbox.httpserver import Fault, JsonServer, Response
+from bitloot_standins.httpserver import Fault, JsonServer, Response
 
 __all__ = ["Fault", "KinguinSimulator", "SimKey", "SimLine", "SimOrder", "SimProduct", "image_key_bytes"]
 
@@ -154,8 +149,6 @@ class SimOrder:
     payment_price: float
     is_preorder: bool = False
     preorder_release_date: str | None = None
-    returned: bool = False
-    credited: float = 0.0
     seq: int = 0
 
     @property
@@ -191,15 +184,10 @@ class KinguinSimulator(JsonServer):
 
     def __init__(self, api_key: str = "sim-kinguin-key", *, host: str = "127.0.0.1", port: int = 0,
                  balance: float = 1000.0, delivery_mode: str = "instant", duplicate_status: int = 422,
-                 webhook_url: str | None = None, webhook_secret: str = "", webhook_on_processing: bool = False,
                  seed: int = 0):
         super().__init__(host, port)
         self.api_key = api_key
         self.duplicate_status = duplicate_status
-        self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret
-        self.webhook_on_processing = webhook_on_processing
-        self.webhooks: list[dict[str, Any]] = []  # every event sent: {"headers", "payload", "outcome"}
         self.products: dict[str, SimProduct] = {}
         self.orders: dict[str, SimOrder] = {}   # orderId -> order, in creation order
         self.now = lambda: datetime.now(UTC)    # replace to control createdAt / return windows
@@ -208,14 +196,11 @@ class KinguinSimulator(JsonServer):
         _parse_mode(delivery_mode)
         self._rng = random.Random(seed)
         self._seq = 0
-        self._threads: list[threading.Thread] = []
         api = PREFIX
-        self.route("POST", f"{api}/v1/order", "place_order_v1", self._h_place_v1)
-        self.route("POST", f"{api}/v2/order", "place_order_v2", self._h_place_v2)
+        self.route("POST", f"{api}/v2/order", "place_order_v2", self._h_place)
         self.route("GET", f"{api}/v1/order", "search_orders", self._h_search)
         self.route("GET", f"{api}/v1/order/(?P<order_id>[^/]+)", "get_order", self._h_get_order)
         self.route("GET", f"{api}/v2/order/(?P<order_id>[^/]+)/keys", "get_keys", self._h_get_keys)
-        self.route("POST", f"{api}/v2/order/(?P<order_id>[^/]+)/keys/return", "return_keys", self._h_return)
         self.route("GET", f"{api}/v2/products/(?P<product_id>[^/]+)", "get_product", self._h_get_product)
 
     @property
@@ -286,7 +271,7 @@ class KinguinSimulator(JsonServer):
             for key in order.keys:
                 if key.status in ("PENDING", "PROCESSING"):
                     key.status = "CANCELED"
-            self._set_status(order, "canceled")
+            order.status = "canceled"
 
     def refund(self, order_id: str) -> None:
         """Refund: keys become REFUNDED and the payment goes back to the balance (once)."""
@@ -295,8 +280,8 @@ class KinguinSimulator(JsonServer):
             for key in order.keys:
                 if key.status != "RETURNED":
                     key.status = "REFUNDED"
-            self._credit(order, order.payment_price - order.credited)
-            self._set_status(order, "refunded")
+            self._balance = round(self._balance + order.payment_price, 2)
+            order.status = "refunded"
 
     def plant_order(self, order_external_id: str | None, lines: list[Any], *, status: str = "completed",
                     created_at: datetime | str | None = None, key_type: str | None = None) -> SimOrder:
@@ -334,10 +319,6 @@ class KinguinSimulator(JsonServer):
         with self._lock:
             return [o for o in self.orders.values() if o.order_external_id == order_external_id]
 
-    def order_json(self, order_id: str, *, with_keys: bool = True) -> dict[str, Any]:
-        with self._lock:
-            return self._order_json(self.orders[order_id], with_keys=with_keys)
-
     def error_body(self, status: int, kind: str, detail: str, *, method: str = "POST",
                    path: str = "/api/v2/order", **extra: Any) -> dict[str, Any]:
         """A Kinguin error body; use with `Fault(status=..., body=...)` for kinds the model does not produce."""
@@ -346,26 +327,10 @@ class KinguinSimulator(JsonServer):
                 "path": path.removeprefix("/esa"), "method": method, "timestamp": _iso(self.now()),
                 "trace": f"{self._rng.getrandbits(40):010x}", **extra}
 
-    def flush_webhooks(self, timeout: float = 5.0) -> None:
-        """Wait for webhook deliveries in flight."""
-        for thread in list(self._threads):
-            thread.join(timeout)
-
     def _make_handler(self) -> type:
         handler = super()._make_handler()
         handler.disable_nagle_algorithm = True  # headers and body go out in two writes: avoid the 40 ms stall
         return handler
-
-    def start(self) -> KinguinSimulator:
-        # Same as the base, but a short poll interval so stop() takes milliseconds, not half a second.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"{self.name}-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.flush_webhooks(timeout=1.0)
-        super().stop()
 
     # ===================================================================================== base hooks
     def authorize(self, headers: dict[str, str]) -> Response | None:
@@ -391,11 +356,8 @@ class KinguinSimulator(JsonServer):
         return self.error_body(status, kind, detail, method=method, path=path)
 
     # ===================================================================================== handlers
-    def _h_place_v1(self, body: Any, **_: Any) -> Response:
-        return self._place(body, "kinguinId", "/api/v1/order")
-
-    def _h_place_v2(self, body: Any, **_: Any) -> Response:
-        return self._place(body, "productId", "/api/v2/order")
+    def _h_place(self, body: Any, **_: Any) -> Response:
+        return self._place(body, "/api/v2/order")
 
     def _h_get_product(self, product_id: str, **_: Any) -> Response:
         """The product with its one offer; out of stock or unknown answers 404, as Kinguin does."""
@@ -439,17 +401,6 @@ class KinguinSimulator(JsonServer):
             return self._refuse(refusal, "GET", path)
         if query.get("orderExternalId"):
             orders = [o for o in orders if o.order_external_id == query["orderExternalId"]]
-        if query.get("orderId"):
-            orders = [o for o in orders if o.order_id == query["orderId"]]
-        if query.get("status"):
-            wanted = {s.strip() for s in query["status"].split(",")}
-            orders = [o for o in orders if o.status in wanted]
-        if query.get("productId"):
-            orders = [o for o in orders if any(ln.product.product_id == query["productId"] for ln in o.lines)]
-        if query.get("kinguinId"):
-            orders = [o for o in orders if any(str(ln.product.kinguin_id) == query["kinguinId"] for ln in o.lines)]
-        if query.get("isPreorder") in ("yes", "no"):
-            orders = [o for o in orders if o.is_preorder == (query["isPreorder"] == "yes")]
         chunk = orders[(page - 1) * limit: page * limit]
         return Response(200, {"results": [self._order_json(o) for o in chunk], "item_count": len(orders)})
 
@@ -470,35 +421,16 @@ class KinguinSimulator(JsonServer):
             for line, key in delivered[(page - 1) * limit: page * limit]
         ])
 
-    def _h_return(self, order_id: str, **_: Any) -> Response:
-        path = f"/api/v2/order/{order_id}/keys/return"
-        order = self.orders.get(order_id)
-        if order is None:
-            return self._not_found_order("POST", path, order_id)
-        cutoff = self.now() - timedelta(hours=24)
-        eligible = [(line, key) for line in order.lines for key in line.keys
-                    if key.status == "DELIVERED" and key.delivered_at and key.delivered_at >= cutoff]
-        if order.returned or order.is_preorder or not eligible:
-            why = ("Keys of this order were already returned." if order.returned
-                   else "Keys of a pre-order cannot be returned." if order.is_preorder
-                   else "There are no keys eligible for return.")
-            return self._refuse(_Refusal(422, "NoKeysToReturn", why, orderId=order_id), "POST", path)
-        order.returned = True
-        for line, key in eligible:
-            key.status = "RETURNED"
-            self._credit(order, line.price)
-        return Response(200, [{"id": key.id, "status": key.status} for _, key in eligible])
-
     # ===================================================================================== placement
-    def _place(self, body: Any, id_field: str, path: str) -> Response:
+    def _place(self, body: Any, path: str) -> Response:
         try:
-            request = self._validate(body, id_field)
+            request = self._validate(body)
             external_id = body.get("orderExternalId")
             if external_id is not None and any(o.order_external_id == external_id for o in self.orders.values()):
                 raise _Refusal(self.duplicate_status, "ConstraintViolation",
                                "orderExternalId: This value is already used.",
                                propertyPath="orderExternalId", invalidValue=external_id)
-            lines = self._match_offers(request, id_field)
+            lines = self._match_offers(request)
             total = round(sum(product.price * qty for product, qty, _, _ in lines), 2)
             if total > self._balance + 1e-9:
                 raise _Refusal(400, "InsufficientBalance", "Insufficient balance to place the order.")
@@ -509,8 +441,6 @@ class KinguinSimulator(JsonServer):
         self._balance = round(self._balance - total, 2)
         order = self._new_order(external_id, lines, self.now())
         answer = self._order_json(order, with_keys=False)
-        if self.webhook_on_processing:
-            self._emit(order)
         for line in order.lines:
             if line.mode == "instant":
                 for key in line.keys:
@@ -518,7 +448,7 @@ class KinguinSimulator(JsonServer):
         self._settle(order)
         return Response(201, answer)
 
-    def _validate(self, body: Any, id_field: str) -> list[dict[str, Any]]:
+    def _validate(self, body: Any) -> list[dict[str, Any]]:
         def bad(prop: str, value: Any, detail: str) -> _Refusal:
             return _Refusal(400, "ConstraintViolation", f"{prop}: {detail}", propertyPath=prop, invalidValue=value)
 
@@ -536,10 +466,9 @@ class KinguinSimulator(JsonServer):
             at = f"products[{i}]"
             if not isinstance(item, dict):
                 raise bad(at, item, "This value should be of type object.")
-            ident = item.get(id_field)
-            want = int if id_field == "kinguinId" else str
-            if ident is None or isinstance(ident, bool) or not isinstance(ident, want):
-                raise bad(f"{at}.{id_field}", ident, f"This value should be of type {want.__name__}.")
+            ident = item.get("productId")
+            if not isinstance(ident, str):
+                raise bad(f"{at}.productId", ident, "This value should be of type string.")
             qty = item.get("qty")
             if not isinstance(qty, int) or isinstance(qty, bool):
                 raise bad(f"{at}.qty", qty, "This value should be of type int.")
@@ -561,14 +490,12 @@ class KinguinSimulator(JsonServer):
                 offers.add(offer)
         return products
 
-    def _match_offers(self, items: list[dict[str, Any]], id_field: str) -> list[tuple[SimProduct, int, float, str]]:
+    def _match_offers(self, items: list[dict[str, Any]]) -> list[tuple[SimProduct, int, float, str]]:
         unavailable = _Refusal(422, "ProductUnavailable", "Unable to find any offer matching order request criteria")
         wanted: dict[str, int] = {}
         lines = []
         for item in items:
-            ident = item[id_field]
-            product = (self.products.get(ident) if id_field == "productId"
-                       else next((p for p in self.products.values() if p.kinguin_id == ident), None))
+            product = self.products.get(item["productId"])
             if product is None or product.price > item["price"] + 1e-9:
                 raise unavailable
             if item.get("offerId") is not None and item["offerId"] != product.offer_id:
@@ -646,17 +573,8 @@ class KinguinSimulator(JsonServer):
 
     def _settle(self, order: SimOrder) -> None:
         if order.status == "processing" and all(k.status == "DELIVERED" for k in order.keys):
-            self._set_status(order, "completed")
+            order.status = "completed"
 
-    def _set_status(self, order: SimOrder, status: str) -> None:
-        if order.status != status:
-            order.status = status
-            self._emit(order)
-
-    def _credit(self, order: SimOrder, amount: float) -> None:
-        amount = round(max(amount, 0.0), 2)
-        order.credited = round(order.credited + amount, 2)
-        self._balance = round(self._balance + amount, 2)
 
     def _paging(self, query: dict[str, str]) -> tuple[int, int]:
         values = {}
@@ -692,24 +610,3 @@ class KinguinSimulator(JsonServer):
 
     def _hex24(self) -> str:
         return f"{self._rng.getrandbits(96):024x}"
-
-    def _emit(self, order: SimOrder) -> None:
-        if not self.webhook_url:
-            return
-        payload = {"orderId": order.order_id, "orderExternalId": order.order_external_id, "status": order.status,
-                   "updatedAt": self.now().astimezone(UTC).isoformat(timespec="milliseconds")}
-        headers = {"X-Event-Name": "order.status", "X-Event-Secret": self.webhook_secret}
-        event: dict[str, Any] = {"headers": headers, "payload": payload, "outcome": None}
-        self.webhooks.append(event)
-        url = self.webhook_url
-
-        def send() -> None:
-            try:
-                event["outcome"] = httpx.post(url, json=payload, headers=headers, timeout=2.0,
-                                              verify=url.startswith("https:")).status_code
-            except httpx.HTTPError as exc:  # delivery failures are ignored, like a receiver that is down
-                event["outcome"] = type(exc).__name__
-
-        thread = threading.Thread(target=send, name="kinguin-webhook", daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()

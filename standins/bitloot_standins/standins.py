@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitloot_reconcile.adapters.r2 import KeyVault
-from bitloot_reconcile.sandbox.kinguin import KinguinSimulator
-from bitloot_reconcile.sandbox.nowpayments import NowPaymentsSimulator
-from bitloot_reconcile.sandbox.resend import ResendSimulator
-from bitloot_reconcile.sandbox.s3 import SeaweedS3
-from bitloot_reconcile.sandbox.s3_proxy import FaultyS3Proxy
+from bitloot_standins.kinguin import KinguinSimulator
+from bitloot_standins.nowpayments import NowPaymentsSimulator
+from bitloot_standins.resend import ResendSimulator
+from bitloot_standins.s3 import SeaweedS3
+from bitloot_standins.s3_proxy import FaultyS3Proxy
 
 KINGUIN_KEY = "sandbox-kinguin-key"
 NOWPAYMENTS_KEY = "sandbox-nowpayments-key"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -84,7 +84,9 @@ class JsonServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> JsonServer:
+    def start(self) -> Self:
+        # serve_forever's default 0.5 s poll would make every stop() wait up to half a second; tests start one
+        # simulator per test, so poll faster.
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name=f"{self.name}-http", daemon=True
         )
@@ -95,7 +97,7 @@ class JsonServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> JsonServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

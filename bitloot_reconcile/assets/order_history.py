@@ -3,27 +3,15 @@ own partition, so an order's history reads the same whatever shape of run made e
 
 The asset is never materialised by a job of its own: the runs that work orders report one materialisation per
 attempt (outcome, reason, trigger, actor, run id; never a secret). Partitions are the canonical order ids,
-added only for orders a run touched. It lives outside `assets/` because the ops that report it are imported
-by the sensors that the assets package imports.
+added only for orders a run touched.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import dagster as dg
 
-# Dagster 1.13 writes a batch of asset events in one statement, but offers it through no public API: the
-# events must carry batch metadata (as its own partitioned outputs do) while DAGSTER_EVENT_BATCH_SIZE is set.
-from dagster._core.events import (
-    DagsterEvent,
-    DagsterEventBatchMetadata,
-    DagsterEventType,
-    StepMaterializationData,
-    generate_event_batch_id,
-)
+# A failure hook has no public way to log an event in its run: see `report_in_run`.
+from dagster._core.events import StepMaterializationData
 
 ORDER_IDS = dg.DynamicPartitionsDefinition(name="order_ids")
 ORDER_ATTEMPTS_KEY = dg.AssetKey("order_attempts")
@@ -66,41 +54,16 @@ def report_in_run(instance: dg.DagsterInstance, event: dg.AssetMaterialization, 
     partition's historical events by run: a runless event (`report_runless_asset_event`) is counted there but
     not shown, so the failed attempt would be missing from the order's history."""
     instance.report_dagster_event(
-        DagsterEvent(event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=job_name,
+        dg.DagsterEvent(event_type_value=dg.DagsterEventType.ASSET_MATERIALIZATION.value, job_name=job_name,
                      step_key=step_key, event_specific_data=StepMaterializationData(event)),
         run_id=run_id,
     )
 
 
-EVENT_BATCH_SIZE_VAR = "DAGSTER_EVENT_BATCH_SIZE"
-
-
-@contextmanager
-def _event_batches_of(size: int) -> Iterator[None]:
-    """Dagster reads the variable at every event; a deployment's own setting wins if it is large enough."""
-    previous = os.environ.get(EVENT_BATCH_SIZE_VAR)
-    if previous is not None and previous.isdigit() and int(previous) >= size:
-        yield
-        return
-    os.environ[EVENT_BATCH_SIZE_VAR] = str(size)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(EVENT_BATCH_SIZE_VAR, None)
-        else:
-            os.environ[EVENT_BATCH_SIZE_VAR] = previous
-
-
 def log_attempt_events(context: dg.OpExecutionContext, events: list[dg.AssetMaterialization]) -> None:
-    """Log these events as `context.log_event` would, written to Dagster's storage as one batch: one INSERT
-    and one index update for all of them, instead of two new database connections per event."""
-    if not events:
-        return
-    step, batch = context.get_step_execution_context(), generate_event_batch_id()
-    with _event_batches_of(len(events)):
-        for number, event in enumerate(events, start=1):
-            DagsterEvent.asset_materialization(step, event, DagsterEventBatchMetadata(batch, number == len(events)))
+    """Log these events in the step's run, one write each (Dagster's public API has no batch write)."""
+    for event in events:
+        context.log_event(event)
 
 
 def order_partitions(instance: dg.DagsterInstance) -> list[str]:
