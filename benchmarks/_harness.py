@@ -27,7 +27,7 @@ from rich.table import Table
 
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
@@ -165,7 +165,7 @@ class Stack:
             "r2": R2Resource(endpoint=self.s3.endpoint_url, access_key_id=self.s3.access_key_id,
                              secret_access_key=self.s3.secret_access_key, bucket=self.bucket),
             "mailer": ResendResource(base_url=self.resend.url, api_key=RESEND_KEY),
-            "policy": ReconcilePolicy(frontend_url="https://shop.example", **policy),
+            "policy": RecoveryPolicyResource(frontend_url="https://shop.example", **policy),
         }
 
     def env(self) -> dict[str, str]:

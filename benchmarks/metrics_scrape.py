@@ -33,7 +33,7 @@ from dagster._core.utils import make_new_run_id
 from sensor_tick import STATE_HISTORY_SQL, load, run_sql
 
 from bitloot_reconcile.metrics import AuditCounts, MetricsSource, serve
-from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.settings import ReconcileVariables
 from bitloot_reconcile.store import audit_counts
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import reconcile_audit
@@ -107,7 +107,7 @@ def main() -> None:
 
         servers = []
         for size in sizes:
-            source = MetricsSource(Store(size.engine), instance, Tunables(), cache_seconds=0)
+            source = MetricsSource(Store(size.engine), instance, ReconcileVariables(), cache_seconds=0)
             size.prime.append(timed(source.prime)[0])
             port = free_port()
             servers.append(serve(source, host="127.0.0.1", port=port))

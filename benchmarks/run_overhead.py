@@ -44,7 +44,7 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import PythonFileTarget
 
 from bitloot_reconcile.jobs import fulfill_order
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from tests.fixtures.definitions import stuck_orders_sensor
 
@@ -55,7 +55,7 @@ DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunS
 def sensor_requests(stack, instance: dg.DagsterInstance, n: int) -> list[dg.RunRequest]:
     stack.paid_orders(n)
     # Per-order runs are measured here: the threshold keeps the sweep from batching them.
-    policy = ReconcilePolicy(max_runs_per_tick=n, batch_threshold=n)
+    policy = RecoveryPolicyResource(max_runs_per_tick=n, batch_threshold=n)
     context = dg.build_sensor_context(instance=instance, resources={
         "store": StoreResource(database_url=stack.store_url), "policy": policy})
     requests = stuck_orders_sensor(context).run_requests

@@ -29,12 +29,12 @@ import dagster as dg
 import sqlalchemy as sa
 from _harness import console, median, migrated_store, ms, print_machine, print_table, spread, timed
 
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.repository import Store, utcnow
 from tests.fixtures.definitions import stuck_orders_sensor
 
-POLICY = ReconcilePolicy()  # grace 10 min, max age 30 days, 25 runs per tick
+POLICY = RecoveryPolicyResource()  # grace 10 min, max age 30 days, 25 runs per tick
 STUCK, EMAIL_PENDING, IN_GRACE = 200, 50, 100
 PHASES = ("orders history only", "+ reconcile_state history")
 

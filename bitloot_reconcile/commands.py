@@ -33,7 +33,7 @@ from bitloot_reconcile.domain.remedies import (
     remedy_refusal,
 )
 from bitloot_reconcile.domain.switches import read_switches
-from bitloot_reconcile.settings import RUN_SECRETS, Settings, SettingsError, Tunables
+from bitloot_reconcile.settings import RUN_SECRETS, ReconcileVariables, Settings, SettingsError
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.repository import Order, ReconcileState, Store, utcnow
 from bitloot_reconcile.tags import (
@@ -97,7 +97,7 @@ def open_readers(settings: Settings) -> Iterator[Readers]:
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def plan(readers: Readers, tunables: Tunables, *, order_ids: tuple[str, ...] = (), limit: int = 100,
+def plan(readers: Readers, tunables: ReconcileVariables, *, order_ids: tuple[str, ...] = (), limit: int = 100,
          now: dt.datetime | None = None) -> list[Plan]:
     """The next run of every stuck order the sweep would pick (with the sweep's grace period and age window),
     or of the given orders as an admin retry would run them. Nothing is written anywhere."""
@@ -144,7 +144,8 @@ def in_flight_runs(settings: Settings) -> dict[str, str]:
         return runs_in_flight(instance)
 
 
-def board(store: Store, tunables: Tunables, *, in_flight: dict[str, str], now: dt.datetime | None = None) -> Board:
+def board(store: Store, tunables: ReconcileVariables, *, in_flight: dict[str, str],
+          now: dt.datetime | None = None) -> Board:
     """Every order that is not done and its state, with the sweep's grace period and age window (the
     `order_backlog` asset's view)."""
     return load_board(store, in_flight=in_flight, now=now or utcnow(),

@@ -13,7 +13,7 @@ from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order, prune_order_h
 from bitloot_reconcile.resources.alerts import DEFAULT_WEBSERVER_URL, AlertsResource
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
@@ -39,7 +39,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "mailer": ResendResource(
             base_url=settings.resend_base_url, api_key=dg.EnvVar("RESEND_API_KEY"), sender=settings.email_from
         ),
-        "policy": ReconcilePolicy.from_settings(settings),
+        "policy": RecoveryPolicyResource.from_settings(settings),
         # Optional: without a webhook the alert sensors only log.
         "alerts": AlertsResource(
             webhook_url=dg.EnvVar("ALERT_WEBHOOK_URL") if settings.alert_webhook_url else None,

@@ -35,7 +35,7 @@ from bitloot_reconcile.domain.outcomes import Outcome
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.runs_in_flight import IN_FLIGHT, in_flight_run_records, runs_in_flight
 from bitloot_reconcile.sensors.sweep import SWEEP_SENSOR_NAME
-from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.settings import ReconcileVariables
 from bitloot_reconcile.store import audit_counts
 from bitloot_reconcile.store.repository import Store, utcnow
 from bitloot_reconcile.tags import OUTCOME_REFUSED, TRIGGER_ADMIN, TRIGGER_REEXECUTION, TRIGGER_SENSOR
@@ -152,7 +152,7 @@ def last_completed_tick(instance: dg.DagsterInstance, state) -> float | None:
 class MetricsSource:
     """The snapshot the collector reports, read again once `cache_seconds` old; concurrent scrapes share a read."""
 
-    def __init__(self, store: Store, instance: dg.DagsterInstance, tunables: Tunables, *,
+    def __init__(self, store: Store, instance: dg.DagsterInstance, tunables: ReconcileVariables, *,
                  cache_seconds: float = DEFAULT_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic):
         self.store, self.instance, self.tunables = store, instance, tunables
         self.cache_seconds, self.clock = cache_seconds, clock

@@ -26,8 +26,8 @@ class SettingsError(ValueError):
     """A variable is missing or has a value of the wrong type; the message names it."""
 
 
-class PolicyValues(BaseModel):
-    """How the recovery and the sweep behave. The `ReconcilePolicy` resource carries these fields."""
+class RecoveryPolicy(BaseModel):
+    """How the recovery and the sweep behave. The `RecoveryPolicyResource` carries these fields."""
 
     lease_seconds: int = 900
     supplier_poll_attempts: int = 2
@@ -59,7 +59,7 @@ class PolicyValues(BaseModel):
         return PriceBound(percent=self.max_price_over_cost_percent, eur=self.max_price_over_cost_eur)
 
 
-class Tunables(PolicyValues):
+class ReconcileVariables(RecoveryPolicy):
     """The `RECONCILE_<NAME>` variables: the policy, and the sensors' floors between ticks (read when the code
     location loads, as Dagster fixes them then)."""
 
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     alert_webhook_url: SecretStr | None = None  # unset: alerts are only logged
     dagster_webserver_url: str | None = None  # links in alerts; the command line submits retries there
     dagster_home: str | None = None  # Dagster reads it itself; the command line only asks whether it is set
-    reconcile: Tunables = Field(default_factory=Tunables)
+    reconcile: ReconcileVariables = Field(default_factory=ReconcileVariables)
 
     def secret(self, name: str) -> str:
         """The value of a secret the caller cannot do without."""

@@ -15,7 +15,7 @@ from bitloot_reconcile.adapters.errors import PermanentError, TransientError
 from bitloot_reconcile.adapters.webhook import WebhookClient
 from bitloot_reconcile.jobs import fulfill_backlog
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.sensors import alerts as alerts_module
@@ -232,7 +232,7 @@ def r2_refusing(world: World, seaweed) -> R2Resource:
 def test_a_run_that_quarantines_its_order_says_so_and_is_alerted_once(world: World, r2_refusing, receiver,
                                                                       attention):
     order_id = world.order([world.product()])
-    policy = ReconcilePolicy(frontend_url=FRONTEND, supplier_poll_attempts=1, supplier_poll_seconds=0.2,
+    policy = RecoveryPolicyResource(frontend_url=FRONTEND, supplier_poll_attempts=1, supplier_poll_seconds=0.2,
                              max_attempts=1)  # the first failure uses up the order's attempts
 
     result = world.run(order_id, r2=r2_refusing, policy=policy)
@@ -349,7 +349,7 @@ def test_a_failed_board_run_pages_with_its_cause(world: World, receiver, dead_ur
     nobody_listens = dead_url.split("/")[2]  # host:port
     dead_store = StoreResource(database_url=f"postgresql+psycopg://postgres@{nobody_listens}/store")
     result = dg.materialize([order_backlog], instance=world.instance, raise_on_error=False, resources={
-        "store": dead_store, "policy": ReconcilePolicy(), "r2": world.r2, "alerts": alerts_to(None)})
+        "store": dead_store, "policy": RecoveryPolicyResource(), "r2": world.r2, "alerts": alerts_to(None)})
 
     failure_alert(world.instance, world, result, receiver.hook_url)
 

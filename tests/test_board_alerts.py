@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.schema import reconcile_state
 from bitloot_standins.httpserver import Fault
@@ -30,7 +30,7 @@ def board(store_url, r2_bucket, receiver):
             @staticmethod
             def refresh() -> str:
                 result = dg.materialize([order_backlog], instance=instance, resources={
-                    "store": StoreResource(database_url=store_url), "policy": ReconcilePolicy(), "r2": r2_bucket,
+                    "store": StoreResource(database_url=store_url), "policy": RecoveryPolicyResource(), "r2": r2_bucket,
                     "alerts": alerts})
                 assert result.success
                 return result.run_id

@@ -29,7 +29,7 @@ from bitloot_reconcile import commands
 from bitloot_reconcile.cli import main
 from bitloot_reconcile.domain.delivery import key_object_path
 from bitloot_reconcile.resources.r2 import R2Resource
-from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.settings import ReconcileVariables
 from bitloot_reconcile.store import schema
 from bitloot_reconcile.store.schema import orders
 from bitloot_reconcile.tags import OUTCOME_REFUSED
@@ -111,7 +111,7 @@ def test_plan_says_what_each_stuck_order_needs_and_changes_nothing(world: World)
     resources = world.resources()
     with resources["kinguin"].get_client() as kinguin, resources["nowpayments"].get_client() as payments:
         readers = commands.Readers(world.store, kinguin, payments, world.vault)
-        plans = {p.order_id: p for p in commands.plan(readers, Tunables())}
+        plans = {p.order_id: p for p in commands.plan(readers, ReconcileVariables())}
 
     assert result.exit_code == 0, result.output
     assert tables(world) == before

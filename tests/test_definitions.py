@@ -8,7 +8,7 @@ import sys
 import dagster as dg
 
 from bitloot_reconcile import definitions
-from bitloot_reconcile.settings import Settings, Tunables
+from bitloot_reconcile.settings import ReconcileVariables, Settings
 
 defs = definitions.defs()  # as Dagster loads the code location: from the environment now
 
@@ -66,7 +66,7 @@ def test_a_malformed_setting_stops_the_load_naming_the_variable():
 
 
 def test_the_settings_given_set_the_sensors_intervals():
-    tunables = Tunables(sweep_interval_seconds=7, alert_interval_seconds=11, board_sla_minutes=25)
+    tunables = ReconcileVariables(sweep_interval_seconds=7, alert_interval_seconds=11, board_sla_minutes=25)
     built = definitions.build_definitions(Settings(reconcile=tunables)).get_repository_def()
     assert built.get_sensor_def("stuck_orders_sensor").minimum_interval_seconds == 7
     assert built.get_sensor_def("needs_attention_alert_sensor").minimum_interval_seconds == 11

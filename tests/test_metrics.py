@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bitloot_reconcile import metrics
 from bitloot_reconcile.domain.board import BoardState, build_board
 from bitloot_reconcile.metrics import AuditCounts, DagsterView, MetricsSource, ReconcileCollector, Snapshot
-from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.settings import ReconcileVariables
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.store.schema import reconcile_audit
 from bitloot_standins.seed import SeedProduct, insert_order, insert_product
@@ -271,7 +271,8 @@ def test_the_source_reads_once_per_cache_period(store_engine):
     now = [0.0]
     reads = []
     with dg.instance_for_test() as instance:
-        source = MetricsSource(Store(store_engine), instance, Tunables(), cache_seconds=5, clock=lambda: now[0])
+        source = MetricsSource(Store(store_engine), instance, ReconcileVariables(), cache_seconds=5,
+                               clock=lambda: now[0])
         original = source._read
         source._read = lambda: reads.append(1) or original()
         first = source.snapshot()
@@ -303,7 +304,7 @@ def test_a_store_that_is_down_is_reported_down_and_read_again_at_the_next_scrape
 
     down = create_store_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere")
     with dg.instance_for_test() as instance:
-        source = MetricsSource(Store(down), instance, Tunables(), cache_seconds=0)
+        source = MetricsSource(Store(down), instance, ReconcileVariables(), cache_seconds=0)
         with pytest.raises(sa.exc.OperationalError):
             source.prime()
         snapshot = source.snapshot()

@@ -11,7 +11,7 @@ import pytest
 from dagster._core.events import DagsterEvent, DagsterEventType
 
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.repository import ProjectTablesMissing, Store, utcnow
 from bitloot_standins.seed import SeedProduct, insert_order, insert_product
@@ -38,7 +38,7 @@ def sweep(store_engine, app_store_url, dagster_instance):
                 instance=dagster_instance,
                 resources={
                     "store": StoreResource(database_url=app_store_url),
-                    "policy": ReconcilePolicy(**policy),
+                    "policy": RecoveryPolicyResource(**policy),
                 },
             )
             result = stuck_orders_sensor(context)
@@ -96,7 +96,7 @@ def test_leased_backing_off_quarantined_and_resolved_orders_are_excluded(sweep):
 def test_run_request_carries_tags_config_and_an_attempt_numbered_key(sweep):
     order_id = sweep.order()
     (first,) = sweep.tick()
-    bucket = int(utcnow().timestamp() // ReconcilePolicy().lease_seconds)  # one lease period
+    bucket = int(utcnow().timestamp() // RecoveryPolicyResource().lease_seconds)  # one lease period
     assert first.run_key == f"{order_id}:1:{bucket}"
     assert first.tags == {
         "bitloot/order_id": order_id,
@@ -198,7 +198,7 @@ def test_orders_in_flight_do_not_use_up_the_tick(sweep, dagster_instance):
 def test_skip_reason_when_nothing_is_stuck(sweep, dagster_instance, app_store_url):
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=app_store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=app_store_url), "policy": RecoveryPolicyResource()},
     )
     result = stuck_orders_sensor(context)
     assert isinstance(result, dg.SkipReason) and "no stuck orders" in result.skip_message
@@ -208,7 +208,7 @@ def test_a_store_without_the_project_tables_fails_the_tick_with_what_to_do(empty
     bitloot_ddl.populate_bitloot_database(empty_pg_url)
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=empty_pg_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=empty_pg_url), "policy": RecoveryPolicyResource()},
     )
     with pytest.raises(ProjectTablesMissing, match="run `bitloot-reconcile db upgrade` first"):
         stuck_orders_sensor(context)
@@ -222,7 +222,7 @@ def test_skip_message_counts_and_names_what_was_skipped_and_why(sweep, dagster_i
         sweep.store.claim(order_id, f"run-{order_id[:8]}", dt.timedelta(minutes=10))
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=app_store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=app_store_url), "policy": RecoveryPolicyResource()},
     )
 
     result = stuck_orders_sensor(context)
@@ -256,7 +256,7 @@ def test_skip_message_names_at_most_five_orders_per_reason(sweep, dagster_instan
         sweep.store.update_state(order_id, last_outcome="retry_later", next_attempt_at=later)
     context = dg.build_sensor_context(
         instance=dagster_instance,
-        resources={"store": StoreResource(database_url=app_store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=app_store_url), "policy": RecoveryPolicyResource()},
     )
 
     message = stuck_orders_sensor(context).skip_message
@@ -318,7 +318,7 @@ def test_the_next_batch_waits_while_batch_max_runs_batches_are_in_flight(sweep, 
     def tick(max_runs: int) -> dg.SensorResult | dg.SkipReason:
         context = dg.build_sensor_context(instance=dagster_instance, resources={
             "store": StoreResource(database_url=app_store_url),
-            "policy": ReconcilePolicy(batch_threshold=2, batch_max_runs=max_runs)})
+            "policy": RecoveryPolicyResource(batch_threshold=2, batch_max_runs=max_runs)})
         return stuck_orders_sensor(context)
 
     try:

@@ -18,7 +18,7 @@ import dagster as dg
 from bitloot_reconcile.domain import board as bd
 from bitloot_reconcile.domain.alerting import order_runs_url, run_url
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.runs_in_flight import runs_in_flight
@@ -50,7 +50,7 @@ def build_order_backlog(sla: dt.timedelta) -> dg.AssetsDefinition:
     def order_backlog(
         context: dg.AssetExecutionContext,
         store: StoreResource,
-        policy: ReconcilePolicy,
+        policy: RecoveryPolicyResource,
         r2: R2Resource,
         alerts: AlertsResource,
     ) -> dg.MaterializeResult:

@@ -30,7 +30,7 @@ from bitloot_reconcile.domain.recording import record_failure, record_outcome
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.schedule import RetrySchedule
 from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
-from bitloot_reconcile.settings import PolicyValues
+from bitloot_reconcile.settings import RecoveryPolicy
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import OUTCOME_REFUSED
 
@@ -72,11 +72,11 @@ class _StepFailed(Exception):
         self.error = error
 
 
-def work_order(services: Services, order_id: str, *, who: Who, policy: PolicyValues, schedule: RetrySchedule,
+def work_order(services: Services, order_id: str, *, who: Who, policy: RecoveryPolicy, schedule: RetrySchedule,
                sleep: Callable[[float], None] = time.sleep) -> AttemptResult:
     """Claim, recover and record one order, as one `fulfill_order` run launched by `who.trigger` would, under
-    the same policy (the values of the `ReconcilePolicy` resource) and retry schedule. The steps share one view
-    of the order, read again only after their own writes (`Store.for_attempt`)."""
+    the same policy (the values the `RecoveryPolicyResource` carries) and retry schedule. The steps share one
+    view of the order, read again only after their own writes (`Store.for_attempt`)."""
     services = replace(services, store=services.store.for_attempt())
     repo = services.store
     try:
@@ -102,7 +102,7 @@ def work_order(services: Services, order_id: str, *, who: Who, policy: PolicyVal
         return AttemptResult(order_id, str(Outcome.RETRY_LATER), f"not recorded: {describe_error(exc)}", False)
 
 
-def _worked(step: Step, services: Services, progress: Progress, policy: PolicyValues,
+def _worked(step: Step, services: Services, progress: Progress, policy: RecoveryPolicy,
             sleep: Callable[[float], None]) -> Progress:
     """One row of the table, as its op would run it: retried, polled while it waits, given up as it says."""
     if progress.finished:
@@ -121,7 +121,7 @@ def _worked(step: Step, services: Services, progress: Progress, policy: PolicyVa
         raise
 
 
-def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: PolicyValues,
+def _retried(name: str, retry: Retry, call: Callable[[], Progress], policy: RecoveryPolicy,
              sleep: Callable[[float], None]) -> Progress:
     """Bad input and permanent refusals fail the step at once; anything else is tried again, as the ops'
     RetryPolicy does, honouring a service's Retry-After up to `max_retry_wait_seconds`."""

@@ -25,7 +25,7 @@ from bitloot_reconcile.domain.steps import Who
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
@@ -60,7 +60,7 @@ def work_backlog(
     kinguin: KinguinResource,
     r2: R2Resource,
     mailer: ResendResource,
-    policy: ReconcilePolicy,
+    policy: RecoveryPolicyResource,
 ) -> dg.Output[dict[str, int]]:
     """Work every order on `batch_workers` threads. An order's failure is that order's outcome (`retry_later`
     after its retries), never the run's; a killed run leaves each order it held to its lapsing lease."""

@@ -27,7 +27,7 @@ from bitloot_reconcile.domain.recording import record_outcome as record_outcome_
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.remedies import Remedy, Resolution
 from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import (
@@ -98,7 +98,7 @@ class StepError(Exception):
 
 
 @contextmanager
-def step_errors(policy: ReconcilePolicy, retry: Retry) -> Iterator[None]:
+def step_errors(policy: RecoveryPolicyResource, retry: Retry) -> Iterator[None]:
     """Bad input and permanent refusals fail the step for good; transient errors go to the RetryPolicy of the
     step's retry class, honouring the service's Retry-After when it gives one, but never waiting past
     `max_retry_wait_seconds` (kept below the lease, which the next attempt renews). Anything else (a database
@@ -169,7 +169,7 @@ def claim_order(context: dg.OpExecutionContext, request: FulfillOrderRequest) ->
     request (nobody is paged) is also the order's history; the run's remaining steps are skipped and
     `record_outcome` fails the run with the refusal's one sentence."""
     order_id = request.order_id  # canonical: checked when the run was launched (`checked_request`)
-    policy: ReconcilePolicy = context.resources.policy
+    policy: RecoveryPolicyResource = context.resources.policy
     who, remedy = who_launched(context, request), request.remedy
     _set_tags(context, request_tags(
         order_id, trigger=who.trigger, reason=who.reason or REEXECUTED_SENSOR_RUN,
@@ -245,7 +245,7 @@ class StepServices:
 def run_step(context: dg.OpExecutionContext, step: Step, progress: Progress) -> Iterator[dg.Output]:
     """One try of a row: under this run's lease, its switch and its work; a failure retried by the op's
     RetryPolicy, or, once the retries are used up, ended as the row `gives_up`; polled again while it waits."""
-    policy: ReconcilePolicy = context.resources.policy
+    policy: RecoveryPolicyResource = context.resources.policy
     progress = held_by_this_run(context, progress)
     with step_errors(policy, step.retry), ExitStack() as stack:
         try:
@@ -287,7 +287,7 @@ STEP_OPS = tuple(step_op(step) for step in STEPS)
 
 @dg.op(ins={"ends": dg.In(list[Progress], description="The one step output where the order's run ended.")})
 def record_outcome(
-    context: dg.OpExecutionContext, ends: list[Progress], store: StoreResource, policy: ReconcilePolicy
+    context: dg.OpExecutionContext, ends: list[Progress], store: StoreResource, policy: RecoveryPolicyResource
 ) -> dg.Output[str]:
     """One outcome per run: into the reconcile state, the audit table, this run's metadata and its
     `bitloot/outcome` tag; or, for a refused request, the run's failure in one sentence."""

@@ -1,7 +1,7 @@
 """Behaviour settings of the recovery and the sweep, in one resource so operators tune them in one place.
 
-The fields and their defaults are `settings.PolicyValues`; the code location fills them from the
-`RECONCILE_<NAME>` variables (`ReconcilePolicy.from_settings`).
+The fields and their defaults are `settings.RecoveryPolicy`; the code location fills them from the
+`RECONCILE_<NAME>` variables (`RecoveryPolicyResource.from_settings`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import dagster as dg
 from pydantic import model_validator
 
 from bitloot_reconcile.domain.schedule import RetrySchedule
-from bitloot_reconcile.settings import DEFAULT_FRONTEND_URL, PolicyValues, Settings
+from bitloot_reconcile.settings import DEFAULT_FRONTEND_URL, RecoveryPolicy, Settings
 
 
-class ReconcilePolicy(dg.ConfigurableResource, PolicyValues):
+class RecoveryPolicyResource(dg.ConfigurableResource, RecoveryPolicy):
     frontend_url: str = DEFAULT_FRONTEND_URL
 
     @model_validator(mode="after")
-    def _waits_fit_in_the_lease(self) -> ReconcilePolicy:
+    def _waits_fit_in_the_lease(self) -> RecoveryPolicyResource:
         longest = max(self.max_retry_wait_seconds, self.supplier_poll_seconds)
         if longest * 2 > self.lease_seconds:
             raise ValueError(
@@ -30,7 +30,7 @@ class ReconcilePolicy(dg.ConfigurableResource, PolicyValues):
         return self
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ReconcilePolicy:
+    def from_settings(cls, settings: Settings) -> RecoveryPolicyResource:
         return cls(frontend_url=settings.frontend_url, **settings.reconcile.model_dump(include=set(cls.model_fields)))
 
     @property

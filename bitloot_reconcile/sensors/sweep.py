@@ -8,7 +8,7 @@ from bitloot_reconcile.domain.board import load_board, skipped_summary
 from bitloot_reconcile.domain.sweep import batch_worker_gone, plan_sweep, run_worker_gone, split_backlog
 from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.runs_in_flight import batch_order_ids, batch_run_records, order_run_records
 from bitloot_reconcile.store.repository import ReconcileState, Store, utcnow
@@ -70,7 +70,7 @@ def orders_in_flight(
     return in_flight
 
 
-def nothing_due(store: Store, in_flight: dict[str, str], policy: ReconcilePolicy, now: dt.datetime) -> str:
+def nothing_due(store: Store, in_flight: dict[str, str], policy: RecoveryPolicyResource, now: dt.datetime) -> str:
     """The skip message: what the sweep left alone and why, counted and named (one more bounded read, only on
     ticks that launch nothing)."""
     grace = dt.timedelta(minutes=policy.grace_minutes)
@@ -92,7 +92,7 @@ def build_stuck_orders_sensor(interval_seconds: int) -> dg.SensorDefinition:
 
 
 def sweep_tick(
-    context: dg.SensorEvaluationContext, store: StoreResource, policy: ReconcilePolicy
+    context: dg.SensorEvaluationContext, store: StoreResource, policy: RecoveryPolicyResource
 ) -> dg.SensorResult | dg.SkipReason:
     """Each tick: the oldest stuck orders (bounded), one `fulfill_order` run each; or, when more are due than
     `batch_threshold`, `fulfill_backlog` runs of them (bounded in size and number); unless BitLoot's own

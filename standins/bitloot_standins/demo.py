@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bitloot_reconcile.domain.delivery import attachment_filename, key_object_path
-from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.settings import ReconcileVariables
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
 from bitloot_reconcile.store.repository import Store
@@ -43,7 +43,7 @@ from bitloot_standins.seed import (
 from bitloot_standins.standins import StandIns
 
 # Short clocks so that the whole story plays out in a couple of minutes.
-DEMO_TUNING = Tunables(
+DEMO_TUNING = ReconcileVariables(
     sweep_interval_seconds=5,
     grace_minutes=0.05,
     backoff_base_seconds=3,

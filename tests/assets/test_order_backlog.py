@@ -13,7 +13,7 @@ import pytest
 from bitloot_reconcile.assets.order_backlog import TABLE_ROWS
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_standins.seed import SeedProduct, insert_order, insert_product
 from tests.fixtures.board import EXHAUSTED, SUPPLIER_CANCELED, on_board, seed_every_state
@@ -27,7 +27,7 @@ def materialize(store_url, r2_bucket, dagster_instance):
     def run() -> dg.ExecuteInProcessResult:
         return dg.materialize(
             [order_backlog], instance=dagster_instance,
-            resources={"store": StoreResource(database_url=store_url), "policy": ReconcilePolicy(),
+            resources={"store": StoreResource(database_url=store_url), "policy": RecoveryPolicyResource(),
                        "r2": r2_bucket, "alerts": AlertsResource(dagster_base_url=DAGSTER_URL)},
         )
     return run

@@ -20,11 +20,11 @@ from bitloot_reconcile.domain.switches import read_switches
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.resend import ResendResource
 from bitloot_reconcile.resources.store import StoreResource
-from bitloot_reconcile.settings import Tunables
+from bitloot_reconcile.settings import ReconcileVariables
 from bitloot_reconcile.store.repository import Store, utcnow
 from bitloot_standins.demo import SCENARIOS, DemoWorld, Scenario
 from bitloot_standins.standins import BUCKET, KINGUIN_KEY, NOWPAYMENTS_KEY, RESEND_KEY, StandIns
@@ -51,7 +51,7 @@ def resources(standins: StandIns, store_url: str) -> dict:
         "r2": R2Resource(endpoint=standins.r2_proxy.url, access_key_id=standins.s3.access_key_id,
                          secret_access_key=standins.s3.secret_access_key, bucket=BUCKET),
         "mailer": ResendResource(base_url=standins.resend.url, api_key=RESEND_KEY, timeout_seconds=3),
-        "policy": ReconcilePolicy(supplier_poll_attempts=2, supplier_poll_seconds=0.2),
+        "policy": RecoveryPolicyResource(supplier_poll_attempts=2, supplier_poll_seconds=0.2),
     }
 
 
@@ -62,7 +62,8 @@ def test_plan_and_run_end_alike(scenario: Scenario, standins: StandIns, store_en
     store = Store(store_engine)
     with (KinguinClient(standins.kinguin.base_url, KINGUIN_KEY) as kinguin,
           NowPaymentsClient(standins.nowpayments.url, NOWPAYMENTS_KEY) as nowpayments):
-        (planned,) = plan(Readers(store, kinguin, nowpayments, standins.vault()), Tunables(), order_ids=(order_id,))
+        (planned,) = plan(Readers(store, kinguin, nowpayments, standins.vault()), ReconcileVariables(),
+                          order_ids=(order_id,))
 
     result = fulfill_order.execute_in_process(
         run_config={"order_id": order_id, "reason": "parity", "requested_by": "ops@bitloot.io"},

@@ -18,7 +18,7 @@ from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
 from bitloot_reconcile.ops.fulfill_backlog import EVENT_CHUNK
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.store.schema import orders
 from bitloot_standins.httpserver import Fault
@@ -235,7 +235,8 @@ def test_a_crash_after_each_step_inside_a_batch_then_the_next_batch_converges(wo
 
 # -- concurrency and kills: each run in its own process, as the run launcher starts them ------------------------
 def _specs(world: World, **policy) -> dict:
-    resources = world.resources(**({"policy": ReconcilePolicy(frontend_url=FRONTEND, **policy)} if policy else {}))
+    overrides = {"policy": RecoveryPolicyResource(frontend_url=FRONTEND, **policy)} if policy else {}
+    resources = world.resources(**overrides)
     return {name: (type(r), {f: getattr(r, f) for f in type(r).model_fields}) for name, r in resources.items()}
 
 
@@ -328,7 +329,7 @@ def test_a_malformed_order_id_in_a_hand_made_batch_fails_it_before_anything_is_c
 def test_a_retry_after_wait_in_a_batch_is_capped_as_in_a_run(world: World):
     order_id = world.order([world.product()], status="waiting", payment_status="waiting")
     world.nowpayments.inject("get_payment", Fault(status=429, retry_after=3600, times=10))
-    policy = ReconcilePolicy(frontend_url=FRONTEND, max_retry_wait_seconds=0.2)
+    policy = RecoveryPolicyResource(frontend_url=FRONTEND, max_retry_wait_seconds=0.2)
 
     started = time.monotonic()
     result = world.batch([order_id], policy=policy)

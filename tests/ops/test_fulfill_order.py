@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_order
 from bitloot_reconcile.ops.fulfill_order import RefusedLaunch
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.schema import order_items, orders, reconcile_audit, reconcile_state
@@ -487,7 +487,7 @@ def test_an_address_resend_refuses_is_recorded_once_and_not_retried(world: World
 def test_a_retry_after_wait_is_capped_and_the_recorded_reason_keeps_the_cause(world: World):
     order_id = world.order([world.product()], status="waiting", payment_status="waiting")
     world.nowpayments.inject("get_payment", Fault(status=429, retry_after=3600, times=10))
-    policy = ReconcilePolicy(frontend_url=FRONTEND, max_retry_wait_seconds=0.2)
+    policy = RecoveryPolicyResource(frontend_url=FRONTEND, max_retry_wait_seconds=0.2)
 
     started = time.monotonic()
     result = world.run(order_id, policy=policy)
@@ -500,7 +500,7 @@ def test_a_retry_after_wait_is_capped_and_the_recorded_reason_keeps_the_cause(wo
 
 def test_a_policy_whose_waits_do_not_fit_in_the_lease_is_refused():
     with pytest.raises(ValueError, match="lease_seconds .* at least twice the longest in-run wait"):
-        ReconcilePolicy(lease_seconds=60, max_retry_wait_seconds=45)
+        RecoveryPolicyResource(lease_seconds=60, max_retry_wait_seconds=45)
 
 
 def test_a_statement_timeout_on_the_signed_url_write_leaks_no_signature(world: World, caplog, tmp_path):

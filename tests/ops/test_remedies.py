@@ -15,7 +15,7 @@ from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.domain import alerting, reconciliation
 from bitloot_reconcile.ops.fulfill_order import RefusedLaunch
 from bitloot_reconcile.resources.alerts import AlertsResource
-from bitloot_reconcile.resources.policy import ReconcilePolicy
+from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.store.repository import utcnow
 from tests.fixtures.definitions import needs_attention_alert_sensor, stuck_orders_sensor
@@ -86,7 +86,7 @@ def test_a_ceiling_above_the_bound_is_a_refused_run_that_changes_nothing(world: 
 
 def test_the_bound_follows_the_shops_tunables(world: World):
     order_id = world.order([world.product(price=5.8, cost=5.0)])
-    policy = ReconcilePolicy(supplier_poll_attempts=1, supplier_poll_seconds=0.2, max_price_over_cost_percent=50,
+    policy = RecoveryPolicyResource(supplier_poll_attempts=1, supplier_poll_seconds=0.2, max_price_over_cost_percent=50,
                              max_price_over_cost_eur=1)
     result = world.run(order_id, remedy={"max_unit_price_eur": 6.5}, policy=policy)
     assert "at most 6.00 (+50% or +1.00 EUR over cost" in refusal_of(result)
@@ -243,7 +243,7 @@ def test_a_resolution_closes_the_order_without_an_outside_call(world: World, res
 def sweep_tick(world: World) -> list[str]:
     context = dg.build_sensor_context(
         instance=world.instance,
-        resources={"store": StoreResource(database_url=world.store_url), "policy": ReconcilePolicy()},
+        resources={"store": StoreResource(database_url=world.store_url), "policy": RecoveryPolicyResource()},
     )
     result = stuck_orders_sensor(context)
     return [] if isinstance(result, dg.SkipReason) else [r.tags["bitloot/order_id"] for r in result.run_requests]
