@@ -183,17 +183,11 @@ def test_the_call_finder_sees_decorators_but_not_function_bodies():
     assert module_level_calls(tree, "load_settings") == [1, 2]
 
 
-# The one private import left, and why: a failure hook has no public API to log an event in its run. It goes
-# when the step that fails for good logs its attempt's event itself.
-PRIVATE_LEFT = {f"{PACKAGE}.assets.order_history": ["dagster._core.events",
-                                                    "dagster._core.events.StepMaterializationData"]}
-
-
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_private_dagster_and_no_settings_read_at_import(name):
     tree = ast.parse(MODULES[name].read_text())
     private = sorted(n for n in imported_names(tree, name) if n == "dagster._core" or n.startswith("dagster._"))
-    assert private == PRIVATE_LEFT.get(name, []), f"{name} imports Dagster's private modules"
+    assert private == [], f"{name} imports Dagster's private modules"
     assert module_level_calls(tree, "load_settings") == [], f"{name} reads the settings when imported"
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-# A failure hook has no public way to log an event in its run: see `report_in_run`.
-from dagster._core.events import StepMaterializationData
-
 ORDER_IDS = dg.DynamicPartitionsDefinition(name="order_ids")
 ORDER_ATTEMPTS_KEY = dg.AssetKey("order_attempts")
 
@@ -46,18 +43,6 @@ def add_order_partitions(instance: dg.DagsterInstance, order_ids: list[str]) -> 
     """Before the first event on an order's partition; Dagster adds only the ids it does not have yet."""
     if order_ids:
         instance.add_dynamic_partitions(ORDER_IDS.name, list(dict.fromkeys(order_ids)))
-
-
-def report_in_run(instance: dg.DagsterInstance, event: dg.AssetMaterialization, *, run_id: str, job_name: str,
-                  step_key: str) -> None:
-    """Record an attempt's event in its run's log from outside a step (the job's failure hook). The UI lists a
-    partition's historical events by run: a runless event (`report_runless_asset_event`) is counted there but
-    not shown, so the failed attempt would be missing from the order's history."""
-    instance.report_dagster_event(
-        dg.DagsterEvent(event_type_value=dg.DagsterEventType.ASSET_MATERIALIZATION.value, job_name=job_name,
-                     step_key=step_key, event_specific_data=StepMaterializationData(event)),
-        run_id=run_id,
-    )
 
 
 def log_attempt_events(context: dg.OpExecutionContext, events: list[dg.AssetMaterialization]) -> None:

@@ -18,7 +18,7 @@ from bitloot_reconcile.adapters.kinguin import KinguinClient
 from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
 from bitloot_reconcile.adapters.r2 import KeyVault
 from bitloot_reconcile.adapters.resend import ResendClient
-from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event, report_in_run
+from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event
 from bitloot_reconcile.domain import fulfilment, steps
 from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.outcomes import Progress
@@ -247,15 +247,22 @@ def run_step(context: dg.OpExecutionContext, step: Step, progress: Progress) -> 
     RetryPolicy, or, once the retries are used up, ended as the row `gives_up`; polled again while it waits."""
     policy: RecoveryPolicyResource = context.resources.policy
     progress = held_by_this_run(context, progress)
-    with step_errors(policy, step.retry), ExitStack() as stack:
-        try:
-            result = steps.run(step, StepServices(context.resources, stack), progress)
-        except Exception as exc:
-            retries_left = context.retry_number < step.retry.max_retries
-            ended = None if retries_left or step.gives_up is None else step.gives_up(progress, exc)
-            if ended is None:
-                raise
-            result = ended
+    try:
+        with step_errors(policy, step.retry), ExitStack() as stack:
+            try:
+                result = steps.run(step, StepServices(context.resources, stack), progress)
+            except Exception as exc:
+                retries_left = context.retry_number < step.retry.max_retries
+                ended = None if retries_left or step.gives_up is None else step.gives_up(progress, exc)
+                if ended is None:
+                    raise
+                result = ended
+    except Exception as exc:
+        # An attempt that ends here is recorded by the step itself, so its event is in this run's log.
+        if fails_for_good(context.retry_number, step.retry, exc) and (event := record_failed_attempt(
+                context.instance, context.resources, context.run_id, context.job_name, step=step.name, error=exc)):
+            context.log_event(event)
+        raise
     if step.polls_while and result.outcome is step.polls_while \
             and context.retry_number < policy.supplier_poll_attempts:
         wait = policy.supplier_poll_seconds
@@ -328,31 +335,42 @@ def _recorded_reason(tags: Mapping[str, str]) -> str | None:
     return None if reason in (None, "", REEXECUTED_SENSOR_RUN) else reason
 
 
-@dg.failure_hook(required_resource_keys={"store", "policy"})
-def record_failed_run(context: dg.HookContext) -> None:
-    """A step failed for good while this run held the lease: record `retry_later` (or the quarantine it
-    leads to), tag the run with it and hand the lease back."""
-    tags = context.instance.get_run_by_id(context.run_id).tags
+def fails_for_good(retry_number: int, retry: Retry, error: BaseException) -> bool:
+    """Whether Dagster ends the step with this error rather than trying it again."""
+    if isinstance(error, dg.RetryRequested):
+        return retry_number >= error.max_retries
+    if isinstance(error, dg.Failure) and not error.allow_retries:
+        return True
+    return retry_number >= retry.max_retries
+
+
+def record_failed_attempt(instance: dg.DagsterInstance, resources, run_id: str, job_name: str, *, step: str,
+                          error: BaseException | None) -> dg.AssetMaterialization | None:
+    """A step failed for good while this run held the lease: record `retry_later` (or the quarantine it leads
+    to), tag the run with it, hand the lease back; the attempt's event for the order's history. None when the
+    run does not hold the order (never claimed, or already recorded)."""
+    tags = instance.get_run_by_id(run_id).tags
     try:
         order_id = fulfilment.parse_order_id(tags.get(TAG_ORDER_ID, ""))
     except InvalidRequest:
-        return
-    final = record_failure(
-        context.resources.store.get_store(),
-        order_id,
-        step=context.op.name,
-        error=context.op_exception,
-        run_id=context.run_id,
-        trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
-        actor=_recorded_actor(tags),
-        reason=_recorded_reason(tags),
-        schedule=context.resources.policy.retry_schedule(),
-    )
+        return None
+    trigger, actor = tags.get(TAG_TRIGGER, TRIGGER_ADMIN), _recorded_actor(tags)
+    final = record_failure(resources.store.get_store(), order_id, step=step, error=error, run_id=run_id,
+                           trigger=trigger, actor=actor, reason=_recorded_reason(tags),
+                           schedule=resources.policy.retry_schedule())
     if final is None:
-        return  # never claimed (bad input, or failed before the claim): nothing to record or release
-    context.instance.add_run_tags(context.run_id, {TAG_OUTCOME: final.outcome.value})
-    add_order_partitions(context.instance, [order_id])
-    report_in_run(context.instance, attempt_event(
-        order_id, outcome=final.outcome.value, reason=final.reason, trigger=tags.get(TAG_TRIGGER, TRIGGER_ADMIN),
-        actor=_recorded_actor(tags), run_id=context.run_id, job=context.job_name),
-        run_id=context.run_id, job_name=context.job_name, step_key=context.step_key)
+        return None
+    instance.add_run_tags(run_id, {TAG_OUTCOME: final.outcome.value})
+    add_order_partitions(instance, [order_id])
+    return attempt_event(order_id, outcome=final.outcome.value, reason=final.reason, trigger=trigger, actor=actor,
+                         run_id=run_id, job=job_name)
+
+
+@dg.failure_hook(required_resource_keys={"store", "policy"})
+def record_failed_run(context: dg.HookContext) -> None:
+    """What the failed step could not record itself (its own recording failed, or the claim or the outcome
+    step failed while this run held the lease). A hook has no public way to log an event in its run, so this
+    attempt's event is reported without one: the order's history counts it, the UI's list does not show it."""
+    if event := record_failed_attempt(context.instance, context.resources, context.run_id, context.job_name,
+                                      step=context.op.name, error=context.op_exception):
+        context.instance.report_runless_asset_event(event)

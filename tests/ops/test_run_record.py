@@ -8,6 +8,8 @@ import datetime as dt
 import dagster as dg
 import pytest
 
+from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY
+from bitloot_reconcile.ops import fulfill_order
 from bitloot_reconcile.resources.r2 import R2Resource
 from tests.fixtures.runs import outcome_of
 from tests.fixtures.world import World
@@ -109,7 +111,7 @@ def test_a_refused_request_skips_every_step_and_fails_the_run_with_one_sentence(
     assert step_said(result)["load_and_claim"] == f"Order {unknown} not found"
 
 
-def test_a_failed_run_is_tagged_with_what_the_failure_hook_recorded(world: World, seaweed):
+def test_a_failed_run_is_tagged_with_what_its_failed_step_recorded(world: World, seaweed):
     order_id = world.order([world.product()])
     wrong_secret = R2Resource(endpoint=seaweed.endpoint_url, access_key_id=seaweed.access_key_id,
                               secret_access_key="not-the-secret-key", bucket=world.r2.bucket)
@@ -118,6 +120,28 @@ def test_a_failed_run_is_tagged_with_what_the_failure_hook_recorded(world: World
 
     assert not result.success
     assert outcome_tag(world, result) == "retry_later" == world.store.get_state(order_id).last_outcome
+    assert world.store.get_state(order_id).lease_owner is None
+
+
+def test_the_failure_hook_records_what_a_failed_step_could_not(world: World, monkeypatch):
+    """`record_outcome` fails while the run holds the lease: no step recorded the attempt, the hook does (its
+    event has no run: a hook cannot log into its own run through Dagster's public API)."""
+    order_id = world.order([world.product()])
+
+    def outcome_store_down(*args, **kwargs):
+        raise RuntimeError("store unreachable")
+
+    monkeypatch.setattr(fulfill_order, "record_outcome_step", outcome_store_down)
+    result = world.run(order_id)
+
+    assert not result.success
+    assert outcome_tag(world, result) == "retry_later" == world.store.get_state(order_id).last_outcome
+    assert world.store.get_state(order_id).lease_owner is None
+    (record,) = world.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ORDER_ATTEMPTS_KEY, asset_partitions=[order_id]), limit=5).records
+    assert record.run_id == ""
+    assert record.asset_materialization.metadata["outcome"].value == "retry_later"
+    assert "record_outcome failed" in record.asset_materialization.metadata["reason"].value
 
 
 @pytest.mark.parametrize("typed", ["upper", "padded", "braces"])
