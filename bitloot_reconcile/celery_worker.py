@@ -22,4 +22,7 @@ app = make_app({
     "config_source": DEFAULT_CONFIG,
     "task_default_queue": "orders",
 })
+# Celery would swap sys.stdout/stderr for a logger; Dagster's compute log capture needs the real file descriptors
+# (else a run's stdout/stderr never reach the compute log manager, and the webserver shows nothing).
+app.conf.worker_redirect_stdouts = False
 execute_job = create_execute_job_task(app)

@@ -1,0 +1,148 @@
+"""The production layout on separate hosts (`bitloot_reconcile.sandbox.hosts`): database, storage (SeaweedFS as
+R2), broker (redis-server), stand-in APIs, daemon with the code server, webserver behind nginx, two run-worker
+hosts with a Celery worker each, every one in its own network namespace with a private /tmp. Runs go to the
+worker hosts through dagster-celery's CeleryRunLauncher.
+
+A backlog is drained in `fulfill_backlog` batches and an admin retry is launched through the proxy; every process
+of one worker host is killed while it executes a run. Every order ends exactly once (one Kinguin order, one keys row
+per item, one email), the killed host's run is failed by the sweep and its orders are worked again by the other
+host, and the admin run's output, written on a worker host, is read from the webserver host through the proxy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from bitloot_reconcile.sandbox.hosts import LayoutSettings, production_layout, why_namespaces_unavailable
+from bitloot_reconcile.sandbox.httpserver import Fault
+from bitloot_reconcile.sandbox.seed import insert_order
+from bitloot_reconcile.store.schema import keys, order_items, orders
+from bitloot_reconcile.tags import TRIGGER_ADMIN, request_tags
+
+pytestmark = [pytest.mark.e2e]
+
+LEASE_SECONDS, SWEEP_SECONDS = 20, 3
+BACKLOG = 18
+LAUNCH = """mutation($config: RunConfigData!, $tags: [ExecutionTag!]) { launchRun(executionParams: {
+  selector: {repositoryLocationName: "bitloot_reconcile", repositoryName: "__repository__", jobName: "fulfill_order"},
+  runConfigData: $config, executionMetadata: {tags: $tags}}) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+RUN = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+RUN_LOGS = """query($runId: ID!) { logsForRun(runId: $runId) { ... on EventConnection { events { __typename
+  ... on LogsCapturedEvent { fileKey } } } } }"""
+CAPTURED = "query($logKey: [String!]!) { capturedLogs(logKey: $logKey) { stdout stderr } }"
+
+
+def graphql(url: str, user: tuple[str, str], query: str, variables: dict) -> dict:
+    body = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables}, auth=user,
+                      timeout=30).json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def wait_for(what: str, check, layout, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"out of time waiting for {what}; logs in {layout.network.root}/logs"
+        time.sleep(1)
+
+
+@pytest.mark.timeout(600)
+def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_loss_of_one():
+    reason = why_namespaces_unavailable()
+    if reason:
+        pytest.skip(f"the hosts test needs network namespaces: {reason}")
+    settings = LayoutSettings(
+        env={"RECONCILE_SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS), "RECONCILE_LEASE_SECONDS": str(LEASE_SECONDS),
+             "RECONCILE_MAX_RETRY_WAIT_SECONDS": "5", "RECONCILE_BATCH_THRESHOLD": "4",
+             "RECONCILE_BATCH_MAX_ORDERS": "6"},
+        # Run monitoring's default poll is every 120 s: a run sent to the killed host but not started there
+        # would wait that long plus the start timeout.
+        instance_overrides={"run_monitoring": {"poll_interval_seconds": 5, "start_timeout_seconds": 60}},
+    )
+    with production_layout(settings) as layout:
+        game = layout.product()
+        backlog = [insert_order(layout.engine, [game] * (1 + i % 2), age=dt.timedelta(minutes=30))
+                   for i in range(BACKLOG)]
+        admin_order = insert_order(layout.engine, [game], age=dt.timedelta(minutes=1))  # not swept yet
+        everything = [*backlog, admin_order]
+        # Slow enough placements that a batch is mid-way when its host goes.
+        layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=0.5))
+
+        # -- the admin retry, through the proxy -----------------------------------------------------------------
+        tags = request_tags(admin_order, trigger=TRIGGER_ADMIN, reason="ticket 25", requested_by="ops@bitloot.io")
+        launched = graphql(layout.door, layout.settings.admin, LAUNCH, {
+            "config": {"order_id": admin_order, "reason": "ticket 25", "requested_by": "ops@bitloot.io"},
+            "tags": [{"key": k, "value": v} for k, v in tags.items()]})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        admin_run = launched["run"]["runId"]
+
+        # -- kill worker-1 while it runs a batch -----------------------------------------------------------------
+        app = layout.celery_app()
+        victim = layout.workers[0]
+
+        def busy_on_victim() -> bool:
+            active = app.control.inspect(timeout=2.0).active() or {}
+            running = any(tasks for name, tasks in active.items() if name.startswith(f"{victim.role}@"))
+            return running and 0 < settled_count(layout, everything) < len(everything)
+
+        wait_for("a run on worker-1 mid-drain", busy_on_victim, layout, 240)
+        app.close()
+        started_before = set(runs_in(layout, "STARTED"))
+        killed = victim.kill()
+        assert killed >= 2  # the Celery worker and its process running the batch
+
+        wait_for("every order settled", lambda: settled_count(layout, everything) == len(everything), layout, 300)
+
+        # -- exactly once ---------------------------------------------------------------------------------------
+        for order_id in everything:
+            assert len(layout.kinguin.orders_for_external_id(order_id)) == 1, order_id
+        with layout.engine.connect() as conn:
+            items = Counter(r[0] for r in conn.execute(sa.select(order_items.c.orderId)))
+            key_rows = Counter(r[0] for r in conn.execute(
+                sa.select(order_items.c.orderId).join(keys, keys.c.orderItemId == order_items.c.id)))
+        assert {o: key_rows[o] for o in everything} == {o: items[o] for o in everything}
+        emails = Counter(e["idempotency_key"] for e in layout.resend.sent)
+        assert {o: emails[f"order-completed/{o}"] for o in everything} == dict.fromkeys(everything, 1)
+
+        # -- the lost run: failed in Dagster, its orders worked again by the other host -------------------------
+        wait_for("the killed host's runs to be failed", lambda: not started_before & set(runs_in(layout, "STARTED")),
+                 layout, LEASE_SECONDS + 3 * SWEEP_SECONDS + 60)
+        failed = runs_in(layout, "FAILURE")
+        assert started_before & set(failed), "no run of the killed host was failed"
+        print(f"hosts: runs failed after the kill: {failed}")
+        survivor = layout.workers[1]
+        assert "succeeded" in (layout.network.root / "logs" / f"{survivor.role}.celery.log").read_text()
+        assert victim.pids() == []
+
+        # -- the admin run's output, from the webserver host, through the proxy ----------------------------------
+        status = graphql(layout.door, layout.settings.admin, RUN, {"id": admin_run})["runOrError"]["status"]
+        assert status in ("SUCCESS", "FAILURE"), status  # finished; the order itself settled once either way
+        for base, user in ((layout.door, layout.settings.admin), (f"{layout.door}/support", layout.settings.support)):
+            events = graphql(base, user, RUN_LOGS, {"runId": admin_run})["logsForRun"]["events"]
+            (file_key,) = {e["fileKey"] for e in events if e["__typename"] == "LogsCapturedEvent"}
+            captured = graphql(base, user, CAPTURED, {"logKey": [admin_run, "compute_logs", file_key]})
+            assert "load_and_claim - STEP_SUCCESS" in (captured["capturedLogs"]["stderr"] or "")
+
+
+def runs_in(layout, status: str) -> dict[str, str]:
+    """Run id -> job name of the runs in `status`, from Dagster's database on the database host."""
+    engine = sa.create_engine(layout.dagster_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return dict(conn.execute(sa.text("SELECT run_id, pipeline_name FROM runs WHERE status = :s"),
+                                     {"s": status}).all())
+    finally:
+        engine.dispose()
+
+
+def settled_count(layout, order_ids: list[str]) -> int:
+    with layout.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(orders).where(
+            orders.c.id.in_(order_ids), orders.c.status == "fulfilled", orders.c.completionEmailSent)).scalar_one()
