@@ -51,6 +51,7 @@ from bitloot_reconcile.sandbox.s3 import SeaweedS3
 from bitloot_reconcile.sandbox.seed import SeedProduct, insert_product
 from bitloot_reconcile.store.engine import create_store_engine
 from bitloot_reconcile.store.migrate import upgrade
+from bitloot_reconcile.tags import TRIGGER_ADMIN, request_tags
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -64,6 +65,11 @@ CODE_SERVER_PORT, BROKER_PORT, DOOR_PORT, ADMIN_PORT, SUPPORT_PORT = 4000, 6379,
 INSTANCE_FILES = ("dagster.yaml", "deploy/dagster/compute-logs-r2.yaml", "deploy/dagster/run-launcher-celery.yaml")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_LAUNCH = """mutation($config: RunConfigData!, $tags: [ExecutionTag!]) { launchRun(executionParams: {
+  selector: {repositoryLocationName: "bitloot_reconcile", repositoryName: "__repository__", jobName: "fulfill_order"},
+  runConfigData: $config, executionMetadata: {tags: $tags}}) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+_RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
 
 
 def why_namespaces_unavailable() -> str | None:
@@ -298,6 +304,9 @@ def front_door_config(root: Path, listen: str, admin_webserver: str, support_web
 class LayoutSettings:
     worker_hosts: int = 2
     worker_processes: int = 1            # Celery processes per worker host (each runs one run at a time)
+    # False: Dagster's default launcher, one new process per run on the code server's (the daemon's) host; the
+    # worker hosts stay empty. For comparisons.
+    celery: bool = True
     # RECONCILE_* and other variables for the code location's processes (short leases in tests).
     env: dict[str, str] = field(default_factory=dict)
     # Merged over the instance config every Dagster host gets (e.g. a shorter run monitoring start timeout).
@@ -357,13 +366,48 @@ class Layout:
                                "--appendonly", "no", "--protected-mode", "no", "--dir", str(broker.work)],
                      {"PATH": "/usr/bin:/bin"})
 
+    def retry(self, order_id: str, reason: str, requested_by: str) -> str:
+        """An admin retry of `order_id` through the front door (GraphQL, as the admin); the run's id."""
+        tags = request_tags(order_id, trigger=TRIGGER_ADMIN, reason=reason, requested_by=requested_by)
+        launched = self.graphql(self.door, self.settings.admin, _LAUNCH, {
+            "config": {"order_id": order_id, "reason": reason, "requested_by": requested_by},
+            "tags": [{"key": k, "value": v} for k, v in tags.items()]})["launchRun"]
+        if launched["__typename"] != "LaunchRunSuccess":
+            raise RuntimeError(f"the launch was refused: {launched}")
+        return launched["run"]["runId"]
+
+    def run_status(self, run_id: str) -> str:
+        return self.graphql(self.door, self.settings.admin, _RUN_STATUS, {"id": run_id})["runOrError"]["status"]
+
+    @staticmethod
+    def graphql(url: str, user: tuple[str, str], query: str, variables: dict) -> dict:
+        body = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables}, auth=user,
+                          timeout=30).json()
+        if "errors" in body:
+            raise RuntimeError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of every process on every host so far, with that of their reaped children
+        (run workers, PostgreSQL backends). The simulators' threads in this process are not counted."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for host in self.network.hosts.values():
+            for pid in host.pids():
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        return total / ticks
+
     def host_env(self, host: Host) -> dict[str, str]:
         return {**self.env, "DAGSTER_HOME": str(host.directory / "dagster_home")}
 
 
-def instance_config(overrides: dict) -> str:
-    """The instance config of this layout (INSTANCE_FILES one after another), with `overrides` merged in."""
-    config = yaml.safe_load("\n".join((REPO / name).read_text() for name in INSTANCE_FILES))
+def instance_config(overrides: dict, celery: bool = True) -> str:
+    """The instance config of this layout (INSTANCE_FILES one after another; without the Celery launcher's
+    block unless `celery`), with `overrides` merged in."""
+    files = INSTANCE_FILES if celery else INSTANCE_FILES[:-1]
+    config = yaml.safe_load("\n".join((REPO / name).read_text() for name in files))
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
     return yaml.safe_dump(config, sort_keys=False)
@@ -409,7 +453,7 @@ def production_layout(settings: LayoutSettings | None = None) -> Iterator[Layout
             "AWS_DEFAULT_REGION": s3.region, "FRONTEND_URL": "https://shop.example",
             **settings.env,
         }
-        config = instance_config(settings.instance_overrides)
+        config = instance_config(settings.instance_overrides, settings.celery)
         operator_home = network.root / "operator"
         for directory in [operator_home, *(network[r].directory / "dagster_home" for r in roles)]:
             directory.mkdir(parents=True)
@@ -442,7 +486,7 @@ def production_layout(settings: LayoutSettings | None = None) -> Iterator[Layout
             nginx = front_door_config(nginx_root, f"{webserver.address}:{DOOR_PORT}", f"127.0.0.1:{ADMIN_PORT}",
                                       f"127.0.0.1:{SUPPORT_PORT}", settings.admin, settings.support)
         webserver.start("nginx", [str(NGINX), "-p", str(nginx_root), "-c", str(nginx)], {"PATH": "/usr/bin:/bin"})
-        for worker in layout.workers:
+        for worker in layout.workers if settings.celery else []:
             layout.start_worker(worker)
         wait_until_ready(layout)
         yield layout
@@ -452,7 +496,7 @@ def wait_until_ready(layout: Layout, seconds: float = 300.0) -> None:
     deadline = time.monotonic() + seconds
     loaded = """{ workspaceOrError { ... on Workspace { locationEntries { loadStatus
       locationOrLoadError { __typename } } } } }"""
-    pending = {"admin", "support", *(w.role for w in layout.workers)}
+    pending = {"admin", "support", *(w.role for w in layout.workers if layout.settings.celery)}
     app = layout.celery_app()
     try:
         while pending:

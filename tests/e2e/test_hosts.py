@@ -15,7 +15,6 @@ import datetime as dt
 import time
 from collections import Counter
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -23,27 +22,14 @@ from bitloot_reconcile.sandbox.hosts import LayoutSettings, production_layout, w
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.seed import insert_order
 from bitloot_reconcile.store.schema import keys, order_items, orders
-from bitloot_reconcile.tags import TRIGGER_ADMIN, request_tags
 
 pytestmark = [pytest.mark.e2e]
 
 LEASE_SECONDS, SWEEP_SECONDS = 20, 3
 BACKLOG = 18
-LAUNCH = """mutation($config: RunConfigData!, $tags: [ExecutionTag!]) { launchRun(executionParams: {
-  selector: {repositoryLocationName: "bitloot_reconcile", repositoryName: "__repository__", jobName: "fulfill_order"},
-  runConfigData: $config, executionMetadata: {tags: $tags}}) {
-  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
-RUN = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
 RUN_LOGS = """query($runId: ID!) { logsForRun(runId: $runId) { ... on EventConnection { events { __typename
   ... on LogsCapturedEvent { fileKey } } } } }"""
 CAPTURED = "query($logKey: [String!]!) { capturedLogs(logKey: $logKey) { stdout stderr } }"
-
-
-def graphql(url: str, user: tuple[str, str], query: str, variables: dict) -> dict:
-    body = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables}, auth=user,
-                      timeout=30).json()
-    assert "errors" not in body, body
-    return body["data"]
 
 
 def wait_for(what: str, check, layout, seconds: float) -> None:
@@ -76,12 +62,7 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
         layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=0.5))
 
         # -- the admin retry, through the proxy -----------------------------------------------------------------
-        tags = request_tags(admin_order, trigger=TRIGGER_ADMIN, reason="ticket 25", requested_by="ops@bitloot.io")
-        launched = graphql(layout.door, layout.settings.admin, LAUNCH, {
-            "config": {"order_id": admin_order, "reason": "ticket 25", "requested_by": "ops@bitloot.io"},
-            "tags": [{"key": k, "value": v} for k, v in tags.items()]})["launchRun"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        admin_run = launched["run"]["runId"]
+        admin_run = layout.retry(admin_order, "ticket 25", "ops@bitloot.io")
 
         # -- kill worker-1 while it runs a batch -----------------------------------------------------------------
         app = layout.celery_app()
@@ -122,12 +103,12 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
         assert victim.pids() == []
 
         # -- the admin run's output, from the webserver host, through the proxy ----------------------------------
-        status = graphql(layout.door, layout.settings.admin, RUN, {"id": admin_run})["runOrError"]["status"]
+        status = layout.run_status(admin_run)
         assert status in ("SUCCESS", "FAILURE"), status  # finished; the order itself settled once either way
         for base, user in ((layout.door, layout.settings.admin), (f"{layout.door}/support", layout.settings.support)):
-            events = graphql(base, user, RUN_LOGS, {"runId": admin_run})["logsForRun"]["events"]
+            events = layout.graphql(base, user, RUN_LOGS, {"runId": admin_run})["logsForRun"]["events"]
             (file_key,) = {e["fileKey"] for e in events if e["__typename"] == "LogsCapturedEvent"}
-            captured = graphql(base, user, CAPTURED, {"logKey": [admin_run, "compute_logs", file_key]})
+            captured = layout.graphql(base, user, CAPTURED, {"logKey": [admin_run, "compute_logs", file_key]})
             assert "load_and_claim - STEP_SUCCESS" in (captured["capturedLogs"]["stderr"] or "")
 
 
