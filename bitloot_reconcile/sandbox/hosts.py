@@ -361,9 +361,11 @@ class Layout:
                    self.host_env(host))
 
     def start_broker(self) -> None:
+        """redis-server with an append-only file in its working directory: tasks queued when it stops are there
+        when it starts again, as a production broker must keep them."""
         broker = self.network["broker"]
         broker.start("redis", [str(REDIS), "--bind", broker.address, "--port", str(BROKER_PORT), "--save", "",
-                               "--appendonly", "no", "--protected-mode", "no", "--dir", str(broker.work)],
+                               "--appendonly", "yes", "--protected-mode", "no", "--dir", str(broker.work)],
                      {"PATH": "/usr/bin:/bin"})
 
     def retry(self, order_id: str, reason: str, requested_by: str) -> str:

@@ -3,10 +3,13 @@ R2), broker (redis-server), stand-in APIs, daemon with the code server, webserve
 hosts with a Celery worker each, every one in its own network namespace with a private /tmp. Runs go to the
 worker hosts through dagster-celery's CeleryRunLauncher.
 
-A backlog is drained in `fulfill_backlog` batches and an admin retry is launched through the proxy; every process
-of one worker host is killed while it executes a run. Every order ends exactly once (one Kinguin order, one keys row
-per item, one email), the killed host's run is failed by the sweep and its orders are worked again by the other
-host, and the admin run's output, written on a worker host, is read from the webserver host through the proxy.
+1. A backlog is drained in `fulfill_backlog` batches and an admin retry is launched through the proxy; every
+   process of one worker host is killed while it executes a run. Every order ends exactly once (one Kinguin
+   order, one keys row per item, one email), the killed host's run is failed by the sweep and its orders are
+   worked again by the other host, and the admin run's output, written on a worker host, is read from the
+   webserver host through the proxy.
+2. While a backlog drains, the broker is killed and started again, then a worker host executing a run is cut off
+   the network for 30 s. Every order still ends exactly once, and no run is left in flight.
 """
 
 from __future__ import annotations
@@ -39,58 +42,63 @@ def wait_for(what: str, check, layout, seconds: float) -> None:
         time.sleep(1)
 
 
-@pytest.mark.timeout(600)
-def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_loss_of_one():
+def layout_settings() -> LayoutSettings:
     reason = why_namespaces_unavailable()
     if reason:
         pytest.skip(f"the hosts test needs network namespaces: {reason}")
-    settings = LayoutSettings(
+    return LayoutSettings(
         env={"RECONCILE_SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS), "RECONCILE_LEASE_SECONDS": str(LEASE_SECONDS),
              "RECONCILE_MAX_RETRY_WAIT_SECONDS": "5", "RECONCILE_BATCH_THRESHOLD": "4",
              "RECONCILE_BATCH_MAX_ORDERS": "6"},
-        # Run monitoring's default poll is every 120 s: a run sent to the killed host but not started there
-        # would wait that long plus the start timeout.
+        # Run monitoring's default poll is every 120 s: a run sent to a lost host but not started there would
+        # wait that long plus the start timeout.
         instance_overrides={"run_monitoring": {"poll_interval_seconds": 5, "start_timeout_seconds": 60}},
     )
+
+
+def seed_backlog(layout, n: int) -> list[str]:
+    """`n` orders of 1 or 2 items, stuck in `paid` for 30 minutes; Kinguin placements slow enough that a batch
+    is mid-way when something happens to its host."""
+    game = layout.product()
+    layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=0.5))
+    return [insert_order(layout.engine, [game] * (1 + i % 2), age=dt.timedelta(minutes=30)) for i in range(n)]
+
+
+def assert_settled_exactly_once(layout, order_ids: list[str]) -> None:
+    """One Kinguin order, one keys row per item and one completion email for each order."""
+    for order_id in order_ids:
+        assert len(layout.kinguin.orders_for_external_id(order_id)) == 1, order_id
+    with layout.engine.connect() as conn:
+        items = Counter(r[0] for r in conn.execute(sa.select(order_items.c.orderId)))
+        key_rows = Counter(r[0] for r in conn.execute(
+            sa.select(order_items.c.orderId).join(keys, keys.c.orderItemId == order_items.c.id)))
+    assert {o: key_rows[o] for o in order_ids} == {o: items[o] for o in order_ids}
+    emails = Counter(e["idempotency_key"] for e in layout.resend.sent)
+    assert {o: emails[f"order-completed/{o}"] for o in order_ids} == dict.fromkeys(order_ids, 1)
+
+
+@pytest.mark.timeout(600)
+def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_loss_of_one():
+    settings = layout_settings()
     with production_layout(settings) as layout:
-        game = layout.product()
-        backlog = [insert_order(layout.engine, [game] * (1 + i % 2), age=dt.timedelta(minutes=30))
-                   for i in range(BACKLOG)]
-        admin_order = insert_order(layout.engine, [game], age=dt.timedelta(minutes=1))  # not swept yet
+        backlog = seed_backlog(layout, BACKLOG)
+        admin_order = insert_order(layout.engine, [layout.product()], age=dt.timedelta(minutes=1))  # not swept yet
         everything = [*backlog, admin_order]
-        # Slow enough placements that a batch is mid-way when its host goes.
-        layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=0.5))
 
         # -- the admin retry, through the proxy -----------------------------------------------------------------
         admin_run = layout.retry(admin_order, "ticket 25", "ops@bitloot.io")
 
         # -- kill worker-1 while it runs a batch -----------------------------------------------------------------
-        app = layout.celery_app()
         victim = layout.workers[0]
-
-        def busy_on_victim() -> bool:
-            active = app.control.inspect(timeout=2.0).active() or {}
-            running = any(tasks for name, tasks in active.items() if name.startswith(f"{victim.role}@"))
-            return running and 0 < settled_count(layout, everything) < len(everything)
-
-        wait_for("a run on worker-1 mid-drain", busy_on_victim, layout, 240)
-        app.close()
+        wait_for("a run on worker-1 mid-drain", lambda: running_on(layout, victim)
+                 and 0 < settled_count(layout, everything) < len(everything), layout, 240)
         started_before = set(runs_in(layout, "STARTED"))
         killed = victim.kill()
         assert killed >= 2  # the Celery worker and its process running the batch
 
         wait_for("every order settled", lambda: settled_count(layout, everything) == len(everything), layout, 300)
 
-        # -- exactly once ---------------------------------------------------------------------------------------
-        for order_id in everything:
-            assert len(layout.kinguin.orders_for_external_id(order_id)) == 1, order_id
-        with layout.engine.connect() as conn:
-            items = Counter(r[0] for r in conn.execute(sa.select(order_items.c.orderId)))
-            key_rows = Counter(r[0] for r in conn.execute(
-                sa.select(order_items.c.orderId).join(keys, keys.c.orderItemId == order_items.c.id)))
-        assert {o: key_rows[o] for o in everything} == {o: items[o] for o in everything}
-        emails = Counter(e["idempotency_key"] for e in layout.resend.sent)
-        assert {o: emails[f"order-completed/{o}"] for o in everything} == dict.fromkeys(everything, 1)
+        assert_settled_exactly_once(layout, everything)
 
         # -- the lost run: failed in Dagster, its orders worked again by the other host -------------------------
         wait_for("the killed host's runs to be failed", lambda: not started_before & set(runs_in(layout, "STARTED")),
@@ -110,6 +118,44 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
             (file_key,) = {e["fileKey"] for e in events if e["__typename"] == "LogsCapturedEvent"}
             captured = layout.graphql(base, user, CAPTURED, {"logKey": [admin_run, "compute_logs", file_key]})
             assert "load_and_claim - STEP_SUCCESS" in (captured["capturedLogs"]["stderr"] or "")
+
+
+@pytest.mark.timeout(600)
+def test_a_broker_restart_and_a_30_s_network_cut_of_a_worker_host_settle_every_order_once():
+    with production_layout(layout_settings()) as layout:
+        backlog = seed_backlog(layout, BACKLOG)
+        wait_for("the drain to start", lambda: settled_count(layout, backlog) > 0, layout, 240)
+
+        # -- the broker goes away and comes back (its append-only file keeps the queued tasks) -------------------
+        broker = layout.network["broker"]
+        broker.kill()
+        time.sleep(5)
+        layout.start_broker()
+
+        # -- worker-2 is cut off from every other host for 30 s while it executes a run ---------------------------
+        cut_off = layout.workers[1]
+        wait_for("a run on worker-2", lambda: running_on(layout, cut_off)
+                 and settled_count(layout, backlog) < len(backlog), layout, 120)
+        cut_off.cut_network()
+        time.sleep(30)
+        cut_off.restore_network()
+
+        wait_for("every order settled", lambda: settled_count(layout, backlog) == len(backlog), layout, 300)
+        assert_settled_exactly_once(layout, backlog)
+        assert all(layout.network[role].alive()[name] for role, name in (
+            ("worker-1", "celery"), ("worker-2", "celery"), ("daemon", "daemon")))
+        wait_for("no run left in flight", lambda: not runs_in(layout, "STARTED") and not runs_in(layout, "STARTING")
+                 and not runs_in(layout, "QUEUED"), layout, LEASE_SECONDS + 3 * SWEEP_SECONDS + 90)
+
+
+def running_on(layout, host) -> bool:
+    """Whether the host's Celery worker is executing a run now (asked over the broker)."""
+    app = layout.celery_app()
+    try:
+        active = app.control.inspect(timeout=2.0).active() or {}
+    finally:
+        app.close()
+    return any(tasks for name, tasks in active.items() if name.startswith(f"{host.role}@"))
 
 
 def runs_in(layout, status: str) -> dict[str, str]:
