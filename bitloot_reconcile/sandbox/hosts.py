@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -233,21 +234,26 @@ class Network:
             for host in self.hosts.values():
                 host.create()
         except BaseException:
-            self.remove()
+            self.remove(keep_logs=True)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.remove(keep_logs=exc_type is not None)
 
-    def remove(self) -> None:
-        """Every process of every host killed, the namespaces (and their veths) and the bridge deleted."""
+    def remove(self, keep_logs: bool = False) -> None:
+        """Every process of every host killed, the namespaces (and their veths) and the bridge deleted; the
+        processes' logs kept in /var/tmp/bitloot-hosts-logs-<id> if `keep_logs` (the block failed)."""
         for host in self.hosts.values():
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 host.kill()
         for host in self.hosts.values():
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+        if keep_logs:
+            kept = Path(f"/var/tmp/bitloot-hosts-logs-{self.id}")
+            shutil.copytree(self.root / "logs", kept, dirs_exist_ok=True)
+            print(f"hosts: the processes' logs are kept in {kept}", file=sys.stderr)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -367,6 +373,13 @@ class Layout:
         broker.start("redis", [str(REDIS), "--bind", broker.address, "--port", str(BROKER_PORT), "--save", "",
                                "--appendonly", "yes", "--protected-mode", "no", "--dir", str(broker.work)],
                      {"PATH": "/usr/bin:/bin"})
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((broker.address, BROKER_PORT), timeout=1):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the broker did not listen within 30 s:\n{broker.tail('redis')}")
+            time.sleep(0.2)
 
     def retry(self, order_id: str, reason: str, requested_by: str) -> str:
         """An admin retry of `order_id` through the front door (GraphQL, as the admin); the run's id."""
@@ -389,17 +402,19 @@ class Layout:
             raise RuntimeError(f"GraphQL errors: {body['errors']}")
         return body["data"]
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) of every process on every host so far, with that of their reaped children
-        (run workers, PostgreSQL backends). The simulators' threads in this process are not counted."""
+    def cpu_seconds(self) -> dict[str, float]:
+        """Host -> CPU time (user + system) of its processes so far, with that of their reaped children (run
+        workers, PostgreSQL backends). The simulators' threads in this process are not counted."""
         ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for host in self.network.hosts.values():
+        used = {}
+        for role, host in self.network.hosts.items():
+            total = 0
             for pid in host.pids():
                 with contextlib.suppress(OSError):
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-        return total / ticks
+            used[role] = total / ticks
+        return used
 
     def host_env(self, host: Host) -> dict[str, str]:
         return {**self.env, "DAGSTER_HOME": str(host.directory / "dagster_home")}

@@ -15,6 +15,8 @@ worker hosts through dagster-celery's CeleryRunLauncher.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 import time
 from collections import Counter
 
@@ -30,6 +32,7 @@ pytestmark = [pytest.mark.e2e]
 
 LEASE_SECONDS, SWEEP_SECONDS = 20, 3
 BACKLOG = 18
+RUN_ID = re.compile(r'run_id": "([0-9a-f-]{36})"')  # packed as pipeline_run_id
 RUN_LOGS = """query($runId: ID!) { logsForRun(runId: $runId) { ... on EventConnection { events { __typename
   ... on LogsCapturedEvent { fileKey } } } } }"""
 CAPTURED = "query($logKey: [String!]!) { capturedLogs(logKey: $logKey) { stdout stderr } }"
@@ -38,8 +41,8 @@ CAPTURED = "query($logKey: [String!]!) { capturedLogs(logKey: $logKey) { stdout 
 def wait_for(what: str, check, layout, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not check():
-        assert time.monotonic() < deadline, f"out of time waiting for {what}; logs in {layout.network.root}/logs"
-        time.sleep(1)
+        assert time.monotonic() < deadline, f"out of time waiting for {what}"
+        time.sleep(0.5)
 
 
 def layout_settings() -> LayoutSettings:
@@ -60,7 +63,7 @@ def seed_backlog(layout, n: int) -> list[str]:
     """`n` orders of 1 or 2 items, stuck in `paid` for 30 minutes; Kinguin placements slow enough that a batch
     is mid-way when something happens to its host."""
     game = layout.product()
-    layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=0.5))
+    layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=1.0))
     return [insert_order(layout.engine, [game] * (1 + i % 2), age=dt.timedelta(minutes=30)) for i in range(n)]
 
 
@@ -85,27 +88,33 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
         admin_order = insert_order(layout.engine, [layout.product()], age=dt.timedelta(minutes=1))  # not swept yet
         everything = [*backlog, admin_order]
 
-        # -- the admin retry, through the proxy -----------------------------------------------------------------
-        admin_run = layout.retry(admin_order, "ticket 25", "ops@bitloot.io")
-
-        # -- kill worker-1 while it runs a batch -----------------------------------------------------------------
+        # -- kill worker-1 while it executes a run of the backlog ----------------------------------------------
         victim = layout.workers[0]
-        wait_for("a run on worker-1 mid-drain", lambda: running_on(layout, victim)
-                 and 0 < settled_count(layout, everything) < len(everything), layout, 240)
-        started_before = set(runs_in(layout, "STARTED"))
+        doomed: set[str] = set()
+
+        def mid_drain_on_victim() -> bool:
+            doomed.clear()
+            doomed.update(runs_on(layout, victim))
+            return bool(doomed) and settled_count(layout, backlog) < len(backlog)
+
+        wait_for("a run on worker-1 mid-drain", mid_drain_on_victim, layout, 240)
         killed = victim.kill()
-        assert killed >= 2  # the Celery worker and its process running the batch
+        assert killed >= 2  # the Celery worker and its process executing the run
+
+        # -- the admin retry, through the proxy (an order inside its grace period: the sweep leaves it alone) ---
+        admin_run = layout.retry(admin_order, "ticket 25", "ops@bitloot.io")
 
         wait_for("every order settled", lambda: settled_count(layout, everything) == len(everything), layout, 300)
 
         assert_settled_exactly_once(layout, everything)
 
         # -- the lost run: failed in Dagster, its orders worked again by the other host -------------------------
-        wait_for("the killed host's runs to be failed", lambda: not started_before & set(runs_in(layout, "STARTED")),
+        wait_for("the killed host's run to be failed", lambda: not doomed & set(runs_in(layout, "STARTED")),
                  layout, LEASE_SECONDS + 3 * SWEEP_SECONDS + 60)
-        failed = runs_in(layout, "FAILURE")
-        assert started_before & set(failed), "no run of the killed host was failed"
-        print(f"hosts: runs failed after the kill: {failed}")
+        # Failed (by the sweep: the task's state in Celery stays STARTED), unless it ended in the moment between
+        # the question and the kill.
+        assert doomed & set(runs_in(layout, "FAILURE")) or doomed <= set(runs_in(layout, "SUCCESS"))
+        print(f"hosts: runs on the killed host: {doomed}, failed: {doomed & set(runs_in(layout, 'FAILURE'))}")
         survivor = layout.workers[1]
         assert "succeeded" in (layout.network.root / "logs" / f"{survivor.role}.celery.log").read_text()
         assert victim.pids() == []
@@ -134,7 +143,7 @@ def test_a_broker_restart_and_a_30_s_network_cut_of_a_worker_host_settle_every_o
 
         # -- worker-2 is cut off from every other host for 30 s while it executes a run ---------------------------
         cut_off = layout.workers[1]
-        wait_for("a run on worker-2", lambda: running_on(layout, cut_off)
+        wait_for("a run on worker-2", lambda: bool(runs_on(layout, cut_off))
                  and settled_count(layout, backlog) < len(backlog), layout, 120)
         cut_off.cut_network()
         time.sleep(30)
@@ -148,14 +157,16 @@ def test_a_broker_restart_and_a_30_s_network_cut_of_a_worker_host_settle_every_o
                  and not runs_in(layout, "QUEUED"), layout, LEASE_SECONDS + 3 * SWEEP_SECONDS + 90)
 
 
-def running_on(layout, host) -> bool:
-    """Whether the host's Celery worker is executing a run now (asked over the broker)."""
+def runs_on(layout, host) -> set[str]:
+    """The runs the host's Celery worker is executing now (asked over the broker; each task carries its run's
+    id in its arguments)."""
     app = layout.celery_app()
     try:
         active = app.control.inspect(timeout=2.0).active() or {}
     finally:
         app.close()
-    return any(tasks for name, tasks in active.items() if name.startswith(f"{host.role}@"))
+    return {run_id for name, tasks in active.items() if name.startswith(f"{host.role}@") for task in tasks
+            for run_id in RUN_ID.findall(json.dumps(task.get("kwargs")))}
 
 
 def runs_in(layout, status: str) -> dict[str, str]:
