@@ -130,12 +130,14 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=20)
     parser.add_argument("--drain", type=int, default=0, help="orders in the backlog drain (0: no drain)")
     parser.add_argument("--no-retries", action="store_true", help="the drain only")
+    parser.add_argument("--celery-only", action="store_true", help="retries with the Celery launcher only")
     args = parser.parse_args()
     reason = why_namespaces_unavailable()
     if reason:
         raise SystemExit(f"this benchmark needs network namespaces: {reason}")
     print_machine()
-    rows = [] if args.no_retries else [admin_retries(celery, args.retries) for celery in (True, False)]
+    launchers = (True,) if args.celery_only else (True, False)
+    rows = [] if args.no_retries else [admin_retries(celery, args.retries) for celery in launchers]
     if rows:
         print_table(f"Admin retry through the proxy, launch to outcome (APIs at {API_LATENCY * 1000:.0f} ms), and "
                     "CPU per fulfill_order run, every host's processes counted",

@@ -3,15 +3,23 @@
     celery -A bitloot_reconcile.celery_worker worker -Q orders,backlog --concurrency 2 --prefetch-multiplier 1
 
 It executes the runs `QueuePerJobCeleryRunLauncher` sends, each in one of the worker's long-lived processes. The
-code location is imported here, before the worker forks its processes, so no run pays for the import."""
+code location is imported here, before the worker forks its processes, so no run pays for the import.
+
+The task is dagster-celery's `execute_job` with one difference: each worker process keeps one DagsterInstance
+whose storages hold pooled PostgreSQL connections (as Dagster's webserver does), where dagster-celery makes a new
+instance per run whose storages open a new connection for every read and write: a PostgreSQL backend started
+for each of a run's ~60 events cost the database host more CPU than the run itself."""
 
 from __future__ import annotations
 
 import os
 
-from dagster_celery.config import DEFAULT_CONFIG
+from dagster import DagsterInstance
+from dagster._cli.api import _execute_run_command_body
+from dagster._grpc.types import ExecuteRunArgs
+from dagster._serdes import unpack_value
+from dagster_celery.config import DEFAULT_CONFIG, TASK_EXECUTE_JOB_NAME
 from dagster_celery.make_app import make_app
-from dagster_celery.tasks import create_execute_job_task
 
 import bitloot_reconcile.definitions  # noqa: F401  (warm: imported once, in the parent)
 
@@ -25,4 +33,23 @@ app = make_app({
 # Celery would swap sys.stdout/stderr for a logger; Dagster's compute log capture needs the real file descriptors
 # (else a run's stdout/stderr never reach the compute log manager, and the webserver shows nothing).
 app.conf.worker_redirect_stdouts = False
-execute_job = create_execute_job_task(app)
+
+_instance: DagsterInstance | None = None
+
+
+def process_instance() -> DagsterInstance:
+    """This worker process's DagsterInstance, made on its first run (after the fork), with pooled connections
+    that are recycled after an hour; statements time out after 60 s."""
+    global _instance
+    if _instance is None:
+        _instance = DagsterInstance.get()
+        _instance.optimize_for_webserver(statement_timeout=60_000, pool_recycle=3600, max_overflow=10)
+    return _instance
+
+
+@app.task(bind=True, name=TASK_EXECUTE_JOB_NAME, track_started=True)
+def execute_job(_task: object, execute_job_args_packed: dict) -> int:
+    args = unpack_value(execute_job_args_packed, as_type=ExecuteRunArgs)
+    return _execute_run_command_body(
+        instance=process_instance(), run_id=args.run_id, write_stream_fn=lambda _event: None,
+        set_exit_code_on_failure=args.set_exit_code_on_failure is not False)

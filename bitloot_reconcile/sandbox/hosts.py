@@ -124,7 +124,6 @@ class Host:
         self.work = self.directory / "work"
         self.logs = network.root / "logs"
         self.processes: dict[str, subprocess.Popen] = {}
-        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._holder: subprocess.Popen | None = None
 
     def create(self) -> None:
@@ -156,7 +155,6 @@ class Host:
         (a file of the harness's, outside every host)."""
         if self._holder is None or self._holder.poll() is not None:
             self.boot()
-        self.commands[name] = (argv, env)
         log = (self.logs / f"{self.role}.{name}.log").open("ab")
         with log:
             proc = subprocess.Popen(
@@ -164,9 +162,6 @@ class Host:
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes[name] = proc
         return proc
-
-    def restart(self, name: str) -> subprocess.Popen:
-        return self.start(name, *self.commands[name])
 
     def pids(self) -> list[int]:
         """Every process in this host's network namespace (also those started from its threads)."""

@@ -7,7 +7,7 @@ worker hosts through dagster-celery's CeleryRunLauncher.
    process of one worker host is killed while it executes a run. Every order ends exactly once (one Kinguin
    order, one keys row per item, one email), the killed host's run is failed by the sweep and its orders are
    worked again by the other host, and the admin run's output, written on a worker host, is read from the
-   webserver host through the proxy.
+   webserver host through the proxy (GraphQL as admin and as support, and support's stderr tab in Chromium).
 2. While a backlog drains, a worker host executing a run is cut off the network for 30 s, and meanwhile the
    broker is killed and started again. Every order still ends exactly once, and no run is left in flight.
 """
@@ -29,8 +29,11 @@ from bitloot_reconcile.sandbox.hosts import LayoutSettings, production_layout, w
 from bitloot_reconcile.sandbox.httpserver import Fault
 from bitloot_reconcile.sandbox.seed import insert_order
 from bitloot_reconcile.store.schema import keys, order_items, orders
+from tests.e2e.test_browser import PAGE_TIMEOUT_MS, browser
 
 pytestmark = [pytest.mark.e2e]
+
+__all__ = ["browser"]  # the module-scoped Chromium of the browser tests
 
 LEASE_SECONDS, SWEEP_SECONDS = 20, 3
 BACKLOG = 18
@@ -83,7 +86,8 @@ def assert_settled_exactly_once(layout, order_ids: list[str]) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_loss_of_one():
+@pytest.mark.browser
+def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_loss_of_one(browser, tmp_path):
     settings = layout_settings()
     with production_layout(settings) as layout:
         backlog = seed_backlog(layout, BACKLOG)
@@ -116,6 +120,8 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
         # Failed (by the sweep: the task's state in Celery stays STARTED), unless it ended in the moment between
         # the question and the kill.
         assert doomed & set(runs_in(layout, "FAILURE")) or doomed <= set(runs_in(layout, "SUCCESS"))
+        for run_id in doomed & set(runs_in(layout, "FAILURE")):
+            assert "run worker gone" in failure_of(layout, run_id)  # the sweep's words, not run monitoring's
         print(f"hosts: runs on the killed host: {doomed}, failed: {doomed & set(runs_in(layout, 'FAILURE'))}")
         survivor = layout.workers[1]
         assert "succeeded" in (layout.network.root / "logs" / f"{survivor.role}.celery.log").read_text()
@@ -129,6 +135,21 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
             (file_key,) = {e["fileKey"] for e in events if e["__typename"] == "LogsCapturedEvent"}
             captured = layout.graphql(base, user, CAPTURED, {"logKey": [admin_run, "compute_logs", file_key]})
             assert "load_and_claim - STEP_SUCCESS" in (captured["capturedLogs"]["stderr"] or "")
+
+        # -- and on the run's stderr tab, as support sees it in Chromium -----------------------------------------
+        support = layout.settings.support
+        context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                      http_credentials={"username": support[0], "password": support[1]})
+        try:
+            context.set_default_timeout(PAGE_TIMEOUT_MS)
+            page = context.new_page()
+            page.goto(f"{layout.door}/support/runs/{admin_run}?logType=stderr&logFileKey={file_key}")
+            try:
+                page.get_by_text(re.compile(r"record_outcome - STEP_SUCCESS")).first.wait_for()
+            finally:
+                page.screenshot(path=str(tmp_path / "support_run_stderr.png"))  # for a person to look at
+        finally:
+            context.close()
 
 
 @pytest.mark.timeout(600)
@@ -171,15 +192,26 @@ def runs_on(layout, host) -> set[str]:
             for run_id in RUN_ID.findall(json.dumps(task.get("kwargs")))}
 
 
-def runs_in(layout, status: str) -> dict[str, str]:
-    """Run id -> job name of the runs in `status`, from Dagster's database on the database host."""
+def dagster_rows(layout, query: str, **params: str) -> list[tuple]:
+    """Rows of `query` on Dagster's database, on the database host."""
     engine = sa.create_engine(layout.dagster_url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
-            return dict(conn.execute(sa.text("SELECT run_id, pipeline_name FROM runs WHERE status = :s"),
-                                     {"s": status}).all())
+            return [tuple(row) for row in conn.execute(sa.text(query), params)]
     finally:
         engine.dispose()
+
+
+def runs_in(layout, status: str) -> dict[str, str]:
+    """Run id -> job name of the runs in `status`."""
+    return dict(dagster_rows(layout, "SELECT run_id, pipeline_name FROM runs WHERE status = :s", s=status))
+
+
+def failure_of(layout, run_id: str) -> str:
+    """The run's failure event as Dagster stored it."""
+    return "\n".join(row[0] for row in dagster_rows(
+        layout, "SELECT event FROM event_logs WHERE run_id = :id AND dagster_event_type = 'PIPELINE_FAILURE'",
+        id=run_id))
 
 
 def settled_count(layout, order_ids: list[str]) -> int:
