@@ -64,11 +64,11 @@ def layout_settings() -> LayoutSettings:
     )
 
 
-def seed_backlog(layout, n: int) -> list[str]:
+def seed_backlog(layout, n: int = BACKLOG) -> list[str]:
     """`n` orders of 1 or 2 items, stuck in `paid` for 30 minutes; Kinguin placements slow enough that a batch
     is mid-way when something happens to its host."""
     game = layout.product()
-    layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=1.0))
+    layout.kinguin.inject("place_order_v2", Fault(times=10_000, latency=1.5))
     return [insert_order(layout.engine, [game] * (1 + i % 2), age=dt.timedelta(minutes=30)) for i in range(n)]
 
 
@@ -90,7 +90,7 @@ def assert_settled_exactly_once(layout, order_ids: list[str]) -> None:
 def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_loss_of_one(browser, tmp_path):
     settings = layout_settings()
     with production_layout(settings) as layout:
-        backlog = seed_backlog(layout, BACKLOG)
+        backlog = seed_backlog(layout)
         admin_order = insert_order(layout.engine, [layout.product()], age=dt.timedelta(minutes=1))  # not swept yet
         everything = [*backlog, admin_order]
 
@@ -121,7 +121,10 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
         # the question and the kill.
         assert doomed & set(runs_in(layout, "FAILURE")) or doomed <= set(runs_in(layout, "SUCCESS"))
         for run_id in doomed & set(runs_in(layout, "FAILURE")):
-            assert "run worker gone" in failure_of(layout, run_id)  # the sweep's words, not run monitoring's
+            # Whichever noticed first: the sweep (its order's lease lapsed) or run monitoring (the launcher asked
+            # the worker, which is gone).
+            failure = failure_of(layout, run_id)
+            assert "run worker gone" in failure or "is not executing this run's task" in failure, failure
         print(f"hosts: runs on the killed host: {doomed}, failed: {doomed & set(runs_in(layout, 'FAILURE'))}")
         survivor = layout.workers[1]
         assert "succeeded" in (layout.network.root / "logs" / f"{survivor.role}.celery.log").read_text()
@@ -155,7 +158,7 @@ def test_a_backlog_and_an_admin_retry_drain_on_two_worker_hosts_and_survive_the_
 @pytest.mark.timeout(600)
 def test_a_broker_restart_and_a_30_s_network_cut_of_a_worker_host_settle_every_order_once():
     with production_layout(layout_settings()) as layout:
-        backlog = seed_backlog(layout, BACKLOG)
+        backlog = seed_backlog(layout, 2 * BACKLOG)
         # -- worker-2 is cut off from every other host for 30 s while it executes a run ---------------------------
         cut_off = layout.workers[1]
         wait_for("a run on worker-2 mid-drain", lambda: bool(runs_on(layout, cut_off))
@@ -183,7 +186,7 @@ def runs_on(layout, host) -> set[str]:
     id in its arguments); none while the broker does not answer."""
     app = layout.celery_app()
     try:
-        active = app.control.inspect(timeout=2.0).active() or {}
+        active = app.control.inspect(timeout=1.0).active() or {}
     except (OSError, OperationalError, RedisError):  # the broker just restarted: ask again
         return set()
     finally:
