@@ -70,6 +70,8 @@ _LAUNCH = """mutation($config: RunConfigData!, $tags: [ExecutionTag!]) { launchR
   selector: {repositoryLocationName: "bitloot_reconcile", repositoryName: "__repository__", jobName: "fulfill_order"},
   runConfigData: $config, executionMetadata: {tags: $tags}}) {
   __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+_LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { loadStatus
+  locationOrLoadError { __typename } } } } }"""
 _RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
 
 
@@ -145,7 +147,7 @@ class Host:
             ["ip", "netns", "exec", self.namespace, "unshare", "-m", "--propagation", "private",
              "sh", "-c", script, "sh", *others], start_new_session=True)
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{self._holder.pid}/comm").read_text().strip() != "sleep":
+        while self._holder.poll() is not None or Path(f"/proc/{self._holder.pid}/comm").read_text().strip() != "sleep":
             if self._holder.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"host {self.role} did not boot (exit {self._holder.poll()})")
             time.sleep(0.05)
@@ -478,8 +480,9 @@ def production_layout(settings: LayoutSettings | None = None) -> Iterator[Layout
         subprocess.run([str(BIN / "python"), "-c", "import dagster as dg; dg.DagsterInstance.get().dispose()"],
                        env={**env, "DAGSTER_HOME": str(operator_home)}, check=True, capture_output=True, timeout=300)
 
-        for host in network.hosts.values():
-            stack.callback(host.stop)
+        # Stopped before the database and storage, which their own context managers stop cleanly.
+        for role in ("broker", "daemon", "webserver", *(w.role for w in layout.workers)):
+            stack.callback(network[role].stop)
         layout.start_broker()
         daemon, webserver = network["daemon"], network["webserver"]
         daemon.start("code-server", [str(BIN / "dagster"), "api", "grpc", "-m", "bitloot_reconcile.definitions",
@@ -506,8 +509,6 @@ def production_layout(settings: LayoutSettings | None = None) -> Iterator[Layout
 
 def wait_until_ready(layout: Layout, seconds: float = 300.0) -> None:
     deadline = time.monotonic() + seconds
-    loaded = """{ workspaceOrError { ... on Workspace { locationEntries { loadStatus
-      locationOrLoadError { __typename } } } } }"""
     pending = {"admin", "support", *(w.role for w in layout.workers if layout.settings.celery)}
     app = layout.celery_app()
     try:
@@ -518,7 +519,7 @@ def wait_until_ready(layout: Layout, seconds: float = 300.0) -> None:
                         raise RuntimeError(f"{host.role} {name} exited:\n{host.tail(name)}")
             for who, base, user in (("admin", layout.door, layout.settings.admin),
                                     ("support", f"{layout.door}/support", layout.settings.support)):
-                if who in pending and _location_loaded(base, user, loaded):
+                if who in pending and location_loaded(base, user):
                     pending.discard(who)
             answered = app.control.ping(timeout=2.0) if pending - {"admin", "support"} else []
             for reply in answered:
@@ -532,9 +533,10 @@ def wait_until_ready(layout: Layout, seconds: float = 300.0) -> None:
         app.close()
 
 
-def _location_loaded(base: str, user: tuple[str, str], query: str) -> bool:
+def location_loaded(base: str, user: tuple[str, str]) -> bool:
+    """Whether the webserver at `base` (through the door, as `user`) shows the code location loaded."""
     try:
-        body = httpx.post(f"{base}/graphql", json={"query": query}, auth=user, timeout=5).json()
+        body = httpx.post(f"{base}/graphql", json={"query": _LOCATION}, auth=user, timeout=5).json()
     except (httpx.HTTPError, ValueError):
         return False
     entries = (body.get("data") or {}).get("workspaceOrError", {}).get("locationEntries") or []

@@ -21,7 +21,7 @@ import dagster as dg
 import httpx
 import pytest
 
-from bitloot_reconcile.sandbox.hosts import NGINX, front_door_config
+from bitloot_reconcile.sandbox.hosts import NGINX, front_door_config, location_loaded
 from bitloot_reconcile.sandbox.postgres import temporary_database
 from tests.e2e.test_browser import PAGE_TIMEOUT_MS, browser, launch_from_launchpad, open_launchpad
 from tests.e2e.test_daemon import BIN, REPO, Processes, free_port
@@ -31,8 +31,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 ADMIN = ("ops@bitloot.io", "admin-" + uuid.uuid4().hex)
 SUPPORT = ("support@bitloot.io", "support-" + uuid.uuid4().hex)
-LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
-  locationOrLoadError { __typename } } } } }"""
 LAUNCH = """mutation($order: String!) { launchRun(executionParams: {
   selector: {repositoryLocationName: "bitloot_reconcile", repositoryName: "__repository__", jobName: "fulfill_order"},
   runConfigData: {order_id: $order, reason: "support tries", requested_by: "support@bitloot.io"}}) { __typename } }"""
@@ -55,16 +53,6 @@ def wait_until(what: str, check, procs: Processes, timeout: float = 180.0) -> No
         procs.check_alive()
         assert time.monotonic() < deadline, f"out of time waiting for {what}"
         time.sleep(1)
-
-
-def location_loaded(url: str, auth: tuple[str, str]) -> bool:
-    try:
-        body = httpx.post(f"{url}/graphql", json={"query": LOCATION}, auth=auth, timeout=5).json()
-    except (httpx.HTTPError, ValueError):
-        return False
-    entries = (body.get("data") or {}).get("workspaceOrError", {}).get("locationEntries") or []
-    return any(e["loadStatus"] == "LOADED" and e["locationOrLoadError"]["__typename"] != "PythonError"
-               for e in entries)
 
 
 @pytest.mark.timeout(400)
