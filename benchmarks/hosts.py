@@ -14,7 +14,8 @@ worker hosts.
 3. Backlog drain (`--drain N`, Celery only): N stuck orders drained by the sweep's `fulfill_backlog` batches and
    per-order runs on one, then two, worker hosts (a fresh layout each); wall time and CPU per order.
 
-Usage: uv run python benchmarks/hosts.py [--retries 20] [--drain 200]   (root; needs `ip netns`)
+Usage: uv run python benchmarks/hosts.py [--retries 20] [--drain 200] [--celery-only] [--no-retries]
+(as root: it needs `ip netns`)
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ for each of a run's ~60 events cost the database host more CPU than the run itse
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from dagster import DagsterInstance
 from dagster._cli.api import _execute_run_command_body
@@ -23,9 +25,14 @@ from dagster_celery.make_app import make_app
 
 import bitloot_reconcile.definitions  # noqa: F401  (warm: imported once, in the parent)
 
+BROKER_VARIABLES = ("DAGSTER_CELERY_BROKER_URL", "DAGSTER_CELERY_BACKEND_URL")
+if Path(sys.argv[0]).name == "celery" and not all(os.environ.get(name) for name in BROKER_VARIABLES):
+    # Started as a worker without them, Celery would use its default broker (amqp on localhost) and wait there.
+    raise SystemExit(f"set {' and '.join(BROKER_VARIABLES)} (the broker of the instance config's run launcher)")
+
 app = make_app({
-    "broker": os.environ["DAGSTER_CELERY_BROKER_URL"],
-    "backend": os.environ["DAGSTER_CELERY_BACKEND_URL"],
+    "broker": os.environ.get(BROKER_VARIABLES[0]),
+    "backend": os.environ.get(BROKER_VARIABLES[1]),
     "include": [],
     "config_source": DEFAULT_CONFIG,
     "task_default_queue": "orders",
