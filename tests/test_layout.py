@@ -205,10 +205,13 @@ def test_the_production_wheel_carries_no_stand_in(tmp_path):
         names = archive.namelist()
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert f"{PACKAGE}/definitions.py" in names and f"{PACKAGE}/store/migrations/env.py" in names
+    assert "bitloot_celery/launchers.py" in names  # the multi-host layout's launcher, its engine an extra
     assert not [n for n in names if n.startswith("bitloot_standins/") or "/sandbox/" in n or n.endswith("/demo.py")]
     requires = [line.split(":", 1)[1].strip().lower() for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]
     assert any(r.startswith("dagster==") for r in requires)
+    celery = [r for r in requires if r.startswith("dagster-celery")]
+    assert celery == ["dagster-celery[redis]==0.29.27; extra == 'celery'"]
     assert not [r for r in requires if r.startswith(("seaweedfs", "pyarrow", "bitloot-standins"))], requires
 
 

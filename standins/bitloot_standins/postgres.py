@@ -38,21 +38,26 @@ class PostgresCluster:
     that stop, start or cut off the database: never the machine's shared server. Run as root, the server runs as
     the `postgres` system user (PostgreSQL refuses root)."""
 
-    def __init__(self, bin_dir: str = "/usr/lib/postgresql/15/bin", max_connections: int = 300):
-        self.bin_dir, self.max_connections = Path(bin_dir), max_connections
-        self.port = _free_port()
+    def __init__(self, bin_dir: str = "/usr/lib/postgresql/15/bin", max_connections: int = 300,
+                 host: str = "127.0.0.1"):
+        """`host`: the address the server listens on (another host's, inside a network namespace)."""
+        self.bin_dir, self.max_connections, self.host = Path(bin_dir), max_connections, host
+        self.port = _free_port(host)
         self.directory = Path(tempfile.mkdtemp(prefix="pg_cluster_"))
         self.data = self.directory / "data"
 
     @property
     def url(self) -> str:
         """The server's URL without a database name (psycopg 3), like `TEST_PG_SERVER_URL`."""
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}"
 
     def __enter__(self) -> PostgresCluster:
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres")
         self._as_owner("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        if self.host != "127.0.0.1":  # clients on the other hosts of its network, trusted like local ones
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
         self.start()
         return self
 
@@ -73,7 +78,7 @@ class PostgresCluster:
 
     def start(self) -> None:
         # fsync off: a throw-away cluster; a fast stop still writes everything, so restarts lose nothing.
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.directory} "
+        options = (f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories={self.directory} "
                    f"-c max_connections={self.max_connections} -c fsync=off -c full_page_writes=off")
         self._as_owner("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options,
                        "-w", "-t", "60", "start")
@@ -100,7 +105,7 @@ class PostgresCluster:
         subprocess.run(command, check=True, capture_output=True, cwd=self.directory, timeout=120)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]

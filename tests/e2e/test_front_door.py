@@ -13,16 +13,15 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
-from string import Template
 
 import dagster as dg
 import httpx
 import pytest
 
+from bitloot_standins.hosts import NGINX, front_door_config, location_loaded
 from bitloot_standins.postgres import temporary_database
 from tests.e2e.test_browser import PAGE_TIMEOUT_MS, browser, launch_from_launchpad, open_launchpad
 from tests.e2e.test_daemon import BIN, REPO, Processes, free_port
@@ -30,11 +29,8 @@ from tests.fixtures.db import PG_SERVER_URL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-NGINX = Path("/usr/sbin/nginx")
 ADMIN = ("ops@bitloot.io", "admin-" + uuid.uuid4().hex)
 SUPPORT = ("support@bitloot.io", "support-" + uuid.uuid4().hex)
-LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
-  locationOrLoadError { __typename } } } } }"""
 LAUNCH = """mutation($order: String!) { launchRun(executionParams: {
   selector: {repositoryLocationName: "bitloot_reconcile", repositoryName: "__repository__", jobName: "fulfill_order"},
   runConfigData: {order_id: $order, reason: "support tries", requested_by: "support@bitloot.io"}}) { __typename } }"""
@@ -42,38 +38,12 @@ LAUNCH = """mutation($order: String!) { launchRun(executionParams: {
 __all__ = ["browser"]  # the module-scoped Chromium of the browser tests
 
 
-def htpasswd(path: Path, user: tuple[str, str]) -> Path:
-    """A user file as the deployment file says to make one: `openssl passwd -6` (SHA-512 crypt)."""
-    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=user[1], capture_output=True, text=True,
-                            check=True, timeout=10).stdout.strip()
-    path.write_text(f"{user[0]}:{hashed}\n")
-    return path
-
-
 def start_nginx(procs: Processes, root: Path, admin_port: int, support_port: int) -> int:
     """The deployment file, filled in, inside a minimal nginx.conf of this test's own (paths under `root`)."""
     port = free_port()
-    site = Template((REPO / "deploy/nginx/bitloot-reconcile.conf.template").read_text()).safe_substitute(
-        FRONT_DOOR_LISTEN=f"127.0.0.1:{port}",
-        ADMIN_WEBSERVER=f"127.0.0.1:{admin_port}",
-        SUPPORT_WEBSERVER=f"127.0.0.1:{support_port}",
-        ADMINS_HTPASSWD=str(htpasswd(root / "admins.htpasswd", ADMIN)),
-        SUPPORT_HTPASSWD=str(htpasswd(root / "support.htpasswd", SUPPORT)),
-    )
-    assert "${" not in site.split("\n\n", 1)[1]  # every variable outside the header comment filled in
-    (root / "bitloot-reconcile.conf").write_text(site)
-    temp = "\n".join(f"    {kind}_temp_path {root}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                          "scgi"))
-    user = "user root root;\n" if os.geteuid() == 0 else ""  # workers must read the user files under tmp
-    (root / "nginx.conf").write_text(
-        f"{user}daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log stderr notice;\n"
-        f"events {{ worker_connections 256; }}\n"
-        f"http {{\n    access_log {root}/access.log;\n{temp}\n    include {root}/bitloot-reconcile.conf;\n}}\n"
-    )
-    check = subprocess.run([str(NGINX), "-t", "-p", str(root), "-c", str(root / "nginx.conf")],
-                           capture_output=True, text=True, timeout=30)
-    assert check.returncode == 0, check.stderr
-    procs.start("nginx", [str(NGINX), "-p", str(root), "-c", str(root / "nginx.conf")], {"PATH": "/usr/bin:/bin"})
+    config = front_door_config(root, f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}", f"127.0.0.1:{support_port}",
+                               ADMIN, SUPPORT)
+    procs.start("nginx", [str(NGINX), "-p", str(root), "-c", str(config)], {"PATH": "/usr/bin:/bin"})
     return port
 
 
@@ -83,16 +53,6 @@ def wait_until(what: str, check, procs: Processes, timeout: float = 180.0) -> No
         procs.check_alive()
         assert time.monotonic() < deadline, f"out of time waiting for {what}"
         time.sleep(1)
-
-
-def location_loaded(url: str, auth: tuple[str, str]) -> bool:
-    try:
-        body = httpx.post(f"{url}/graphql", json={"query": LOCATION}, auth=auth, timeout=5).json()
-    except (httpx.HTTPError, ValueError):
-        return False
-    entries = (body.get("data") or {}).get("workspaceOrError", {}).get("locationEntries") or []
-    return any(e["loadStatus"] == "LOADED" and e["locationOrLoadError"]["__typename"] != "PythonError"
-               for e in entries)
 
 
 @pytest.mark.timeout(400)
