@@ -56,9 +56,9 @@ from _harness import (
     temp_database,
 )
 
-from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, Services, work_order
+from bitloot_reconcile.domain.attempt import SWITCHES_MAX_AGE_SECONDS, work_order
 from bitloot_reconcile.domain.backlog import drain
-from bitloot_reconcile.domain.steps import Who
+from bitloot_reconcile.domain.steps import Services, Who
 from bitloot_reconcile.store.schema import orders
 from bitloot_standins.httpserver import Fault
 from bitloot_standins.seed import insert_order, set_feature_flag

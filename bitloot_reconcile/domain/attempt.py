@@ -19,19 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from bitloot_reconcile.adapters.errors import PermanentError
-from bitloot_reconcile.adapters.kinguin import KinguinClient
-from bitloot_reconcile.adapters.nowpayments import NowPaymentsClient
-from bitloot_reconcile.adapters.r2 import KeyVault
-from bitloot_reconcile.adapters.resend import ResendClient
 from bitloot_reconcile.domain import fulfilment, steps
 from bitloot_reconcile.domain.errors import InvalidRequest
 from bitloot_reconcile.domain.outcomes import Outcome, Progress
 from bitloot_reconcile.domain.recording import record_failure, record_outcome
 from bitloot_reconcile.domain.redaction import describe_error
 from bitloot_reconcile.domain.schedule import RetrySchedule
-from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Step, Who
+from bitloot_reconcile.domain.steps import CLAIM_STEP, STEPS, TRANSIENT, Retry, Services, Step, Who
 from bitloot_reconcile.settings import RecoveryPolicy
-from bitloot_reconcile.store.repository import Store
 from bitloot_reconcile.tags import OUTCOME_REFUSED
 
 log = logging.getLogger(__name__)
@@ -39,20 +34,6 @@ log = logging.getLogger(__name__)
 # The orders of one batch share one read of BitLoot's switches, taken again once it is this old
 # (`Store.sharing_flags`): a switch an operator flips holds the batch's next steps within about a second.
 SWITCHES_MAX_AGE_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Services:
-    """The clients one worker uses for its orders (each worker has its own HTTP connection pools)."""
-
-    store: Store
-    nowpayments: NowPaymentsClient
-    kinguin: KinguinClient
-    vault: KeyVault
-    mailer: ResendClient
-    sender: str
-    frontend_url: str
-    presign_seconds: int
 
 
 @dataclass(frozen=True)

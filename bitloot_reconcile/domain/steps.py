@@ -53,8 +53,10 @@ class Who:
         return self.trigger == TRIGGER_ADMIN or (self.trigger == TRIGGER_REEXECUTION and self.reason is not None)
 
 
-class Services(Protocol):
-    """What a step works with: the store (one attempt's view of it) and the clients of the systems it calls."""
+@dataclass(frozen=True)
+class Services:
+    """What a step works with: the store (one attempt's view of it) and the clients of the systems it calls.
+    A batch worker holds one for its orders; a `fulfill_order` step opens the same fields on first use."""
 
     store: Store
     nowpayments: NowPaymentsClient

@@ -17,11 +17,10 @@ from bitloot_reconcile.domain import backlog, fulfilment
 from bitloot_reconcile.domain.attempt import (
     SWITCHES_MAX_AGE_SECONDS,
     AttemptResult,
-    Services,
     work_order,
 )
 from bitloot_reconcile.domain.errors import InvalidRequest
-from bitloot_reconcile.domain.steps import Who
+from bitloot_reconcile.domain.steps import Services, Who
 from bitloot_reconcile.domain.sweep import SENSOR_ACTOR
 from bitloot_reconcile.resources.kinguin import KinguinResource
 from bitloot_reconcile.resources.nowpayments import NowPaymentsResource

@@ -202,7 +202,7 @@ def held_by_this_run(context: dg.OpExecutionContext, progress: Progress) -> Prog
 
 
 class StepServices:
-    """What one try of a step works with, from the run's resources: its own view of the store (the step's
+    """`steps.Services` for one try of a step, from the run's resources: its own view of the store (the step's
     switch and its work read the order once) and the clients of the systems its row `calls`, opened on first
     use (a resource the row does not name is not there: Dagster provides only the op's required ones)."""
 
