@@ -45,6 +45,13 @@ def add_order_partitions(instance: dg.DagsterInstance, order_ids: list[str]) -> 
         instance.add_dynamic_partitions(ORDER_IDS.name, list(dict.fromkeys(order_ids)))
 
 
+def hold_event_connections(instance: dg.DagsterInstance) -> None:
+    """A batch writes one event per order. Dagster's PostgreSQL storages open a new connection for every write
+    unless the instance is told to keep one open, as the webserver does; a run worker is one process per run,
+    so the connection lives as long as the batch."""
+    instance.optimize_for_webserver(statement_timeout=60_000, pool_recycle=3600, max_overflow=2)
+
+
 def log_attempt_events(context: dg.OpExecutionContext, events: list[dg.AssetMaterialization]) -> None:
     """Log these events in the step's run, one write each (Dagster's public API has no batch write)."""
     for event in events:

@@ -12,7 +12,12 @@ from contextlib import ExitStack, contextmanager
 import dagster as dg
 from pydantic import Field
 
-from bitloot_reconcile.assets.order_history import add_order_partitions, attempt_event, log_attempt_events
+from bitloot_reconcile.assets.order_history import (
+    add_order_partitions,
+    attempt_event,
+    hold_event_connections,
+    log_attempt_events,
+)
 from bitloot_reconcile.domain import backlog, fulfilment
 from bitloot_reconcile.domain.attempt import (
     SWITCHES_MAX_AGE_SECONDS,
@@ -71,6 +76,7 @@ def work_backlog(
         raise dg.Failure(description=f"fulfill_backlog refused: {exc}", allow_retries=False) from None
     repo = store.get_store().sharing_flags(SWITCHES_MAX_AGE_SECONDS)
     vault, schedule = r2.get_vault(), policy.retry_schedule()
+    hold_event_connections(context.instance)
     add_order_partitions(context.instance, list(reasons))
 
     @contextmanager
