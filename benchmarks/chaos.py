@@ -845,6 +845,32 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def seeded_with_faults(stack_: ExitStack, stack, proxy: FaultyS3Proxy, plans, rng: random.Random):
+    """The planned orders in the store and the bucket, each with its faults armed: the vault and the injector."""
+    vault = KeyVault(stack.s3.endpoint_url, stack.s3.access_key_id, stack.s3.secret_access_key, stack.bucket)
+    stack_.callback(vault.close)
+    seed(stack, vault, plans, rng)
+    injector = FaultInjector(stack, proxy, rng)
+    for plan in plans:
+        injector.inject(plan)
+    return vault, injector
+
+
+def not_converged(observed) -> list[str]:
+    return [f"{oid} ({observed.kinds[oid]}: {observed.states[oid]})" for oid in observed.kinds
+            if not converged(observed.kinds[oid], observed.states[oid])]
+
+
+def violation_rows(violations: dict[str, int], secrets: dict[str, Counter]) -> list[list[object]]:
+    """One report row per invariant: its count, and which secrets were found where."""
+    rows: list[list[object]] = []
+    for name, count in violations.items():
+        found = secrets.get(name.removeprefix("secrets in "), Counter())
+        detail = ", ".join(f"{kind} in {n}" for kind, n in sorted(found.items()))
+        rows.append([name, count, f"VIOLATION {detail}".strip() if count else "ok"])
+    return rows
+
+
 def chaos_run(settings: Settings) -> Report:
     rng = random.Random(settings.seed)
     plans = make_plan(settings.orders, rng, concurrent_share=settings.concurrent)
@@ -860,12 +886,7 @@ def chaos_run(settings: Settings) -> Report:
         instance = stack_.enter_context(dagster_home(f"storage:\n  postgres:\n    postgres_url: {dagster_url}\n"))
         home = Path(os.environ["DAGSTER_HOME"])
         output_dir = Path(stack_.enter_context(tempfile.TemporaryDirectory(prefix="chaos_runs_")))
-        vault = KeyVault(stack.s3.endpoint_url, stack.s3.access_key_id, stack.s3.secret_access_key, stack.bucket)
-        stack_.callback(vault.close)
-        seed(stack, vault, plans, rng)
-        injector = FaultInjector(stack, proxy, rng)
-        for plan in plans:
-            injector.inject(plan)
+        vault, injector = seeded_with_faults(stack_, stack, proxy, plans, rng)
         runs = Runs(instance, output_dir, settings.max_runtime)
         chaos = Chaos(settings, stack, proxy, instance, runs, plans, rng)
         for _ in range(2):  # two S3 outage windows for everyone, early in the run
@@ -881,8 +902,7 @@ def chaos_run(settings: Settings) -> Report:
             kills=Counter(k.trigger for k in chaos.kills), runs=runs.started_count,
             concurrent_runs=chaos.concurrent_runs, stalls=chaos.stalls_done, crashed_workers=runs.crashed(),
             repick_seconds=repicks, violations=violations, secrets=secrets_found(observed),
-            not_converged=[f"{oid} ({observed.kinds[oid]}: {observed.states[oid]})" for oid in observed.kinds
-                           if not converged(observed.kinds[oid], observed.states[oid])],
+            not_converged=not_converged(observed),
             late_repicks=[f"{k.order_id} ({observed.kinds[k.order_id]}, killed at {k.trigger}): "
                           + (f"re-picked after {k.repicked_after:.0f} s" if k.repicked_after else "never re-picked")
                           for k in late],
@@ -905,10 +925,7 @@ def print_report(report: Report) -> None:
          f"max {max(report.repick_seconds):.1f} s (bound {s.repick_bound:g} s)" if report.repick_seconds else ""],
         ["worker crashes (not killed)", report.crashed_workers, "information"],
     ]
-    for name, count in report.violations.items():
-        found = report.secrets.get(name.removeprefix("secrets in "), Counter())
-        detail = ", ".join(f"{kind} in {n}" for kind, n in sorted(found.items()))
-        rows.append([name, count, f"VIOLATION {detail}".strip() if count else "ok"])
+    rows += violation_rows(report.violations, report.secrets)
     print_table("Chaos run", ["", "count", "detail"], rows)
     for line in report.not_converged[:20]:
         console.print(f"not converged: {line}", highlight=False)

@@ -56,20 +56,20 @@ import sqlalchemy as sa
 from _harness import REPO_ROOT, Stack, console, print_machine, print_table, stand_ins
 from chaos import (
     FULFILLABLE,
-    FaultInjector,
     OrderPlan,
     collect,
-    converged,
     environment,
     make_plan,
+    not_converged,
     read_states,
     secrets_found,
-    seed,
+    seeded_with_faults,
+    violation_rows,
 )
 from chaos import check as check_store
 from chaos import policy_env as chaos_policy_env
 
-from bitloot_reconcile.adapters.r2 import KeyVault
+from bitloot_reconcile.runs_in_flight import IN_FLIGHT
 from bitloot_reconcile.store.schema import feature_flags, order_items, reconcile_state
 from bitloot_reconcile.store.schema import keys as keys_table
 from bitloot_standins.httpserver import RecordedRequest
@@ -77,8 +77,6 @@ from bitloot_standins.postgres import PostgresCluster
 from bitloot_standins.s3_proxy import FaultyS3Proxy
 
 BIN = Path(sys.executable).parent
-IN_FLIGHT = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-             dg.DagsterRunStatus.STARTED)
 # How late after "lease + one sweep interval" a tick of the daemon may come on this loaded machine (its sensor
 # loop, the tick's own reads and writes).
 TICK_SLACK_SECONDS = 10.0
@@ -547,12 +545,7 @@ def chaos_run(settings: Settings) -> Report:
         env = dagster_env(stack, proxy, home, dagster_url, free_port(), settings)
         stack_.enter_context(environment({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": dagster_url}))
         instance = stack_.enter_context(dg.DagsterInstance.from_config(str(home)))  # creates Dagster's tables
-        vault = KeyVault(stack.s3.endpoint_url, stack.s3.access_key_id, stack.s3.secret_access_key, stack.bucket)
-        stack_.callback(vault.close)
-        seed(stack, vault, plans, rng)
-        injector = FaultInjector(stack, proxy, rng)
-        for plan in plans:
-            injector.inject(plan)
+        vault, injector = seeded_with_faults(stack_, stack, proxy, plans, rng)
         web_port = free_port()
         processes = stack_.enter_context(dagster_processes(env, logs, web_port))
         wait_for_webserver(f"http://127.0.0.1:{web_port}")
@@ -574,8 +567,7 @@ def chaos_run(settings: Settings) -> Report:
             settings=settings, seconds=seconds, kinds=Counter(p.kind for p in plans), faults=injector.served(),
             kills=chaos.kills, runs=runs, tally=chaos.tally, daemon_restarts=processes.restarts,
             violations=violations, secrets=secrets_found(observed),
-            not_converged=[f"{oid} ({observed.kinds[oid]}: {observed.states[oid]})" for oid in observed.kinds
-                           if not converged(observed.kinds[oid], observed.states[oid])],
+            not_converged=not_converged(observed),
             stuck_runs=[f"{r.run_id} {r.job_name} {r.status.value}" for r in stuck],
         )
 
@@ -606,10 +598,7 @@ def print_report(report: Report) -> None:
         ["Dagster processes restarted", sum(report.daemon_restarts.values()),
          ", ".join(f"{k} {n}" for k, n in sorted(report.daemon_restarts.items())) or "none"],
     ]
-    for name, count in report.violations.items():
-        found = report.secrets.get(name.removeprefix("secrets in "), Counter())
-        detail = ", ".join(f"{kind} in {n}" for kind, n in sorted(found.items()))
-        rows.append([name, count, f"VIOLATION {detail}".strip() if count else "ok"])
+    rows += violation_rows(report.violations, report.secrets)
     print_table("Chaos run through the daemon", ["", "count", "detail"], rows)
     for line in report.tally.event_failures:
         console.print(f"event failed: {line}", highlight=False)
