@@ -52,12 +52,6 @@ def hold_event_connections(instance: dg.DagsterInstance) -> None:
     instance.optimize_for_webserver(statement_timeout=60_000, pool_recycle=3600, max_overflow=2)
 
 
-def log_attempt_events(context: dg.OpExecutionContext, events: list[dg.AssetMaterialization]) -> None:
-    """Log these events in the step's run, one write each (Dagster's public API has no batch write)."""
-    for event in events:
-        context.log_event(event)
-
-
 def order_partitions(instance: dg.DagsterInstance) -> list[str]:
     """Every order id that has a partition, in the order they were added."""
     return list(instance.get_dynamic_partitions(ORDER_IDS.name))

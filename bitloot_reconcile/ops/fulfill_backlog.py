@@ -16,7 +16,6 @@ from bitloot_reconcile.assets.order_history import (
     add_order_partitions,
     attempt_event,
     hold_event_connections,
-    log_attempt_events,
 )
 from bitloot_reconcile.domain import backlog, fulfilment
 from bitloot_reconcile.domain.attempt import (
@@ -36,9 +35,6 @@ from bitloot_reconcile.resources.store import StoreResource
 from bitloot_reconcile.tags import OUTCOME_REFUSED, TAG_OUTCOME, TRIGGER_SENSOR
 
 PROGRESS_EVERY_SECONDS = 10.0
-# Attempt events written to Dagster per batch write: a killed run loses at most this many (the store's audit
-# rows keep every attempt regardless).
-EVENT_CHUNK = 25
 
 
 def _worked(counts: dict[str, int], total: int) -> str:
@@ -96,27 +92,21 @@ def work_backlog(
 
     context.log.info(f"working {len(reasons)} order(s) on {policy.batch_workers} worker(s)")
     counts: dict[str, int] = {}
-    pending: list[dg.AssetMaterialization] = []
     said = time.monotonic()
-    # Every event is a write to Dagster's storage: an attempt's event (its outcome) is written with others in a
-    # chunk; the run's log gets a line per order only for attempts without an event, plus a running count.
+    # Every event is a write to Dagster's storage: an attempt's event (its outcome) as soon as it ends; the run's
+    # log gets a line per order only for attempts without an event, plus a running count.
     for result in backlog.drain(list(reasons), workers=policy.batch_workers, open_services=open_services,
                                 work=work):
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
         if result.recorded or result.outcome == OUTCOME_REFUSED:  # every attempt on the order, refusals too
-            pending.append(attempt_event(
+            context.log_event(attempt_event(
                 result.order_id, outcome=result.outcome, reason=result.reason, trigger=TRIGGER_SENSOR,
                 actor=SENSOR_ACTOR, run_id=context.run_id, job=context.job_name))
         else:
             context.log.info(f"order {result.order_id}: {result.outcome} ({result.reason})")
-        say = time.monotonic() - said >= PROGRESS_EVERY_SECONDS
-        if len(pending) >= EVENT_CHUNK or say:
-            log_attempt_events(context, pending)
-            pending = []
-        if say:
+        if time.monotonic() - said >= PROGRESS_EVERY_SECONDS:
             said = time.monotonic()
             context.log.info(_worked(counts, len(reasons)))
-    log_attempt_events(context, pending)
     unworked = len(reasons) - sum(counts.values())
     if unworked:
         context.log.warning(f"{unworked} order(s) not worked by this run; the sweep takes them up again")

@@ -17,7 +17,6 @@ from bitloot_reconcile.adapters.errors import PermanentError
 from bitloot_reconcile.assets.order_history import ORDER_ATTEMPTS_KEY, ORDER_IDS
 from bitloot_reconcile.domain import fulfilment
 from bitloot_reconcile.jobs import fulfill_backlog, fulfill_order
-from bitloot_reconcile.ops.fulfill_backlog import EVENT_CHUNK
 from bitloot_reconcile.resources.policy import RecoveryPolicyResource
 from bitloot_reconcile.resources.r2 import R2Resource
 from bitloot_reconcile.store.schema import orders
@@ -111,7 +110,7 @@ def test_every_attempt_is_an_event_on_the_orders_partition_whatever_run_made_it(
 
 
 def test_a_batch_logs_one_attempt_event_per_order_in_its_run(world: World):
-    orders = [world.order([world.product()]) for _ in range(EVENT_CHUNK + 5)]
+    orders = [world.order([world.product()]) for _ in range(30)]
 
     result = world.batch(orders)
 
